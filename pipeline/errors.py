@@ -1,0 +1,36 @@
+"""Typed errors for bad input. The CLI prints each as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Bad input from the user: the message says what is wrong, where, and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """A profile or run configuration is malformed or has unknown keys."""
+
+
+class ModelError(PipelineError):
+    """A model cannot be built, loaded, or run on the given input."""
+
+
+class DataError(PipelineError):
+    """A data source is missing, empty or malformed."""
+
+
+class PolicyError(PipelineError):
+    """A policy names unknown layers or holds invalid actions."""
+
+
+class RuntimeNotAvailable(PipelineError):
+    """The profile's runtime or device cannot be used on this machine."""
+
+
+class MeasurementError(Exception):
+    """A latency measurement is broken (e.g. faster than the physical floor).
+
+    Not a user error: the orchestrator records it as a failed measurement.
+    """

@@ -1,0 +1,106 @@
+"""Recovery fine-tune and training, with optional distillation from the original model.
+
+The distillation loss is N2N's: cross-entropy on the hard labels plus a weighted mean L2 distance
+between the student's and the teacher's logits (Ba & Caruana's logit matching).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.evaluate import loader
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How long and how hard to train; `kd_weight` 0 disables distillation."""
+
+    steps: int = 200
+    lr: float = 0.01
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    kd_weight: float = 0.0
+    seed: int = 0
+    schedule: str = "cosine"  # "cosine" decays lr to 0; "onecycle" warms up first (from scratch)
+
+
+def _batches(dataset: Dataset, spec: TrainSpec):
+    """An endless stream of shuffled training batches."""
+    epoch = 0
+    while True:
+        yield from loader(dataset, spec.batch_size, shuffle=True, seed=spec.seed + epoch)
+        epoch += 1
+
+
+def _scheduler(opt: torch.optim.Optimizer, spec: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
+    if spec.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=spec.steps)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(spec.steps, 1))
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    kd_weight: float,
+) -> torch.Tensor:
+    """Cross-entropy plus `kd_weight` times the mean squared logit difference. Shapes (B, K)."""
+    loss = F.cross_entropy(logits, labels)
+    if teacher_logits is not None and kd_weight > 0:
+        loss = loss + kd_weight * F.mse_loss(logits, teacher_logits)
+    return loss
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    spec: TrainSpec,
+    teacher: nn.Module | None = None,
+    description: str = "fine-tune",
+    show_progress: bool = True,
+) -> nn.Module:
+    """Train `model` in place for `spec.steps` SGD steps and return it in eval mode."""
+    if spec.steps <= 0:
+        return model.eval()
+    torch.manual_seed(spec.seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True
+    )
+    sched = _scheduler(opt, spec)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).eval()
+    model.train()
+    batches = _batches(dataset, spec)
+    with _progress(show_progress) as progress:
+        task = progress.add_task(description, total=spec.steps, loss=float("nan"))
+        for _ in range(spec.steps):
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = teacher(x) if teacher is not None and spec.kd_weight > 0 else None
+            loss = distillation_loss(model(x), y, t_logits, spec.kd_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            progress.update(task, advance=1, loss=float(loss))
+    return model.eval()
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
+        transient=False,
+    )
