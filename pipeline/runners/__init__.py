@@ -1,0 +1,23 @@
+"""Latency measurement backends behind one interface, picked by the profile's `runtime:`.
+
+Runner modules (`ort_cpu`, later `ort_cuda` and `trt`) are imported on first use by the
+registry, so importing this package never needs CUDA, TensorRT or a device.
+"""
+
+from pipeline.runners.base import LatencyStats, Runner, profile_input
+from pipeline.runners.registry import (
+    available_runtimes,
+    get_runner,
+    register_runner,
+    runner_class,
+)
+
+__all__ = [
+    "LatencyStats",
+    "Runner",
+    "available_runtimes",
+    "get_runner",
+    "profile_input",
+    "register_runner",
+    "runner_class",
+]

@@ -1,0 +1,112 @@
+"""Measure an artifact's latency on a target, honestly: the API behind `pipeline bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from pipeline.profile import TargetProfile
+from pipeline.runners.base import LatencyStats
+from pipeline.runners.floor import check_floor, physical_floor
+from pipeline.runners.registry import get_runner
+
+
+def measure_artifact(
+    profile: TargetProfile, artifact: Path, *, cost_model: Path | None = None
+) -> dict[str, Any]:
+    """Measure `artifact` with the profile's runner and check it against the physical floor.
+
+    Args:
+        profile: Picks the runner, threads, input shape, batch, warm-up and repeats.
+        artifact: The .onnx (or .engine) file to measure.
+        cost_model: The ONNX graph whose cost gives the floor; defaults to the artifact when it
+            is .onnx, else to the .onnx beside it (`model.engine` -> `model.onnx`).
+
+    Returns:
+        `LatencyStats.to_dict()` plus `floor_ms` (None when no floor can be known); plain data
+        that `LatencyStats.from_dict` reads back.
+
+    Raises:
+        RuntimeNotAvailable: The profile's runtime or device cannot be used here.
+        ModelError: The artifact is missing or cannot be loaded or run.
+        MeasurementError: The measurement beat the physical floor.
+    """
+    artifact = Path(artifact)
+    with get_runner(profile, artifact) as runner:
+        stats = runner.measure(profile.measure.warmup, profile.measure.repeats)
+    onnx_path = cost_model or _cost_model_for(artifact)
+    floor = physical_floor(profile, onnx_path) if onnx_path else None
+    if floor is not None:
+        check_floor(stats, floor)
+    return {**stats.to_dict(), "floor_ms": floor["floor_ms"] if floor else None}
+
+
+def bench_artifact(
+    profile: TargetProfile, artifact: Path, *, cost_model: Path | None = None
+) -> dict[str, Any]:
+    """Benchmark one artifact for the CLI and reports.
+
+    Args:
+        profile: The target profile.
+        artifact: The .onnx (or .engine) file.
+        cost_model: See `measure_artifact`.
+
+    Returns:
+        `artifact`, `runtime`, `threads`, `batch`, `latency_ms` {median, p90, mean, min, cv},
+        `repeats`, `warmup`, `floor_ms`, `floor_ratio` (median over floor; None without a
+        floor) and `noisy` (cv above the profile's `measure.max_cv`).
+
+    Raises:
+        Same as `measure_artifact`.
+    """
+    measured = measure_artifact(profile, artifact, cost_model=cost_model)
+    stats = LatencyStats.from_dict(measured)
+    floor_ms = measured["floor_ms"]
+    return {
+        "artifact": str(artifact),
+        "runtime": profile.runtime,
+        "threads": profile.threads,
+        "batch": stats.batch,
+        "latency_ms": {
+            "median": stats.median_ms,
+            "p90": stats.p90_ms,
+            "mean": stats.mean_ms,
+            "min": stats.min_ms,
+            "cv": stats.cv,
+        },
+        "repeats": stats.repeats,
+        "warmup": stats.warmup,
+        "floor_ms": floor_ms,
+        "floor_ratio": stats.median_ms / floor_ms if floor_ms else None,
+        "noisy": stats.cv > profile.measure.max_cv,
+    }
+
+
+def format_bench(result: dict[str, Any]) -> Table:
+    """A rich table of a `bench_artifact` result (print it with `rich.console.Console`)."""
+    lat = result["latency_ms"]
+    table = Table(title=f"latency of {Path(result['artifact']).name}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("runtime", f"{result['runtime']} ({result['threads']} threads)")
+    table.add_row("batch", str(result["batch"]))
+    for key in ("median", "p90", "mean", "min"):
+        table.add_row(f"{key} ms", f"{lat[key]:.4f}")
+    noisy = " [yellow](noisy)[/yellow]" if result["noisy"] else ""
+    table.add_row("cv", f"{lat['cv']:.3f}{noisy}")
+    table.add_row("runs", f"{result['warmup']} warm-up + {result['repeats']} timed")
+    if result["floor_ms"] is not None:
+        table.add_row("physical floor ms", f"{result['floor_ms']:.4g}")
+        table.add_row("median / floor", f"{result['floor_ratio']:.1f}x")
+    else:
+        table.add_row("physical floor ms", "unknown (no ONNX graph or peaks)")
+    return table
+
+
+def _cost_model_for(artifact: Path) -> Path | None:
+    if artifact.suffix == ".onnx":
+        return artifact
+    sibling = artifact.with_suffix(".onnx")
+    return sibling if sibling.is_file() else None

@@ -1,0 +1,162 @@
+"""The `pipeline` command line: a thin layer over the API in pipeline.run and friends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline.errors import MeasurementError, PipelineError
+
+app = typer.Typer(
+    help="Prune and quantize a PyTorch model against latency measured on the target device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+TargetOpt = Annotated[
+    str, typer.Option("--target", "-t", help="Target profile: a YAML path or a shipped name (cpu).")
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Global options."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+
+@app.command()
+def run(
+    target: TargetOpt,
+    config: Annotated[Optional[Path], typer.Option(help="Run config YAML (pipeline.yaml).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="torchvision architecture or module:function.")
+    ] = None,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="Weights: .safetensors or a state_dict file.")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="digits | imagefolder:DIR | module:function.")
+    ] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes of --model.")] = None,
+    policy: Annotated[
+        Optional[str], typer.Option(help="uniform:KEEP[:int8|fp16|fp32] or a policy JSON file.")
+    ] = None,
+    budget_ms: Annotated[Optional[float], typer.Option(help="Latency budget in ms.")] = None,
+    finetune_steps: Annotated[
+        Optional[int], typer.Option(help="Recovery fine-tune steps (default 300).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for run directories.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Compress a model for a target; with no --model it runs the embedded digits demo."""
+    from pipeline.config import load_config
+    from pipeline.profile import load_profile
+    from pipeline.run import execute
+
+    prof = load_profile(target)
+    overrides = {"model": model, "weights": weights, "data": data, "num_classes": num_classes,
+                 "policy": policy, "budget_ms": budget_ms, "out": out, "seed": seed,
+                 "show_progress": None if progress else False}
+    cfg = load_config(config, overrides)
+    if finetune_steps is not None:
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(
+            update={"steps": finetune_steps})})
+    raise typer.Exit(execute(prof, cfg))
+
+
+@app.command()
+def bench(
+    target: TargetOpt,
+    artifact: Annotated[Path, typer.Argument(help="An .onnx file to measure.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure an artifact's latency on the target: warm-up, then timed runs."""
+    from pipeline.bench import bench_artifact, format_bench
+    from pipeline.profile import load_profile
+
+    result = bench_artifact(load_profile(target), artifact)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(format_bench(result))
+
+
+@app.command()
+def validate(
+    target: TargetOpt,
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+) -> None:
+    """Re-run the comparator on a run's model.onnx against its original.onnx."""
+    from pipeline.profile import load_profile
+    from pipeline.validate import validate_run
+
+    result = validate_run(load_profile(target), run_dir)
+    verdict = "passed" if result["passed"] else "FAILED"
+    console.print(f"validation {verdict}: top-1 agreement {result['top1_agreement']:.2%}, "
+                  f"max abs error {result['max_abs_error']:.4g}")
+    for reason in result.get("reasons", []):
+        console.print(f"  {reason}")
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+@app.command()
+def profiles() -> None:
+    """List the shipped target profiles."""
+    from rich.table import Table
+
+    from pipeline.profile import load_profile, shipped_profiles
+
+    table = Table(title="shipped target profiles")
+    for col in ("name", "file", "runtime", "device", "precisions", "description"):
+        table.add_column(col)
+    for path in shipped_profiles():
+        p = load_profile(path)
+        device = p.device if isinstance(p.device, str) else f"agent {p.device.url}"
+        table.add_row(p.name, str(path.relative_to(path.parent.parent)), p.runtime, device,
+                      ", ".join(x.value for x in p.precisions), p.description)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: bad input is one line and exit code 2; --debug shows tracebacks."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except PipelineError as exc:
+        if debug:
+            raise
+        _fail("error", exc, exc.exit_code)
+    except MeasurementError as exc:
+        if debug:
+            raise
+        _fail("measurement failed", exc, 1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; the run directory is marked as not complete")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail("internal error", exc, 1, hint=" (rerun with --debug for the traceback)")
+
+
+def _fail(kind: str, exc: BaseException, code: int, hint: str = "") -> None:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    err_console.print(f"[red]{kind}:[/] {escape(message)}{hint}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

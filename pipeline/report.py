@@ -1,0 +1,225 @@
+"""report.json, report.md, pareto.png and manifest.json of a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.artifacts import atomic_write_text, atomic_write_with, sha256_file, write_json
+
+if TYPE_CHECKING:
+    from pipeline.run import RunContext
+
+VERSIONED = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "tensorrt",
+             "stable-baselines3", "numpy", "pipeline")
+LATENCY_KEYS = ("median", "p90", "cv")
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of everything that shapes a result (None when not installed)."""
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_manifest(ctx: RunContext, status: str) -> None:
+    """What produced this run: versions, resolved profile and config, seeds, splits, hashes."""
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(ctx.run_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"
+    }
+    manifest = {
+        "status": status,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.started)),
+        "versions": versions(),
+        "platform": {"machine": platform.machine(), "processor": platform.processor(),
+                     "system": platform.platform()},
+        "profile": ctx.profile.model_dump(mode="json"),
+        "config": ctx.config.model_dump(mode="json"),
+        "seed": ctx.config.seed,
+        "model": ctx.model_info,
+        "data": ctx.splits.record if ctx.splits is not None else None,
+        "files": files,
+    }
+    write_json(ctx.run_dir / "manifest.json", manifest)
+
+
+def _side(ctx: RunContext, key: str) -> dict[str, Any]:
+    r = ctx.results.get(key, {})
+    static = ctx.results.get("deployed_static", {}) if key == "deployed" else {}
+    lat = r.get("latency_ms", {})
+    return {
+        "accuracy": r.get("accuracy"),
+        "latency_ms": {k: lat.get(k) for k in LATENCY_KEYS},
+        "params": r.get("params", static.get("params")),
+        "macs": r.get("macs", static.get("macs")),
+        "size_bytes": r.get("size_bytes", static.get("size_bytes")),
+    }
+
+
+def _gates(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
+    """Every check a deployable run must pass, with the reasons of those that failed."""
+    failed = []
+    if not summary["validation"]["passed"]:
+        failed.append("validation against the original failed: "
+                      + "; ".join(summary["validation"].get("reasons", [])))
+    if summary["met_budget"] is False:
+        failed.append(f"deployed latency misses the {summary['budget_ms']} ms budget")
+    if summary["accuracy_drop"] > ctx.profile.max_accuracy_drop:
+        failed.append(f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
+                      f"max_accuracy_drop {ctx.profile.max_accuracy_drop}")
+    int8 = ctx.results.get("int8_check")
+    if int8 and not int8["int8_not_slower"]:
+        failed.append(f"INT8 is slower than FP32 on this target with the profile's INT8 scheme "
+                      f"({int8['int8_speedup']:.2f}x); try another int8 scheme or FP32")
+    mismatched = ctx.results.get("precision", {}).get("mismatched_layers")
+    if mismatched:
+        failed.append(f"{len(mismatched)} layers do not run in the policy's precision: "
+                      + ", ".join(mismatched[:5]))
+    return {"passed": not failed, "failed": failed}
+
+
+def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]:
+    """The report.json document (keys are a stable contract)."""
+    original, deployed = _side(ctx, "original"), _side(ctx, "deployed")
+    stat = ctx.profile.measure.statistic
+    o_ms, d_ms = ctx.results["original"]["latency_ms"], ctx.results["deployed"]["latency_ms"]
+    budget = ctx.config.budget_ms or ctx.profile.budget_ms
+    summary: dict[str, Any] = {
+        "profile": ctx.profile.name,
+        "runtime": ctx.profile.runtime,
+        "statistic": stat,
+        "original": original,
+        "deployed": deployed,
+        "speedup": o_ms["median"] / d_ms["median"],
+        "accuracy_drop": original["accuracy"] - deployed["accuracy"],
+        "budget_ms": budget,
+        "met_budget": None if budget is None else d_ms[stat] <= budget,
+        "validation": comparison,
+        "search": {"agent": "fixed", "policy": ctx.config.policy, "episodes": 0,
+                   "real_measurements": 2 + 2 * ("int8_check" in ctx.results),
+                   "cached_measurements": 0, "wall_s": round(time.time() - ctx.started, 1)},
+        "baselines": {},
+        "int8_check": ctx.results.get("int8_check"),
+        "precision": ctx.results.get("precision"),
+        "floor": {k: ctx.results[k].get("floor") for k in ("original", "deployed")},
+        "noisy_measurements": [k for k in ("original", "deployed") if ctx.results[k].get("noisy")],
+    }
+    summary["gates"] = _gates(ctx, summary)
+    return summary
+
+
+def write_report(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]:
+    summary = build_summary(ctx, comparison)
+    write_pareto(ctx.run_dir / "pareto.png", summary)
+    write_json(ctx.run_dir / "report.json", summary)
+    atomic_write_text(ctx.run_dir / "report.md", render_markdown(summary))
+    return summary
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    o, d = summary["original"], summary["deployed"]
+    return [
+        ("test accuracy", _fmt(o["accuracy"], ".2%"), _fmt(d["accuracy"], ".2%")),
+        ("latency median (ms)", _fmt(o["latency_ms"]["median"], ".3f"),
+         _fmt(d["latency_ms"]["median"], ".3f")),
+        ("latency p90 (ms)", _fmt(o["latency_ms"]["p90"], ".3f"), _fmt(d["latency_ms"]["p90"], ".3f")),
+        ("latency CV", _fmt(o["latency_ms"]["cv"], ".3f"), _fmt(d["latency_ms"]["cv"], ".3f")),
+        ("params", _fmt(o["params"], ","), _fmt(d["params"], ",")),
+        ("MACs", _fmt(o["macs"], ","), _fmt(d["macs"], ",")),
+        ("size (bytes)", _fmt(o["size_bytes"], ","), _fmt(d["size_bytes"], ",")),
+    ]
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """A report a person can read: verdict, original vs deployed table, checks."""
+    verdict = "deployable" if summary["gates"]["passed"] else "NOT deployable"
+    lines = [
+        f"# Run report: {summary['profile']} ({summary['runtime']})",
+        "",
+        f"**Verdict: {verdict}.** Speedup {summary['speedup']:.2f}x (median latency, same runner), "
+        f"accuracy drop {summary['accuracy_drop'] * 100:.2f} points.",
+        "",
+        "| | original | deployed |",
+        "|---|---:|---:|",
+        *[f"| {name} | {a} | {b} |" for name, a, b in _rows(summary)],
+        "",
+    ]
+    lines += _checks_markdown(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _checks_markdown(summary: dict[str, Any]) -> list[str]:
+    v = summary["validation"]
+    lines = ["## Checks", "",
+             f"- Validation: {'passed' if v['passed'] else 'FAILED'} (top-1 agreement "
+             f"{v['top1_agreement']:.2%}, max abs logit error {v['max_abs_error']:.4g}, "
+             f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})"]
+    if summary["budget_ms"] is not None:
+        lines.append(f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}")
+    int8 = summary.get("int8_check")
+    if int8:
+        word = "faster" if int8["int8_not_slower"] else "SLOWER"
+        lines.append(f"- INT8 vs the same pruned model in FP32: {int8['int8_speedup']:.2f}x ({word})")
+    for key in summary.get("noisy_measurements", []):
+        lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
+    lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
+    return lines + [""]
+
+
+def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | None = None) -> None:
+    """Latency vs accuracy of every candidate and baseline, original and deployed marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in candidates or []:
+        ax.scatter(c["latency_ms"], c["accuracy"] * 100, s=12, c="tab:gray", alpha=0.6)
+    for name, side in list(summary.get("baselines", {}).items()):
+        ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker="s", label=name)
+    for key, marker in (("original", "o"), ("deployed", "*")):
+        side = summary[key]
+        ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker=marker, s=120,
+                   label=key)
+    if summary.get("budget_ms"):
+        ax.axvline(summary["budget_ms"], ls="--", c="tab:red", label="budget")
+    ax.set_xlabel(f"median latency (ms), {summary['runtime']}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{summary['profile']}: latency vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['profile']}: original vs deployed")
+    for col in ("", "original", "deployed"):
+        table.add_column(col, justify="right" if col else "left")
+    for row in _rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"speedup [bold]{summary['speedup']:.2f}x[/], accuracy drop "
+                  f"[bold]{summary['accuracy_drop'] * 100:.2f}[/] points, validation "
+                  f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}")
+    for reason in summary["gates"]["failed"]:
+        console.print(f"[red]gate failed:[/] {reason}")

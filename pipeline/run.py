@@ -1,0 +1,206 @@
+"""The orchestrator: one function per stage, each stage writes its artifact into the run dir.
+
+Stages: load -> baseline -> compress (prune + recovery fine-tune) -> export -> measure ->
+validate -> report. A stage that fails raises; files already written are complete (atomic) and
+`manifest.json` says the run did not finish.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from pipeline import report
+from pipeline.artifacts import new_run_dir, write_json
+from pipeline.config import RunConfig
+from pipeline.data import Splits, load_data
+from pipeline.evaluate import accuracy, stack, torch_logits
+from pipeline.finetune import train
+from pipeline.models import build_model, check_input, load_weights, save_safetensors
+from pipeline.policy import Policy, check_policy, parse_policy_arg, policy_layers
+from pipeline.profile import TargetProfile
+from pipeline.prune import count_macs_params, prune_model, save_history
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+@dataclass
+class RunContext:
+    """State shared by the stages of one run."""
+
+    profile: TargetProfile
+    config: RunConfig
+    run_dir: Path
+    splits: Splits | None = None
+    original: nn.Module | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    policy: Policy | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.profile.input.shape)  # type: ignore[return-value]
+
+
+def stage(message: str) -> None:
+    console.print(f"[bold cyan]>[/] {message}")
+
+
+def load_inputs(ctx: RunContext) -> None:
+    """Data splits, the original model (the demo's when none is given) and the policy."""
+    from pipeline.runners import check_runtime
+
+    check_runtime(ctx.profile)  # fail fast, before any training, on a target we cannot use
+    cfg = ctx.config
+    stage("loading data")
+    ctx.splits = load_data(cfg.data, ctx.input_shape, seed=cfg.seed)
+    ctx.original, ctx.model_info = _load_model(ctx)
+    check_input(ctx.original, ctx.input_shape)
+    ctx.policy = parse_policy_arg(cfg.policy, ctx.original, ctx.profile.default_precision)
+    check_policy(ctx.policy, ctx.original, ctx.profile.precisions)
+
+
+def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+    cfg, splits = ctx.config, ctx.splits
+    assert splits is not None
+    if cfg.model is None:
+        from pipeline.demo import demo_model
+
+        stage("demo: training (or loading the cached) resnet18 baseline on digits")
+        return demo_model(splits, show_progress=cfg.show_progress)
+    model = build_model(cfg.model, cfg.num_classes or splits.num_classes)
+    if cfg.weights is not None:
+        load_weights(model, cfg.weights)
+    info = {"arch": cfg.model, "weights": str(cfg.weights) if cfg.weights else None}
+    return model.eval(), info
+
+
+def baseline(ctx: RunContext) -> None:
+    """Export the original model and evaluate it on the test split."""
+    from exporters import export_onnx
+
+    stage("exporting original.onnx")
+    export_onnx(ctx.original, ctx.input_shape, ctx.run_dir / "original.onnx", ctx.config.opset)
+    inputs, labels = stack(ctx.splits.test)
+    logits = torch_logits(ctx.original, inputs)
+    macs, params = count_macs_params(ctx.original, ctx.input_shape)
+    ctx.results["original"] = {
+        "accuracy": accuracy(logits, labels),
+        "params": params,
+        "macs": macs,
+        "size_bytes": (ctx.run_dir / "original.onnx").stat().st_size,
+    }
+    ctx.results["_test"] = (inputs, labels, logits)
+
+
+def compress(ctx: RunContext) -> nn.Module:
+    """Prune a copy of the original by the policy, then recover it (with distillation)."""
+    stage("pruning with torch-pruning")
+    pruned = copy.deepcopy(ctx.original)
+    p = ctx.profile
+    result = prune_model(pruned, ctx.policy, ctx.input_shape, p.channel_multiple, p.min_keep_ratio)
+    arch = {"model": ctx.config.model or ctx.model_info["arch"],
+            "num_classes": ctx.splits.num_classes, "input_shape": list(ctx.input_shape)}
+    save_history(ctx.run_dir / "pruning_history.json", result.history, arch)
+    ctx.results["channels"] = {n: list(c) for n, c in result.channels.items()}
+    ft = ctx.config.finetune
+    stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
+    teacher = ctx.original if ft.kd_weight > 0 else None
+    train(pruned, ctx.splits.train, ft.spec(ctx.config.seed), teacher, "recovery",
+          ctx.config.show_progress)
+    save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
+    return pruned
+
+
+def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
+    """Write model.onnx with the policy's precisions inside the graph; check they took."""
+    from exporters import export_onnx, layer_precisions, quantize_onnx
+
+    stage("exporting model.onnx with the policy's precisions")
+    calib, _ = stack(ctx.splits.calib)
+    layers = policy_layers(ctx.original)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "pruned_fp32.onnx"
+        export_onnx(pruned, ctx.input_shape, fp32, ctx.config.opset)
+        quant = quantize_onnx(fp32, ctx.run_dir / "model.onnx", ctx.policy.precisions(),
+                              ctx.profile.int8, calib)
+        if any(a.precision.value == "int8" for a in ctx.policy.layers.values()):
+            ctx.results["int8_check"] = _int8_check(ctx, fp32)
+    actual = layer_precisions(ctx.run_dir / "model.onnx", layers)
+    wanted = {n: ctx.policy.action(n).precision for n in layers}
+    mismatched = sorted(n for n in layers if actual.get(n) != wanted[n])
+    ctx.results["precision"] = {"quantization": quant, "mismatched_layers": mismatched}
+    macs, params = count_macs_params(pruned, ctx.input_shape)
+    ctx.results["deployed_static"] = {"params": params, "macs": macs,
+                                      "size_bytes": (ctx.run_dir / "model.onnx").stat().st_size}
+
+
+def _int8_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
+    """Measure the same pruned model in FP32 and with the policy's INT8, on the same runner."""
+    from pipeline.bench import bench_artifact
+
+    stage("measuring the pruned model in FP32 against its INT8 form")
+    fp32 = bench_artifact(ctx.profile, pruned_fp32)
+    int8 = bench_artifact(ctx.profile, ctx.run_dir / "model.onnx")
+    ratio = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
+    return {"fp32_ms": fp32["latency_ms"], "int8_ms": int8["latency_ms"],
+            "int8_speedup": ratio, "int8_not_slower": ratio >= 1.0}
+
+
+def measure(ctx: RunContext) -> None:
+    """Latency of original.onnx and model.onnx on the target, same runner and settings."""
+    from pipeline.bench import bench_artifact
+
+    stage(f"measuring latency on {ctx.profile.name} ({ctx.profile.runtime})")
+    for key, name in (("original", "original.onnx"), ("deployed", "model.onnx")):
+        bench = bench_artifact(ctx.profile, ctx.run_dir / name)
+        ctx.results.setdefault(key, {})["latency_ms"] = bench["latency_ms"]
+        ctx.results[key]["floor"] = {k: bench.get(k) for k in ("floor_ms", "floor_ratio")}
+        ctx.results[key]["noisy"] = bench.get("noisy", False)
+
+
+def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
+    """Compare model.onnx with the model it came from and with the original, on test."""
+    from pipeline.validate import compare_deployed, onnx_logits
+
+    stage("validating model.onnx against the original")
+    inputs, labels, original = ctx.results["_test"]
+    deployed = onnx_logits(ctx.profile, ctx.run_dir / "model.onnx", inputs)
+    result = compare_deployed(ctx.profile, deployed, torch_logits(pruned, inputs), original,
+                              labels, {a.precision for a in ctx.policy.layers.values()})
+    write_json(ctx.run_dir / "validation.json", result)
+    ctx.results.setdefault("deployed", {})["accuracy"] = result["candidate_accuracy"]
+    return result
+
+
+def execute(profile: TargetProfile, config: RunConfig, run_dir: Path | None = None) -> int:
+    """Run every stage; return the exit code (0 deployable, 1 a gate failed)."""
+    ctx = RunContext(profile, config, Path())
+    load_inputs(ctx)  # bad input fails here, before a run directory exists
+    ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)
+    console.print(f"run directory: [bold]{ctx.run_dir}[/]")
+    ctx.policy.save(ctx.run_dir / "policy.json")
+    report.write_manifest(ctx, status="running")
+    try:
+        baseline(ctx)
+        pruned = compress(ctx)
+        export_deployed(ctx, pruned)
+        measure(ctx)
+        comparison = validate(ctx, pruned)
+        summary = report.write_report(ctx, comparison)
+    except BaseException:
+        report.write_manifest(ctx, status="failed")
+        raise
+    report.write_manifest(ctx, status="complete")
+    report.print_summary(console, summary)
+    return 0 if summary["gates"]["passed"] else 1

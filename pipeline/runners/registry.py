@@ -1,0 +1,123 @@
+"""Pick the runner for a profile by the name in its `runtime:` key.
+
+Runner modules are imported only when a profile asks for their runtime, so importing
+`pipeline.runners` never needs onnxruntime-gpu, TensorRT, CUDA or a device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from pipeline.errors import RuntimeNotAvailable
+from pipeline.profile import TargetProfile
+from pipeline.runners.base import Runner
+
+R = TypeVar("R", bound=type[Runner])
+
+# Runners registered so far (filled by @register_runner when their module is imported).
+_RUNNERS: dict[str, type[Runner]] = {}
+
+# Where the runner of each runtime lives, imported on first use.
+_MODULES: dict[str, str] = {
+    "onnxruntime-cpu": "pipeline.runners.ort_cpu",
+    "onnxruntime-cuda": "pipeline.runners.ort_cuda",
+    "tensorrt": "pipeline.runners.trt",
+}
+
+# What a runtime needs, told to the user when its runner cannot be imported.
+_NEEDS: dict[str, str] = {
+    "onnxruntime-cpu": "onnxruntime (pip install onnxruntime)",
+    "onnxruntime-cuda": "an NVIDIA GPU with onnxruntime-gpu (pip install .[gpu])",
+    "tensorrt": "an NVIDIA GPU with TensorRT",
+}
+
+_FALLBACK = "use a profile with runtime onnxruntime-cpu, e.g. profiles/cpu.yaml"
+
+
+def register_runner(runtime: str) -> Callable[[R], R]:
+    """Class decorator: make `cls` the runner of profiles whose `runtime:` is `runtime`.
+
+    Args:
+        runtime: The runtime name as written in profiles (e.g. `onnxruntime-cpu`).
+
+    Raises:
+        ValueError: Another class is already registered under that name.
+    """
+
+    def decorate(cls: R) -> R:
+        existing = _RUNNERS.get(runtime)
+        # Same qualified name: the module was re-imported (e.g. reloaded), not a clash.
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"runtime '{runtime}' already has runner {existing.__qualname__}")
+        cls.runtime = runtime
+        _RUNNERS[runtime] = cls
+        return cls
+
+    return decorate
+
+
+def available_runtimes() -> list[str]:
+    """Every runtime name a profile may give (whether or not it runs on this machine)."""
+    return sorted(set(_MODULES) | set(_RUNNERS))
+
+
+def runner_class(runtime: str, profile_name: str = "?") -> type[Runner]:
+    """The runner class for `runtime`, importing its module on first use.
+
+    Raises:
+        RuntimeNotAvailable: The runtime is unknown or its runner cannot run on this machine.
+    """
+    if runtime not in _RUNNERS and runtime in _MODULES:
+        try:
+            importlib.import_module(_MODULES[runtime])
+        except ImportError as exc:
+            raise _not_available(runtime, profile_name, _needs(runtime)) from exc
+    cls = _RUNNERS.get(runtime)
+    if cls is None:
+        known = ", ".join(available_runtimes())
+        raise RuntimeNotAvailable(
+            f"unknown runtime '{runtime}' (profile '{profile_name}'); use one of: {known}"
+        )
+    reason = cls.unavailable_reason()
+    if reason is not None:
+        raise _not_available(runtime, profile_name, reason)
+    return cls
+
+
+def get_runner(profile: TargetProfile, artifact: Path) -> Runner:
+    """The runner for `profile.runtime`, constructed (not yet activated) for `artifact`.
+
+    Args:
+        profile: Its `runtime` picks the runner; its `device` must be `local`.
+        artifact: The .onnx (or .engine) file to run.
+
+    Returns:
+        An inactive runner; use it as a context manager.
+
+    Raises:
+        RuntimeNotAvailable: A remote device, or a runtime this machine cannot run.
+        ModelError: The artifact is missing or of a kind the runtime cannot run.
+    """
+    if profile.device != "local":
+        url = getattr(profile.device, "url", profile.device)
+        raise RuntimeNotAvailable(
+            f"remote device agents are not supported yet (profile '{profile.name}' has device "
+            f"{url}); set `device: local` and run the pipeline on the target itself"
+        )
+    cls = runner_class(profile.runtime, profile.name)
+    return cls(Path(artifact), profile)
+
+
+def _needs(runtime: str) -> str:
+    return f"its runner needs {_NEEDS.get(runtime, 'dependencies missing here')}"
+
+
+def _not_available(runtime: str, profile_name: str, reason: str) -> RuntimeNotAvailable:
+    hint = "" if runtime == "onnxruntime-cpu" else f"; {_FALLBACK}"
+    return RuntimeNotAvailable(
+        f"runtime '{runtime}' (profile '{profile_name}') is not available on this machine: "
+        f"{reason}{hint}"
+    )

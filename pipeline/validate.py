@@ -1,0 +1,110 @@
+"""Validation of a deployed artifact, in the run and again later with `pipeline validate`.
+
+Two comparisons, each through the profile's runner on the test split:
+- fidelity: the deployed graph against the PyTorch model it was exported from (the pruned and
+  fine-tuned model), with the tolerance of the loosest precision it uses. This catches broken
+  export, quantization or runtime behaviour, as Polygraphy's comparator does.
+- task: the deployed graph against the original model: accuracy of both, top-1 agreement, logit
+  error, NaN/inf. Pruning changes the function on purpose, so here the gate is the accuracy drop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from pipeline.artifacts import write_json
+from pipeline.errors import ConfigError
+from pipeline.evaluate import batched_logits, stack, torch_logits
+from pipeline.policy import Policy, Precision
+from pipeline.profile import TargetProfile
+
+
+def onnx_logits(profile: TargetProfile, path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Logits of an artifact through the profile's runner, in the profile's batch size."""
+    from pipeline.runners import get_runner
+
+    with get_runner(profile, path) as runner:
+        return batched_logits(runner.infer, inputs, profile.input.batch)
+
+
+def compare_deployed(
+    profile: TargetProfile,
+    deployed: np.ndarray,
+    source: np.ndarray,
+    original: np.ndarray,
+    labels: np.ndarray,
+    precisions: set[Precision],
+) -> dict[str, Any]:
+    """The validation record: task comparison fields at top level, fidelity nested."""
+    from exporters import compare_logits
+
+    fidelity = compare_logits(source, deployed, labels, profile.tolerance_for(precisions))
+    task = compare_logits(original, deployed, labels, profile.tolerances.fp32).to_dict()
+    drop = task["reference_accuracy"] - task["candidate_accuracy"]
+    reasons = [f"fidelity: {r}" for r in fidelity.reasons]
+    if task["nan_or_inf"]:
+        reasons.append("the deployed model outputs NaN or inf")
+    if drop > profile.max_accuracy_drop:
+        reasons.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {profile.max_accuracy_drop}")
+    task.pop("passed", None)
+    task.pop("reasons", None)
+    task.pop("tolerance", None)
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        **task,
+        "accuracy_drop": drop,
+        "precisions": sorted(p.value for p in precisions),
+        "fidelity": fidelity.to_dict(),
+        "samples": len(labels),
+    }
+
+
+def _manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json)")
+    for name in ("original.onnx", "model.onnx", "policy.json", "weights.safetensors",
+                 "pruning_history.json"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} has no {name}: the run did not finish; run it again")
+    return json.loads(path.read_text())
+
+
+def rebuild_pruned(run_dir: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The deployed PyTorch model, from pruning_history.json and weights.safetensors (no pickle)."""
+    from pipeline.models import build_model, load_weights
+    from pipeline.prune import load_history, replay_history
+
+    history = load_history(run_dir / "pruning_history.json")
+    arch = history["arch"]
+    model = build_model(arch["model"], arch["num_classes"])
+    replay_history(model, history["history"], tuple(arch["input_shape"]))
+    load_weights(model, run_dir / "weights.safetensors")
+    return model.eval()
+
+
+def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
+    """Re-run validation of a finished run and rewrite its validation.json."""
+    from pipeline.data import load_data
+
+    manifest = _manifest(run_dir)
+    cfg = manifest["config"]
+    shape = tuple(manifest["profile"]["input"]["shape"])
+    inputs, labels = stack(load_data(cfg.get("data"), shape, seed=cfg.get("seed", 0)).test)
+    policy = Policy.load(run_dir / "policy.json")
+    result = compare_deployed(
+        profile,
+        deployed=onnx_logits(profile, run_dir / "model.onnx", inputs),
+        source=torch_logits(rebuild_pruned(run_dir, manifest), inputs),
+        original=onnx_logits(profile, run_dir / "original.onnx", inputs),
+        labels=labels,
+        precisions={a.precision for a in policy.layers.values()},
+    )
+    write_json(run_dir / "validation.json", result)
+    return result

@@ -1,0 +1,96 @@
+"""Pruning with torch-pruning: residual and depthwise networks shrink, run, and rebuild."""
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.policy import LayerAction, Policy, Precision, uniform_policy
+from pipeline.prune import (
+    channels_to_keep,
+    count_macs_params,
+    load_history,
+    prune_model,
+    replay_history,
+    save_history,
+)
+
+SHAPE = (3, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_uniform_pruning_removes_channels_and_still_runs(arch):
+    model = torchvision.models.get_model(arch, num_classes=10).eval()
+    macs0, params0 = count_macs_params(model, SHAPE)
+    result = prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE, 8, 0.1)
+    macs1, params1 = count_macs_params(model, SHAPE)
+    assert macs1 < 0.45 * macs0 and params1 < 0.45 * params0
+    out = model(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    for name, (before, after) in result.channels.items():
+        assert after % 8 == 0 or after == before, name
+        assert after <= before
+
+
+def test_head_outputs_are_untouched():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    prune_model(model, uniform_policy(model, 0.25, Precision.FP32), SHAPE, 8, 0.1)
+    assert model.fc.out_features == 10
+    assert model.fc.in_features == model.layer4[1].conv2.out_channels
+
+
+def test_residual_coupling_keeps_block_outputs_equal():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    # Ask for different ratios inside the coupled residual stream of layer1 (the stem conv1
+    # is coupled to it too; a layer missing from a policy would keep all its channels).
+    policy = Policy(
+        {
+            "conv1": LayerAction(0.5),
+            "layer1.0.conv2": LayerAction(0.25),
+            "layer1.1.conv2": LayerAction(0.75),
+            "layer1.0.conv1": LayerAction(0.5),
+        }
+    )
+    result = prune_model(model, policy, SHAPE, 8, 0.1)
+    assert model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels
+    assert model.conv1.out_channels == model.layer1[0].conv2.out_channels
+    # The group keeps the largest ratio asked for: 0.75 of 64 = 48 channels.
+    assert result.channels["layer1.1.conv2"] == (64, 48)
+    assert model.layer1[0].conv1.out_channels == 32
+
+
+def test_depthwise_layers_stay_consistent():
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE, 8, 0.1)
+    for block in model.features[1:-1]:
+        convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in convs:
+            if conv.groups > 1:
+                assert conv.groups == conv.in_channels == conv.out_channels
+
+
+@pytest.mark.parametrize(
+    ("channels", "ratio", "multiple", "min_keep", "expected"),
+    [
+        (64, 0.5, 8, 0.1, 32),
+        (64, 0.3, 8, 0.1, 16),  # 19.2 rounds to 16
+        (64, 0.01, 8, 0.25, 16),  # minimum keep wins
+        (64, 1.0, 8, 0.1, 64),
+        (10, 0.5, 8, 0.1, 8),
+        (6, 0.5, 8, 0.1, 6),  # fewer channels than the multiple: kept whole
+        (512, 0.33, 32, 0.1, 160),
+    ],
+)
+def test_channel_rounding(channels, ratio, multiple, min_keep, expected):
+    assert channels_to_keep(channels, ratio, multiple, min_keep) == expected
+
+
+def test_rebuild_from_history_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    result = prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE, 8, 0.1)
+    save_history(tmp_path / "h.json", result.history, {"model": "mobilenet_v2"})
+    fresh = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    replay_history(fresh, load_history(tmp_path / "h.json")["history"], SHAPE)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(fresh(x), model(x))
