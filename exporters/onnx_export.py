@@ -135,9 +135,15 @@ def layer_node_map(
             found[fqn] = node.name
     missing = [fqn for fqn in layers if fqn not in found]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise ValueError(f"no {'/'.join(op_types)} node found in the ONNX graph for layers: {shown}")
+        ops = "/".join(op_types)
+        raise ValueError(f"no {ops} node in the ONNX graph for layers: {short_list(missing)}")
     return found
+
+
+def short_list(names: list[str], limit: int = 5) -> str:
+    """`a, b, c (and 4 more)`: names for a one-line message."""
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def module_scope(fqn: str) -> str:

@@ -7,11 +7,12 @@ on ONNX Runtime and TensorRT (which reads Q/DQ as the precision of each layer).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from pipeline.profile import Int8Scheme
 
 logger = logging.getLogger(__name__)
 
-CALIB_BATCH = 8  # small batches keep the calibrator's per-batch tensors small
+CALIB_BATCH = 8  # at most; small batches keep the calibrator's per-batch tensors small
 
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 _TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -108,27 +109,43 @@ def _quantize(
     nodes = _node_map(model, list(precisions))
     int8_nodes = [nodes[name] for name, p in precisions.items() if p == Precision.INT8]
     _unshare_initializers(model)
-    onnx.save(model, str(work / "prepared.onnx"))
-    by_name = {n.name: n for n in model.graph.node}
+    prepared, quant = work / "prepared.onnx", work / "quant.onnx"
+    onnx.save(model, str(prepared))
+    # The calibrators print progress to stdout; keep it out of the CLI's progress display.
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        _quantize_static(prepared, quant, model, int8_nodes, scheme, samples)
+    logger.debug("onnxruntime quantizer: %s", chatter.getvalue().strip())
+    quantized = onnx.load(str(quant))
+    float_nodes = {n.name for n in quantized.graph.node if n.op_type in FLOAT_OPS}
+    _unquantize_float_inputs(quantized, float_nodes - set(int8_nodes))
+    _verify(quantized, precisions)
+    return quantized
+
+
+def _quantize_static(
+    prepared: Path,
+    out: Path,
+    model: onnx.ModelProto,
+    int8_nodes: list[str],
+    scheme: Int8Scheme,
+    samples: np.ndarray,
+) -> None:
+    op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
     quantize_static(
-        str(work / "prepared.onnx"),
-        str(work / "quant.onnx"),
+        str(prepared),
+        str(out),
         _ArrayReader(_input_name(model), samples, _static_batch(model)),
         quant_format=_FORMATS[scheme.format],
-        op_types_to_quantize=sorted({by_name[n].op_type for n in int8_nodes}),
+        op_types_to_quantize=sorted(op_types),
         per_channel=scheme.per_channel,
         activation_type=_TYPES[scheme.activation_type],
         weight_type=_TYPES[scheme.weight_type],
+        # Only the policy's INT8 layers; an empty list would mean "everything" to ORT.
         nodes_to_quantize=int8_nodes,
         calibrate_method=_CALIBRATION[scheme.calibration],
         # Signed activations are for TensorRT, which only takes a zero point of 0.
         extra_options={"ActivationSymmetric": scheme.activation_type == "int8"},
     )
-    quantized = onnx.load(str(work / "quant.onnx"))
-    float_nodes = {n.name for n in quantized.graph.node if n.op_type in FLOAT_OPS}
-    _unquantize_float_inputs(quantized, float_nodes)
-    _verify(quantized, precisions)
-    return quantized
 
 
 def _preprocessed(fp32_path: Path, out: Path) -> onnx.ModelProto:
@@ -175,20 +192,26 @@ class _ArrayReader(CalibrationDataReader):
     """Feeds calibration samples to ORT in small batches (or the graph's fixed batch)."""
 
     def __init__(self, input_name: str, samples: np.ndarray, static_batch: int | None) -> None:
-        self._batches = self._feeds(input_name, samples, static_batch or CALIB_BATCH)
-        self._exact = static_batch is not None
-
-    @staticmethod
-    def _feeds(name: str, samples: np.ndarray, batch: int) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(0, len(samples), batch):
-            chunk = samples[i : i + batch]  # (b, C, H, W)
-            if len(chunk) < batch and i > 0 and batch != CALIB_BATCH:
-                # A fixed-batch graph cannot take a short chunk; padding would bias the ranges.
-                return
-            yield {name: np.ascontiguousarray(chunk)}
+        self._feeds = iter([{input_name: b} for b in _batches(samples, static_batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        return next(self._feeds, None)
+
+
+def _batches(samples: np.ndarray, static_batch: int | None) -> list[np.ndarray]:
+    """Split (N, C, H, W) samples into contiguous (b, C, H, W) batches the graph accepts."""
+    if static_batch is None:
+        # Equal batches, all samples used: ORT's entropy / percentile collectors stack each
+        # tensor's per-batch outputs into one array and fail on a short last batch.
+        step = max(b for b in range(1, CALIB_BATCH + 1) if len(samples) % b == 0)
+        count = len(samples)
+    else:
+        # A fixed-batch graph takes only full batches: drop the short tail rather than pad it
+        # with repeats, but repeat a set smaller than one batch (repeats leave min/max as is).
+        if len(samples) < static_batch:
+            samples = np.resize(samples, (static_batch, *samples.shape[1:]))
+        step, count = static_batch, len(samples) // static_batch * static_batch
+    return [np.ascontiguousarray(samples[i : i + step]) for i in range(0, count, step)]
 
 
 def _unshare_initializers(model: onnx.ModelProto) -> None:
@@ -225,11 +248,19 @@ def _unquantize_float_inputs(model: onnx.ModelProto, float_nodes: set[str]) -> N
         if node.name not in float_nodes:
             continue
         for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
+            source = _fake_quant_source(name, producers)
+            if source is not None:
+                node.input[k] = source
     _drop_dead_qdq(model)
+
+
+def _fake_quant_source(name: str, producers: dict[str, onnx.NodeProto]) -> str | None:
+    """The float tensor `x` when `name` is the output of DequantizeLinear(QuantizeLinear(x))."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = producers.get(dq.input[0])
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
 
 def _drop_dead_qdq(model: onnx.ModelProto) -> None:

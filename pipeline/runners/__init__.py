@@ -7,6 +7,7 @@ registry, so importing this package never needs CUDA, TensorRT or a device.
 from pipeline.runners.base import LatencyStats, Runner, profile_input
 from pipeline.runners.registry import (
     available_runtimes,
+    check_runtime,
     get_runner,
     register_runner,
     runner_class,
@@ -16,6 +17,7 @@ __all__ = [
     "LatencyStats",
     "Runner",
     "available_runtimes",
+    "check_runtime",
     "get_runner",
     "profile_input",
     "register_runner",

@@ -101,7 +101,9 @@ class LatencyStats:
             ValueError: An unknown statistic.
         """
         if statistic not in STATISTICS:
-            raise ValueError(f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}")
+            raise ValueError(
+                f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}"
+            )
         return float(getattr(self, f"{statistic}_ms"))
 
 
@@ -211,9 +213,13 @@ class Runner:
         warmup = self.profile.measure.warmup if warmup is None else warmup
         repeats = self.profile.measure.repeats if repeats is None else repeats
         if repeats < MIN_REPEATS:
-            raise ValueError(f"repeats must be at least {MIN_REPEATS} for stable stats, got {repeats}")
+            raise ValueError(
+                f"repeats must be at least {MIN_REPEATS} for stable stats, got {repeats}"
+            )
         if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 (first runs pay for allocation), got {warmup}")
+            raise ValueError(
+                f"warmup must be at least 1 (first runs pay for allocation), got {warmup}"
+            )
         feed = profile_input(self.profile)
         for _ in range(warmup):
             self._timed_run_impl(feed)

@@ -48,11 +48,15 @@ class OrtCpuRunner(Runner):
                 providers=["CPUExecutionProvider"],
             )
         except _ORT_ERRORS as exc:
-            raise ModelError(f"{self.artifact}: onnxruntime cannot load it: {_first_line(exc)}") from exc
+            raise ModelError(
+                f"{self.artifact}: onnxruntime cannot load it: {_first_line(exc)}"
+            ) from exc
         inputs = session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
-            raise ModelError(f"{self.artifact}: expected one image input, found {len(inputs)} ({names})")
+            raise ModelError(
+                f"{self.artifact}: expected one image input, found {len(inputs)} ({names})"
+            )
         self._session = session
         self._input_name = inputs[0].name
         # The first output is the logits; exporters write it first (named "logits").

@@ -87,6 +87,27 @@ def runner_class(runtime: str, profile_name: str = "?") -> type[Runner]:
     return cls
 
 
+def check_runtime(profile: TargetProfile) -> type[Runner]:
+    """Fail fast, before any work, when the profile's target cannot be used from here.
+
+    Args:
+        profile: Its `device` must be `local` and its `runtime` runnable on this machine.
+
+    Returns:
+        The runner class `get_runner` will use.
+
+    Raises:
+        RuntimeNotAvailable: A remote device, or a runtime this machine cannot run.
+    """
+    if profile.device != "local":
+        url = getattr(profile.device, "url", profile.device)
+        raise RuntimeNotAvailable(
+            f"remote device agents are not supported yet (profile '{profile.name}' has device "
+            f"{url}); set `device: local` and run the pipeline on the target itself"
+        )
+    return runner_class(profile.runtime, profile.name)
+
+
 def get_runner(profile: TargetProfile, artifact: Path) -> Runner:
     """The runner for `profile.runtime`, constructed (not yet activated) for `artifact`.
 
@@ -101,14 +122,7 @@ def get_runner(profile: TargetProfile, artifact: Path) -> Runner:
         RuntimeNotAvailable: A remote device, or a runtime this machine cannot run.
         ModelError: The artifact is missing or of a kind the runtime cannot run.
     """
-    if profile.device != "local":
-        url = getattr(profile.device, "url", profile.device)
-        raise RuntimeNotAvailable(
-            f"remote device agents are not supported yet (profile '{profile.name}' has device "
-            f"{url}); set `device: local` and run the pipeline on the target itself"
-        )
-    cls = runner_class(profile.runtime, profile.name)
-    return cls(Path(artifact), profile)
+    return check_runtime(profile)(Path(artifact), profile)
 
 
 def _needs(runtime: str) -> str:

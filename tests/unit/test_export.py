@@ -1,0 +1,180 @@
+"""ONNX export and layer -> node mapping on real torchvision models, checked with ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+from exporters import export_onnx, layer_node_map, run_onnx
+from exporters.onnx_export import module_scope
+from pipeline.errors import ModelError
+from pipeline.policy import policy_layers
+
+SHAPE = (3, 32, 32)
+
+
+def _resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _mobilenet_v2() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+
+
+BUILDERS = {"resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, tuple[nn.Module, Path]]:
+    """Both models exported once for the module: name -> (model, path)."""
+    folder = tmp_path_factory.mktemp("export")
+    return {
+        name: (model, export_onnx(model, SHAPE, folder / f"{name}.onnx"))
+        for name, model in ((n, build()) for n, build in BUILDERS.items())
+    }
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def exported(request, exports) -> tuple[nn.Module, Path]:
+    return exports[request.param]
+
+
+def _inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32)
+
+
+def test_export_writes_a_checked_graph_with_a_dynamic_batch(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (graph_input,) = model.graph.input
+    assert graph_input.name == "input"
+    dims = graph_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    assert [d.dim_value for d in dims[1:]] == list(SHAPE)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert not list(path.parent.glob(".*.tmp")), "no temporary file may be left behind"
+
+
+def test_onnx_runtime_matches_torch(exported):
+    model, path = exported
+    inputs = _inputs(5)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(inputs)).numpy()
+    # batch_size 2 over 5 samples: several runs of the dynamic batch axis, one short.
+    got = run_onnx(path, inputs, batch_size=2)
+    assert got.shape == (5, 10)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_layer_node_map_covers_every_conv_and_linear(exported):
+    model, path = exported
+    layers = policy_layers(model)
+    proto = onnx.load(str(path))
+    mapping = layer_node_map(proto, layers)
+    assert list(mapping) == layers
+    assert len(set(mapping.values())) == len(layers), "two layers mapped to one node"
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    for fqn, node in mapping.items():
+        kind = type(model.get_submodule(fqn))
+        assert ops[node] == ("Conv" if kind is nn.Conv2d else "Gemm"), (fqn, node)
+
+
+@pytest.mark.parametrize(
+    ("builder", "fqn", "node"),
+    [
+        ("resnet18", "layer1.0.conv1", "/layer1/layer1.0/conv1/Conv"),
+        ("resnet18", "layer2.0.downsample.0", "/layer2/layer2.0/downsample/downsample.0/Conv"),
+        ("resnet18", "fc", "/fc/Gemm"),
+        ("mobilenet_v2", "features.3.conv.0.0", "/features/features.3/conv/conv.0/conv.0.0/Conv"),
+        ("mobilenet_v2", "classifier.1", "/classifier/classifier.1/Gemm"),
+    ],
+)
+def test_layers_map_to_the_nodes_the_exporter_names_after_them(exports, builder, fqn, node):
+    _, path = exports[builder]
+    proto = onnx.load(str(path))
+    assert node in {n.name for n in proto.graph.node}
+    assert layer_node_map(proto, [fqn]) == {fqn: node}
+    assert module_scope(fqn) == node.rsplit("/", 1)[0]
+
+
+def test_layer_node_map_names_the_layers_it_cannot_find(exported):
+    model, path = exported
+    with pytest.raises(ValueError, match=r"layer9\.conv") as info:
+        layer_node_map(onnx.load(str(path)), [*policy_layers(model)[:2], "layer9.conv"])
+    assert "\n" not in str(info.value)
+
+
+class _Tokens(nn.Module):
+    """A Linear applied to a 3-D tensor: exported as MatMul + Add rather than Gemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.proj = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        return self.proj(tokens).mean(dim=1)  # (B, 10)
+
+
+def test_linear_on_tokens_maps_to_matmul(tmp_path):
+    path = export_onnx(_Tokens().eval(), SHAPE, tmp_path / "tokens.onnx")
+    proto = onnx.load(str(path))
+    mapping = layer_node_map(proto, ["stem", "proj"])
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    assert ops[mapping["proj"]] == "MatMul"
+    assert ops[mapping["stem"]] == "Conv"
+
+
+def test_pruned_resnet_exports_with_fewer_channels(tmp_path):
+    model = _resnet18()
+    example = torch.zeros(1, *SHAPE)
+    pruner = tp.pruner.MagnitudePruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5, ignored_layers=[model.fc],
+    )  # fmt: skip
+    pruner.step()
+    model.eval()
+    path = export_onnx(model, SHAPE, tmp_path / "pruned.onnx")
+    proto = onnx.load(str(path))
+    mapping = layer_node_map(proto, policy_layers(model))
+    weights = {t.name: t.dims for t in proto.graph.initializer}
+    conv1 = next(n for n in proto.graph.node if n.name == mapping["layer1.0.conv1"])
+    assert weights[conv1.input[1]][0] == model.layer1[0].conv1.out_channels == 32
+    inputs = _inputs(3, seed=1)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(inputs)).numpy()
+    np.testing.assert_allclose(run_onnx(path, inputs), expected, atol=1e-4, rtol=0)
+
+
+def test_export_restores_the_training_flag(tmp_path):
+    model = _mobilenet_v2().train()
+    export_onnx(model, SHAPE, tmp_path / "m.onnx")
+    assert model.training
+
+
+def test_a_model_that_rejects_the_input_shape_raises_a_one_line_model_error(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 10))  # expects 100 features, gets 3072
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ModelError) as info:
+        export_onnx(model, SHAPE, target)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "Sequential" in message and "(batch, 3, 32, 32)" in message
+    assert list(tmp_path.iterdir()) == [], "a failed export leaves no file, not even a temp one"
+
+
+def test_opset_below_17_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(_Tokens(), SHAPE, tmp_path / "old.onnx", opset=13)

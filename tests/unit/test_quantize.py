@@ -1,0 +1,229 @@
+"""Per-layer INT8 with ONNX Runtime static quantization: the graph must match the policy exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from exporters import compare_logits, export_onnx, layer_precisions, quantize_onnx, run_onnx
+from exporters.onnx_export import layer_node_map
+from pipeline.errors import DataError, PolicyError
+from pipeline.evaluate import stack
+from pipeline.policy import Precision, policy_layers
+from pipeline.profile import Int8Scheme, Tolerance
+
+SHAPE = (3, 32, 32)
+INT8, FP32 = Precision.INT8, Precision.FP32
+QDQ_U8S8 = Int8Scheme(calib_samples=16)
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "resnet18":
+        return torchvision.models.resnet18(num_classes=10).eval()
+    return torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, tuple[list[str], Path]]:
+    """resnet18 and mobilenet_v2 exported once: name -> (policy layers, fp32 path)."""
+    folder = tmp_path_factory.mktemp("fp32")
+    out = {}
+    for name in ("resnet18", "mobilenet_v2"):
+        model = _build(name)
+        out[name] = (policy_layers(model), export_onnx(model, SHAPE, folder / f"{name}.onnx"))
+    return out
+
+
+def _calib(n: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32)
+
+
+def _policy(layers: list[str], kind: str) -> dict[str, Precision]:
+    if kind == "all-int8":
+        return dict.fromkeys(layers, INT8)
+    if kind == "all-fp32":
+        return dict.fromkeys(layers, FP32)
+    return {name: INT8 if i % 2 == 0 else FP32 for i, name in enumerate(layers)}  # mixed
+
+
+def _assert_fp32_layers_are_clean(path: Path, precisions: dict[str, Precision]) -> None:
+    """FP32 layers read float weights and biases, and no activation rounded by a Q -> DQ pair."""
+    proto = onnx.load(str(path))
+    nodes = {n.name: n for n in proto.graph.node}
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    initializers = {t.name for t in proto.graph.initializer}
+    fp32 = [name for name, p in precisions.items() if p == FP32]
+    for fqn, node_name in layer_node_map(proto, fp32).items():
+        node = nodes[node_name]
+        assert all(name in initializers for name in node.input[1:]), fqn
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "DequantizeLinear":
+            upstream = producers.get(source.input[0])
+            assert upstream is None or upstream.op_type != "QuantizeLinear", fqn
+
+
+@pytest.mark.parametrize("kind", ["all-int8", "mixed", "all-fp32"])
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2"])
+def test_graph_matches_the_policy_exactly(exports, tmp_path, model_name, kind):
+    layers, fp32_path = exports[model_name]
+    precisions = _policy(layers, kind)
+    out = tmp_path / "model.onnx"
+    report = quantize_onnx(fp32_path, out, precisions, QDQ_U8S8, _calib())
+    onnx.checker.check_model(str(out), full_check=True)
+    assert layer_precisions(out, layers) == precisions
+    _assert_fp32_layers_are_clean(out, precisions)
+    assert report["int8_layers"] == [n for n in layers if precisions[n] == INT8]
+    assert report["fp32_layers"] == [n for n in layers if precisions[n] == FP32]
+    assert report["scheme"] == QDQ_U8S8.model_dump()
+    assert report["calib_samples"] == (0 if kind == "all-fp32" else 16)
+    assert run_onnx(out, _calib(3, seed=1)).shape == (3, 10)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_all_fp32_policy_copies_the_file(exports, tmp_path):
+    layers, fp32_path = exports["mobilenet_v2"]
+    out = tmp_path / "copy.onnx"
+    quantize_onnx(fp32_path, out, _policy(layers, "all-fp32"), QDQ_U8S8, _calib())
+    assert out.read_bytes() == fp32_path.read_bytes()
+
+
+def test_layers_missing_from_the_policy_stay_fp32(exports, tmp_path):
+    layers, fp32_path = exports["resnet18"]
+    out = tmp_path / "model.onnx"
+    quantize_onnx(fp32_path, out, {"layer3.0.conv2": INT8}, QDQ_U8S8, _calib())
+    actual = layer_precisions(out, layers)
+    assert {name for name, p in actual.items() if p == INT8} == {"layer3.0.conv2"}
+
+
+def _zero_points(path: Path) -> list[np.ndarray]:
+    """Zero points of the activation QuantizeLinear nodes."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def test_s8s8_qdq_uses_symmetric_signed_activations(exports, tmp_path):
+    layers, fp32_path = exports["resnet18"]
+    scheme = Int8Scheme(activation_type="int8", weight_type="int8", calib_samples=8)
+    precisions = _policy(layers, "mixed")
+    out = tmp_path / "s8s8.onnx"
+    quantize_onnx(fp32_path, out, precisions, scheme, _calib())
+    onnx.checker.check_model(str(out), full_check=True)
+    assert layer_precisions(out, layers) == precisions
+    zero_points = _zero_points(out)
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert run_onnx(out, _calib(2)).shape == (2, 10)
+
+
+def test_qoperator_writes_qlinear_ops(exports, tmp_path):
+    layers, fp32_path = exports["resnet18"]
+    precisions = _policy(layers, "mixed")
+    out = tmp_path / "qop.onnx"
+    quantize_onnx(fp32_path, out, precisions, Int8Scheme(format="qoperator"), _calib())
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
+    # ORT renames a quantized node `<name>_quant`; the module scope survives in the name.
+    assert ops["/layer1/layer1.0/conv1/Conv_quant"] == "QLinearConv"
+    assert ops["/fc/Gemm_quant"] == "QGemm"
+    assert ops["/layer1/layer1.0/conv2/Conv"] == "Conv"
+    assert layer_precisions(out, layers) == precisions
+    _assert_fp32_layers_are_clean(out, precisions)
+    assert run_onnx(out, _calib(2)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("calibration", ["entropy", "percentile"])
+def test_histogram_calibrations_with_an_uneven_sample_count(exports, tmp_path, calibration):
+    layers, fp32_path = exports["mobilenet_v2"]
+    precisions = _policy(layers, "all-int8")
+    scheme = Int8Scheme(calibration=calibration, calib_samples=11)  # 11: no batch of 8 fits
+    out = tmp_path / f"{calibration}.onnx"
+    report = quantize_onnx(fp32_path, out, precisions, scheme, _calib(20))
+    assert report["calib_samples"] == 11
+    assert layer_precisions(out, layers) == precisions
+
+
+def test_int8_agrees_with_fp32_on_real_data(trained_tiny_resnet, digits_splits, tmp_path):
+    model = trained_tiny_resnet
+    layers = policy_layers(model)
+    fp32 = export_onnx(model, SHAPE, tmp_path / "fp32.onnx")
+    calib, _ = stack(digits_splits.calib)
+    inputs, labels = stack(digits_splits.test)
+    int8 = tmp_path / "int8.onnx"
+    quantize_onnx(fp32, int8, _policy(layers, "all-int8"), Int8Scheme(calib_samples=128), calib)
+    reference = run_onnx(fp32, inputs, threads=2)
+    assert len(np.unique(reference.argmax(axis=1))) >= 8, "a trivial model proves nothing"
+    tolerance = Tolerance(atol=1.5, rtol=0.5, min_top1_agreement=0.95)
+    result = compare_logits(reference, run_onnx(int8, inputs, threads=2), labels, tolerance)
+    assert result.top1_agreement >= 0.95, result.to_dict()
+    assert result.candidate_accuracy >= result.reference_accuracy - 0.05
+
+
+def test_fp16_layers_are_refused_with_a_policy_error(exports, tmp_path):
+    layers, fp32_path = exports["mobilenet_v2"]
+    precisions = {**_policy(layers, "mixed"), layers[3]: Precision.FP16}
+    with pytest.raises(PolicyError, match="FP16") as info:
+        quantize_onnx(fp32_path, tmp_path / "m.onnx", precisions, QDQ_U8S8, _calib())
+    assert layers[3] in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("precision", [INT8, FP32])
+def test_unknown_layers_are_a_policy_error(exports, tmp_path, precision):
+    _, fp32_path = exports["mobilenet_v2"]
+    with pytest.raises(PolicyError, match="features.99"):
+        quantize_onnx(
+            fp32_path, tmp_path / "m.onnx", {"features.99": precision}, QDQ_U8S8, _calib()
+        )
+
+
+def test_no_calibration_data_is_a_data_error(exports, tmp_path):
+    layers, fp32_path = exports["mobilenet_v2"]
+    empty = np.zeros((0, *SHAPE), np.float32)
+    with pytest.raises(DataError, match="calibration"):
+        quantize_onnx(fp32_path, tmp_path / "m.onnx", _policy(layers, "mixed"), QDQ_U8S8, empty)
+
+
+def test_a_static_batch_graph_is_calibrated_in_full_batches(exports, tmp_path):
+    layers, fp32_path = exports["mobilenet_v2"]
+    proto = onnx.load(str(fp32_path))
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 4  # replaces the `batch` parameter
+    static = tmp_path / "static.onnx"
+    onnx.save(proto, str(static))
+    out = tmp_path / "int8.onnx"
+    quantize_onnx(static, out, _policy(layers, "all-int8"), QDQ_U8S8, _calib(10))
+    assert layer_precisions(out, layers) == _policy(layers, "all-int8")
+    assert run_onnx(out, _calib(6)).shape == (6, 10)  # padded to 8, padding dropped
+
+
+def _tiny_graph(weight_type: int) -> onnx.ModelProto:
+    """One Conv named as the exporter would name module `conv`, with a typed weight."""
+    dtype = helper.tensor_dtype_to_np_dtype(weight_type)
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), dtype), "onnx::Conv_1")
+    node = helper.make_node("Conv", ["input", "onnx::Conv_1"], ["logits"], name="/conv/Conv")
+    graph = helper.make_graph(
+        [node],
+        "tiny",
+        [helper.make_tensor_value_info("input", weight_type, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("logits", weight_type, [1, 4, 2, 2])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layer_precisions_reads_float16_layers():
+    assert layer_precisions(_tiny_graph(TensorProto.FLOAT16), ["conv"]) == {"conv": Precision.FP16}
+    assert layer_precisions(_tiny_graph(TensorProto.FLOAT), ["conv"]) == {"conv": FP32}
+    session = ort.InferenceSession(
+        _tiny_graph(TensorProto.FLOAT16).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert session.get_inputs()[0].type == "tensor(float16)"
