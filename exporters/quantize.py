@@ -105,8 +105,7 @@ def _quantize(
     samples: np.ndarray,
 ) -> onnx.ModelProto:
     """Preprocess, quantize the INT8 nodes, clean FP32 layers' inputs, and verify the result."""
-    model = _preprocessed(fp32_path, work / "pre.onnx")
-    nodes = _node_map(model, list(precisions))
+    model, nodes = _prepared(fp32_path, work / "pre.onnx", list(precisions))
     int8_nodes = [nodes[name] for name, p in precisions.items() if p == Precision.INT8]
     _unshare_initializers(model)
     prepared, quant = work / "prepared.onnx", work / "quant.onnx"
@@ -134,7 +133,7 @@ def _quantize_static(
     quantize_static(
         str(prepared),
         str(out),
-        _ArrayReader(_input_name(model), samples, _static_batch(model)),
+        _ArrayReader(_graph_input(model).name, samples, _static_batch(model)),
         quant_format=_FORMATS[scheme.format],
         op_types_to_quantize=sorted(op_types),
         per_channel=scheme.per_channel,
@@ -148,16 +147,22 @@ def _quantize_static(
     )
 
 
-def _preprocessed(fp32_path: Path, out: Path) -> onnx.ModelProto:
-    """ORT's recommended pre-pass (shape inference + graph optimisation), when it works."""
+def _prepared(
+    fp32_path: Path, out: Path, layers: list[str]
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The graph to quantize and its {layer -> node}: ORT's pre-pass output when usable."""
+    raw = onnx.load(str(fp32_path))
+    raw_nodes = _node_map(raw, layers)  # unknown layers are the policy's fault: say so first
     try:
         quant_pre_process(str(fp32_path), str(out))
-        return onnx.load(str(out))
+        model = onnx.load(str(out))
+        return model, layer_node_map(model, layers)
     except Exception as exc:
-        # Symbolic shape inference fails on some graphs (unusual ops, data-dependent shapes);
-        # quantization still works without it, only with less complete tensor info.
+        # The pre-pass (symbolic shape inference + graph optimisation) is recommended but
+        # fails on some graphs (unusual ops, data-dependent shapes), and a fusion could rename
+        # a layer's node; quantization works without it, only with less tensor information.
         logger.warning("quantization pre-processing skipped: %s", one_line(exc))
-        return onnx.load(str(fp32_path))
+        return raw, raw_nodes
 
 
 def _node_map(model: onnx.ModelProto, layers: list[str]) -> dict[str, str]:
@@ -177,14 +182,14 @@ def _calibration_samples(calib_inputs: np.ndarray, limit: int) -> np.ndarray:
     return samples
 
 
-def _input_name(model: onnx.ModelProto) -> str:
-    initializers = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in initializers)
+def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {t.name for t in model.graph.initializer}  # old opsets list them as inputs
+    return next(i for i in model.graph.input if i.name not in initializers)
 
 
 def _static_batch(model: onnx.ModelProto) -> int | None:
     """The batch size a graph insists on, or None when the batch axis is dynamic."""
-    dim = model.graph.input[0].type.tensor_type.shape.dim
+    dim = _graph_input(model).type.tensor_type.shape.dim
     return dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
 
 

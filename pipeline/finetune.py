@@ -89,7 +89,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            progress.update(task, advance=1, loss=float(loss))
+            progress.update(task, advance=1, loss=loss.item())
     return model.eval()
 
 

@@ -30,7 +30,7 @@ from pipeline.profile import TargetProfile
 from pipeline.prune import count_macs_params, prune_model, save_history
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+console = Console()
 
 
 @dataclass

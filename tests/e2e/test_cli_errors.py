@@ -36,10 +36,13 @@ def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> No
 
 def small_profile(tmp_path: Path, **changes: str) -> str:
     """A copy of the CPU profile with some top-level lines replaced."""
-    lines = []
+    lines, skipping = [], False
     for line in Path(CPU).read_text().splitlines():
+        if skipping and line.startswith(" "):
+            continue  # the replaced key's nested lines
         key = line.split(":", 1)[0]
-        if key in changes:
+        skipping = key in changes
+        if skipping:
             line = f"{key}: {changes.pop(key)}"
         lines.append(line)
     lines += [f"{k}: {v}" for k, v in changes.items()]

@@ -60,11 +60,12 @@ def _assert_fp32_layers_are_clean(path: Path, precisions: dict[str, Precision]) 
     proto = onnx.load(str(path))
     nodes = {n.name: n for n in proto.graph.node}
     producers = {out: n for n in proto.graph.node for out in n.output}
-    initializers = {t.name for t in proto.graph.initializer}
     fp32 = [name for name, p in precisions.items() if p == FP32]
     for fqn, node_name in layer_node_map(proto, fp32).items():
         node = nodes[node_name]
-        assert all(name in initializers for name in node.input[1:]), fqn
+        # Weight and bias: an initializer, or an Identity of one (the exporter's dedup).
+        sources = [producers.get(name) for name in node.input[1:]]
+        assert all(s is None or s.op_type == "Identity" for s in sources), fqn
         source = producers.get(node.input[0])
         if source is not None and source.op_type == "DequantizeLinear":
             upstream = producers.get(source.input[0])
@@ -132,9 +133,9 @@ def test_qoperator_writes_qlinear_ops(exports, tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     ops = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
     # ORT renames a quantized node `<name>_quant`; the module scope survives in the name.
-    assert ops["/layer1/layer1.0/conv1/Conv_quant"] == "QLinearConv"
+    assert ops["/layer1/layer1.0/conv2/Conv_quant"] == "QLinearConv"
     assert ops["/fc/Gemm_quant"] == "QGemm"
-    assert ops["/layer1/layer1.0/conv2/Conv"] == "Conv"
+    assert ops["/layer1/layer1.0/conv1/Conv"] == "Conv"
     assert layer_precisions(out, layers) == precisions
     _assert_fp32_layers_are_clean(out, precisions)
     assert run_onnx(out, _calib(2)).shape == (2, 10)
@@ -179,7 +180,7 @@ def test_fp16_layers_are_refused_with_a_policy_error(exports, tmp_path):
 @pytest.mark.parametrize("precision", [INT8, FP32])
 def test_unknown_layers_are_a_policy_error(exports, tmp_path, precision):
     _, fp32_path = exports["mobilenet_v2"]
-    with pytest.raises(PolicyError, match="features.99"):
+    with pytest.raises(PolicyError, match=r"features\.99"):
         quantize_onnx(
             fp32_path, tmp_path / "m.onnx", {"features.99": precision}, QDQ_U8S8, _calib()
         )
@@ -227,3 +228,30 @@ def test_layer_precisions_reads_float16_layers():
         _tiny_graph(TensorProto.FLOAT16).SerializeToString(), providers=["CPUExecutionProvider"]
     )
     assert session.get_inputs()[0].type == "tensor(float16)"
+
+
+class _Tokens(nn.Module):
+    """A Linear on a 3-D tensor (exported as MatMul + Add) between a Conv and a Gemm head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.proj = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        return self.head(self.proj(tokens).mean(dim=1))  # (B, 10)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_matmul_layers_quantize_too(tmp_path, fmt):
+    torch.manual_seed(0)
+    fp32 = export_onnx(_Tokens().eval(), SHAPE, tmp_path / "tokens.onnx")
+    precisions = {"stem": FP32, "proj": INT8, "head": FP32}
+    out = tmp_path / "int8.onnx"
+    quantize_onnx(fp32, out, precisions, Int8Scheme(format=fmt), _calib())
+    assert layer_precisions(out, list(precisions)) == precisions
+    _assert_fp32_layers_are_clean(out, precisions)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("QLinearMatMul" in ops) is (fmt == "qoperator")
