@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,26 +39,26 @@ def _root(
 @app.command()
 def run(
     target: TargetOpt,
-    config: Annotated[Optional[Path], typer.Option(help="Run config YAML (pipeline.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config YAML (pipeline.yaml).")] = None,
     model: Annotated[
-        Optional[str], typer.Option(help="torchvision architecture or module:function.")
+        str | None, typer.Option(help="torchvision architecture or module:function.")
     ] = None,
     weights: Annotated[
-        Optional[Path], typer.Option(help="Weights: .safetensors or a state_dict file.")
+        Path | None, typer.Option(help="Weights: .safetensors or a state_dict file.")
     ] = None,
     data: Annotated[
-        Optional[str], typer.Option(help="digits | imagefolder:DIR | module:function.")
+        str | None, typer.Option(help="digits | imagefolder:DIR | module:function.")
     ] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes of --model.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of --model.")] = None,
     policy: Annotated[
-        Optional[str], typer.Option(help="uniform:KEEP[:int8|fp16|fp32] or a policy JSON file.")
+        str | None, typer.Option(help="uniform:KEEP[:int8|fp16|fp32] or a policy JSON file.")
     ] = None,
-    budget_ms: Annotated[Optional[float], typer.Option(help="Latency budget in ms.")] = None,
+    budget_ms: Annotated[float | None, typer.Option(help="Latency budget in ms.")] = None,
     finetune_steps: Annotated[
-        Optional[int], typer.Option(help="Recovery fine-tune steps (default 300).")
+        int | None, typer.Option(help="Recovery fine-tune steps (default 300).")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for run directories.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for run directories.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Compress a model for a target; with no --model it runs the embedded digits demo."""
@@ -67,13 +67,22 @@ def run(
     from pipeline.run import execute
 
     prof = load_profile(target)
-    overrides = {"model": model, "weights": weights, "data": data, "num_classes": num_classes,
-                 "policy": policy, "budget_ms": budget_ms, "out": out, "seed": seed,
-                 "show_progress": None if progress else False}
+    overrides = {
+        "model": model,
+        "weights": weights,
+        "data": data,
+        "num_classes": num_classes,
+        "policy": policy,
+        "budget_ms": budget_ms,
+        "out": out,
+        "seed": seed,
+        "show_progress": None if progress else False,
+    }
     cfg = load_config(config, overrides)
     if finetune_steps is not None:
-        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(
-            update={"steps": finetune_steps})})
+        cfg = cfg.model_copy(
+            update={"finetune": cfg.finetune.model_copy(update={"steps": finetune_steps})}
+        )
     raise typer.Exit(execute(prof, cfg))
 
 
@@ -105,8 +114,10 @@ def validate(
 
     result = validate_run(load_profile(target), run_dir)
     verdict = "passed" if result["passed"] else "FAILED"
-    console.print(f"validation {verdict}: top-1 agreement {result['top1_agreement']:.2%}, "
-                  f"max abs error {result['max_abs_error']:.4g}")
+    console.print(
+        f"validation {verdict}: top-1 agreement {result['top1_agreement']:.2%}, "
+        f"max abs error {result['max_abs_error']:.4g}"
+    )
     for reason in result.get("reasons", []):
         console.print(f"  {reason}")
     raise typer.Exit(0 if result["passed"] else 1)
@@ -125,8 +136,14 @@ def profiles() -> None:
     for path in shipped_profiles():
         p = load_profile(path)
         device = p.device if isinstance(p.device, str) else f"agent {p.device.url}"
-        table.add_row(p.name, str(path.relative_to(path.parent.parent)), p.runtime, device,
-                      ", ".join(x.value for x in p.precisions), p.description)
+        table.add_row(
+            p.name,
+            str(path.relative_to(path.parent.parent)),
+            p.runtime,
+            device,
+            ", ".join(x.value for x in p.precisions),
+            p.description,
+        )
     console.print(table)
 
 

@@ -17,8 +17,17 @@ from pipeline.artifacts import atomic_write_text, atomic_write_with, sha256_file
 if TYPE_CHECKING:
     from pipeline.run import RunContext
 
-VERSIONED = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "tensorrt",
-             "stable-baselines3", "numpy", "pipeline")
+VERSIONED = (
+    "torch",
+    "torchvision",
+    "torch-pruning",
+    "onnx",
+    "onnxruntime",
+    "tensorrt",
+    "stable-baselines3",
+    "numpy",
+    "pipeline",
+)
 LATENCY_KEYS = ("median", "p90", "cv")
 
 
@@ -44,8 +53,11 @@ def write_manifest(ctx: RunContext, status: str) -> None:
         "status": status,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.started)),
         "versions": versions(),
-        "platform": {"machine": platform.machine(), "processor": platform.processor(),
-                     "system": platform.platform()},
+        "platform": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "system": platform.platform(),
+        },
         "profile": ctx.profile.model_dump(mode="json"),
         "config": ctx.config.model_dump(mode="json"),
         "seed": ctx.config.seed,
@@ -73,21 +85,29 @@ def _gates(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
     """Every check a deployable run must pass, with the reasons of those that failed."""
     failed = []
     if not summary["validation"]["passed"]:
-        failed.append("validation against the original failed: "
-                      + "; ".join(summary["validation"].get("reasons", [])))
+        failed.append(
+            "validation against the original failed: "
+            + "; ".join(summary["validation"].get("reasons", []))
+        )
     if summary["met_budget"] is False:
         failed.append(f"deployed latency misses the {summary['budget_ms']} ms budget")
     if summary["accuracy_drop"] > ctx.profile.max_accuracy_drop:
-        failed.append(f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
-                      f"max_accuracy_drop {ctx.profile.max_accuracy_drop}")
+        failed.append(
+            f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
+            f"max_accuracy_drop {ctx.profile.max_accuracy_drop}"
+        )
     int8 = ctx.results.get("int8_check")
     if int8 and not int8["int8_not_slower"]:
-        failed.append(f"INT8 is slower than FP32 on this target with the profile's INT8 scheme "
-                      f"({int8['int8_speedup']:.2f}x); try another int8 scheme or FP32")
+        failed.append(
+            f"INT8 is slower than FP32 on this target with the profile's INT8 scheme "
+            f"({int8['int8_speedup']:.2f}x); try another int8 scheme or FP32"
+        )
     mismatched = ctx.results.get("precision", {}).get("mismatched_layers")
     if mismatched:
-        failed.append(f"{len(mismatched)} layers do not run in the policy's precision: "
-                      + ", ".join(mismatched[:5]))
+        failed.append(
+            f"{len(mismatched)} layers do not run in the policy's precision: "
+            + ", ".join(mismatched[:5])
+        )
     return {"passed": not failed, "failed": failed}
 
 
@@ -108,9 +128,14 @@ def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]
         "budget_ms": budget,
         "met_budget": None if budget is None else d_ms[stat] <= budget,
         "validation": comparison,
-        "search": {"agent": "fixed", "policy": ctx.config.policy, "episodes": 0,
-                   "real_measurements": 2 + 2 * ("int8_check" in ctx.results),
-                   "cached_measurements": 0, "wall_s": round(time.time() - ctx.started, 1)},
+        "search": {
+            "agent": "fixed",
+            "policy": ctx.config.policy,
+            "episodes": 0,
+            "real_measurements": 2 + 2 * ("int8_check" in ctx.results),
+            "cached_measurements": 0,
+            "wall_s": round(time.time() - ctx.started, 1),
+        },
         "baselines": {},
         "int8_check": ctx.results.get("int8_check"),
         "precision": ctx.results.get("precision"),
@@ -137,9 +162,16 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     o, d = summary["original"], summary["deployed"]
     return [
         ("test accuracy", _fmt(o["accuracy"], ".2%"), _fmt(d["accuracy"], ".2%")),
-        ("latency median (ms)", _fmt(o["latency_ms"]["median"], ".3f"),
-         _fmt(d["latency_ms"]["median"], ".3f")),
-        ("latency p90 (ms)", _fmt(o["latency_ms"]["p90"], ".3f"), _fmt(d["latency_ms"]["p90"], ".3f")),
+        (
+            "latency median (ms)",
+            _fmt(o["latency_ms"]["median"], ".3f"),
+            _fmt(d["latency_ms"]["median"], ".3f"),
+        ),
+        (
+            "latency p90 (ms)",
+            _fmt(o["latency_ms"]["p90"], ".3f"),
+            _fmt(d["latency_ms"]["p90"], ".3f"),
+        ),
         ("latency CV", _fmt(o["latency_ms"]["cv"], ".3f"), _fmt(d["latency_ms"]["cv"], ".3f")),
         ("params", _fmt(o["params"], ","), _fmt(d["params"], ",")),
         ("MACs", _fmt(o["macs"], ","), _fmt(d["macs"], ",")),
@@ -167,20 +199,27 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 def _checks_markdown(summary: dict[str, Any]) -> list[str]:
     v = summary["validation"]
-    lines = ["## Checks", "",
-             f"- Validation: {'passed' if v['passed'] else 'FAILED'} (top-1 agreement "
-             f"{v['top1_agreement']:.2%}, max abs logit error {v['max_abs_error']:.4g}, "
-             f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})"]
+    lines = [
+        "## Checks",
+        "",
+        f"- Validation: {'passed' if v['passed'] else 'FAILED'} (top-1 agreement "
+        f"{v['top1_agreement']:.2%}, max abs logit error {v['max_abs_error']:.4g}, "
+        f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})",
+    ]
     if summary["budget_ms"] is not None:
-        lines.append(f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}")
+        lines.append(
+            f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}"
+        )
     int8 = summary.get("int8_check")
     if int8:
         word = "faster" if int8["int8_not_slower"] else "SLOWER"
-        lines.append(f"- INT8 vs the same pruned model in FP32: {int8['int8_speedup']:.2f}x ({word})")
+        lines.append(
+            f"- INT8 vs the same pruned model in FP32: {int8['int8_speedup']:.2f}x ({word})"
+        )
     for key in summary.get("noisy_measurements", []):
         lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
     lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | None = None) -> None:
@@ -197,8 +236,9 @@ def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | N
         ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker="s", label=name)
     for key, marker in (("original", "o"), ("deployed", "*")):
         side = summary[key]
-        ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker=marker, s=120,
-                   label=key)
+        ax.scatter(
+            side["latency_ms"]["median"], side["accuracy"] * 100, marker=marker, s=120, label=key
+        )
     if summary.get("budget_ms"):
         ax.axvline(summary["budget_ms"], ls="--", c="tab:red", label="budget")
     ax.set_xlabel(f"median latency (ms), {summary['runtime']}")
@@ -218,8 +258,10 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     for row in _rows(summary):
         table.add_row(*row)
     console.print(table)
-    console.print(f"speedup [bold]{summary['speedup']:.2f}x[/], accuracy drop "
-                  f"[bold]{summary['accuracy_drop'] * 100:.2f}[/] points, validation "
-                  f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}")
+    console.print(
+        f"speedup [bold]{summary['speedup']:.2f}x[/], accuracy drop "
+        f"[bold]{summary['accuracy_drop'] * 100:.2f}[/] points, validation "
+        f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}"
+    )
     for reason in summary["gates"]["failed"]:
         console.print(f"[red]gate failed:[/] {reason}")

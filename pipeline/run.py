@@ -109,15 +109,24 @@ def compress(ctx: RunContext) -> nn.Module:
     pruned = copy.deepcopy(ctx.original)
     p = ctx.profile
     result = prune_model(pruned, ctx.policy, ctx.input_shape, p.channel_multiple, p.min_keep_ratio)
-    arch = {"model": ctx.config.model or ctx.model_info["arch"],
-            "num_classes": ctx.splits.num_classes, "input_shape": list(ctx.input_shape)}
+    arch = {
+        "model": ctx.config.model or ctx.model_info["arch"],
+        "num_classes": ctx.splits.num_classes,
+        "input_shape": list(ctx.input_shape),
+    }
     save_history(ctx.run_dir / "pruning_history.json", result.history, arch)
     ctx.results["channels"] = {n: list(c) for n, c in result.channels.items()}
     ft = ctx.config.finetune
     stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
     teacher = ctx.original if ft.kd_weight > 0 else None
-    train(pruned, ctx.splits.train, ft.spec(ctx.config.seed), teacher, "recovery",
-          ctx.config.show_progress)
+    train(
+        pruned,
+        ctx.splits.train,
+        ft.spec(ctx.config.seed),
+        teacher,
+        "recovery",
+        ctx.config.show_progress,
+    )
     save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
     return pruned
 
@@ -132,8 +141,9 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "pruned_fp32.onnx"
         export_onnx(pruned, ctx.input_shape, fp32, ctx.config.opset)
-        quant = quantize_onnx(fp32, ctx.run_dir / "model.onnx", ctx.policy.precisions(),
-                              ctx.profile.int8, calib)
+        quant = quantize_onnx(
+            fp32, ctx.run_dir / "model.onnx", ctx.policy.precisions(), ctx.profile.int8, calib
+        )
         if any(a.precision.value == "int8" for a in ctx.policy.layers.values()):
             ctx.results["int8_check"] = _int8_check(ctx, fp32)
     actual = layer_precisions(ctx.run_dir / "model.onnx", layers)
@@ -141,8 +151,11 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
     mismatched = sorted(n for n in layers if actual.get(n) != wanted[n])
     ctx.results["precision"] = {"quantization": quant, "mismatched_layers": mismatched}
     macs, params = count_macs_params(pruned, ctx.input_shape)
-    ctx.results["deployed_static"] = {"params": params, "macs": macs,
-                                      "size_bytes": (ctx.run_dir / "model.onnx").stat().st_size}
+    ctx.results["deployed_static"] = {
+        "params": params,
+        "macs": macs,
+        "size_bytes": (ctx.run_dir / "model.onnx").stat().st_size,
+    }
 
 
 def _int8_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
@@ -153,8 +166,12 @@ def _int8_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
     fp32 = bench_artifact(ctx.profile, pruned_fp32)
     int8 = bench_artifact(ctx.profile, ctx.run_dir / "model.onnx")
     ratio = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
-    return {"fp32_ms": fp32["latency_ms"], "int8_ms": int8["latency_ms"],
-            "int8_speedup": ratio, "int8_not_slower": ratio >= 1.0}
+    return {
+        "fp32_ms": fp32["latency_ms"],
+        "int8_ms": int8["latency_ms"],
+        "int8_speedup": ratio,
+        "int8_not_slower": ratio >= 1.0,
+    }
 
 
 def measure(ctx: RunContext) -> None:
@@ -176,8 +193,14 @@ def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
     stage("validating model.onnx against the original")
     inputs, labels, original = ctx.results["_test"]
     deployed = onnx_logits(ctx.profile, ctx.run_dir / "model.onnx", inputs)
-    result = compare_deployed(ctx.profile, deployed, torch_logits(pruned, inputs), original,
-                              labels, {a.precision for a in ctx.policy.layers.values()})
+    result = compare_deployed(
+        ctx.profile,
+        deployed,
+        torch_logits(pruned, inputs),
+        original,
+        labels,
+        {a.precision for a in ctx.policy.layers.values()},
+    )
     write_json(ctx.run_dir / "validation.json", result)
     ctx.results.setdefault("deployed", {})["accuracy"] = result["candidate_accuracy"]
     return result

@@ -69,8 +69,13 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "manifest.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no manifest.json)")
-    for name in ("original.onnx", "model.onnx", "policy.json", "weights.safetensors",
-                 "pruning_history.json"):
+    for name in (
+        "original.onnx",
+        "model.onnx",
+        "policy.json",
+        "weights.safetensors",
+        "pruning_history.json",
+    ):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} has no {name}: the run did not finish; run it again")
     return json.loads(path.read_text())
