@@ -39,9 +39,16 @@ class LayerAction:
 
 @dataclass(frozen=True)
 class Policy:
-    """A mapping {layer fqn -> LayerAction}; layers not listed keep all channels in FP32."""
+    """A mapping {layer fqn -> LayerAction}; layers not listed keep all channels in FP32.
+
+    Two optional parts serve the agents that need them: `removed` names residual blocks that
+    become identity (N2N's layer removal), and `channel_scores` ranks the channels of a layer
+    (higher is kept first) instead of weight magnitude (DECORE's learned keep probabilities).
+    """
 
     layers: dict[str, LayerAction] = field(default_factory=dict)
+    removed: tuple[str, ...] = ()
+    channel_scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def action(self, name: str) -> LayerAction:
         return self.layers.get(name, LayerAction())
@@ -57,7 +64,12 @@ class Policy:
             n: {"keep_ratio": round(a.keep_ratio, 6), "precision": a.precision.value}
             for n, a in self.layers.items()
         }
-        return {"version": 1, "layers": layers}
+        data: dict[str, Any] = {"version": 1, "layers": layers}
+        if self.removed:
+            data["removed"] = list(self.removed)
+        if self.channel_scores:
+            data["channel_scores"] = {n: list(v) for n, v in self.channel_scores.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "policy") -> Policy:
@@ -67,7 +79,11 @@ class Policy:
         parsed: dict[str, LayerAction] = {}
         for name, raw in layers.items():
             parsed[name] = _parse_action(raw, f"{source}: layer '{name}'")
-        return cls(parsed)
+        removed = data.get("removed", [])
+        scores = data.get("channel_scores", {})
+        if not isinstance(removed, list) or not isinstance(scores, dict):
+            raise PolicyError(f"{source}: 'removed' must be a list and 'channel_scores' a mapping")
+        return cls(parsed, tuple(removed), {n: tuple(map(float, v)) for n, v in scores.items()})
 
     def save(self, path: Path) -> None:
         from pipeline.artifacts import atomic_write_text
@@ -147,7 +163,9 @@ def parse_policy_arg(spec: str, model: nn.Module, default_precision: Precision) 
 def check_policy(policy: Policy, model: nn.Module, allowed: list[Precision]) -> None:
     """Refuse a policy naming layers the model lacks or precisions the target does not allow."""
     known = policy_layers(model)
-    unknown = [n for n in policy.layers if n not in known]
+    unknown = [n for n in [*policy.layers, *policy.channel_scores] if n not in known]
+    modules = dict(model.named_modules())
+    unknown += [n for n in policy.removed if n not in modules]
     if unknown:
         sample = ", ".join(known[:4]) + (", ..." if len(known) > 4 else "")
         raise PolicyError(

@@ -83,6 +83,8 @@ def prune_model(
     """Prune `model` in place following `policy`'s keep ratios (magnitude importance)."""
     model.eval()
     head = dict(model.named_modules())[head_layer(model)]
+    for name in policy.removed:
+        remove_block(model, name)
     dg = _dependency_graph(model, input_shape)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     result = PruneResult(model=model, history=[])
@@ -104,7 +106,7 @@ def _prune_group(dg, group, policy, importance, multiple, min_keep, result) -> N
     result.group_ratios[layers[0]] = keep / total
     before = {n: _out_channels(dg, n) for n in layers}
     if keep < total:
-        scores = importance(group)
+        scores = _scores(policy, layers, group, importance)
         if scores is None:  # torch-pruning cannot rank this group; leave it whole
             return
         drop = torch.argsort(scores)[: total - keep].tolist()
@@ -113,6 +115,21 @@ def _prune_group(dg, group, policy, importance, multiple, min_keep, result) -> N
             pruning_group.prune()
     for n in layers:
         result.channels[n] = (before[n], _out_channels(dg, n))
+
+
+def _scores(policy: Policy, layers: list[str], group: Any, importance: Any) -> torch.Tensor | None:
+    """Channel ranking of a group: the policy's own scores when it gives them, else magnitude."""
+    for name in layers:
+        if name in policy.channel_scores:
+            return torch.tensor(policy.channel_scores[name], dtype=torch.float32)
+    return importance(group)
+
+
+def remove_block(model: nn.Module, name: str) -> None:
+    """Replace a residual block by identity (N2N layer removal); its shapes must allow it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
 
 
 def _out_channels(dg: tp.DependencyGraph, name: str) -> int:

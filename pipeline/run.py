@@ -137,7 +137,7 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
 
     stage("exporting model.onnx with the policy's precisions")
     calib, _ = stack(ctx.splits.calib)
-    layers = policy_layers(ctx.original)
+    layers = policy_layers(pruned)  # removed blocks' layers are gone
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "pruned_fp32.onnx"
         export_onnx(pruned, ctx.input_shape, fp32, ctx.config.opset)

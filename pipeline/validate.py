@@ -84,11 +84,13 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
 def rebuild_pruned(run_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     """The deployed PyTorch model, from pruning_history.json and weights.safetensors (no pickle)."""
     from pipeline.models import build_model, load_weights
-    from pipeline.prune import load_history, replay_history
+    from pipeline.prune import load_history, remove_block, replay_history
 
     history = load_history(run_dir / "pruning_history.json")
     arch = history["arch"]
     model = build_model(arch["model"], arch["num_classes"])
+    for block in arch.get("removed", []):
+        remove_block(model, block)
     replay_history(model, history["history"], tuple(arch["input_shape"]))
     load_weights(model, run_dir / "weights.safetensors")
     return model.eval()

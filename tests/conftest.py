@@ -6,6 +6,7 @@ fresh copy each time, so a test that prunes or trains one cannot affect another.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,50 @@ def trained_tiny_resnet(_trained_tiny_resnet_state: dict[str, torch.Tensor]) -> 
     model = make_tiny_resnet()
     model.load_state_dict(_trained_tiny_resnet_state)
     return model.eval()
+
+
+TINY_PROFILE = {
+    "name": "tiny",
+    "description": "tiny CPU target for tests",
+    "runtime": "onnxruntime-cpu",
+    "precisions": ["int8", "fp32"],
+    "input": {"shape": list(TEST_INPUT), "batch": 1},
+    "threads": 1,
+    "channel_multiple": 8,
+    "min_keep_ratio": 0.25,
+    "max_accuracy_drop": 0.05,
+    "measure": {"warmup": 3, "repeats": 30},
+}
+
+
+@pytest.fixture
+def tiny_profile():
+    from pipeline.profile import TargetProfile
+
+    return TargetProfile.model_validate(TINY_PROFILE)
+
+
+@pytest.fixture
+def tiny_evaluator(tmp_path: Path, trained_tiny_resnet, digits_splits, tiny_profile):
+    """A real CandidateEvaluator over the trained ResNet-10 on 32x32 digits: each candidate is
+    pruned with torch-pruning, fine-tuned 5 steps, exported, measured with ONNX Runtime in a
+    worker process. The budget is 70% of the original's measured latency."""
+    from exporters import export_onnx
+    from pipeline.candidate import MeasurementCache, build_evaluator
+    from pipeline.finetune import TrainSpec
+
+    onnx_path = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
+    spec = TrainSpec(steps=5, lr=0.01, batch_size=32, kd_weight=1.0)
+    evaluator = build_evaluator(
+        trained_tiny_resnet,
+        digits_splits,
+        tiny_profile,
+        onnx_path,
+        spec,
+        budget_ms=None,
+        cache=MeasurementCache(tmp_path / "measurements.jsonl"),
+    )
+    budget = 0.7 * evaluator.space.original_latency_ms
+    evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
+    yield evaluator
+    evaluator.close()

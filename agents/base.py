@@ -1,0 +1,159 @@
+"""What every search agent sees: the search space, the evaluator, and candidate results.
+
+Agents produce Policies (plain data) and receive CandidateResults; they never touch a model.
+The evaluator behind the `Evaluator` protocol prunes, fine-tunes, exports and measures.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.policy import Policy, Precision
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One Conv2d/Linear layer of the original model, in forward order."""
+
+    name: str  # fully qualified module name, the Policy key
+    kind: str  # "conv", "dwconv" (depthwise) or "linear"
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    macs: int  # multiply-accumulates of this layer at batch 1
+    params: int
+    latency_share: float  # measured share of the original model's latency (0 when unknown)
+    prunable: bool  # False for the classifier head: it only gets a precision
+    group: str  # first layer of its coupling group; a group keeps one channel count
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What can be chosen and the reference point it is judged against."""
+
+    layers: tuple[LayerInfo, ...]
+    precisions: tuple[Precision, ...]
+    min_keep: float
+    budget_ms: float | None
+    original_accuracy: float  # validation accuracy of the original model
+    original_latency_ms: float  # measured with the profile's statistic
+    original_macs: int
+    removable_blocks: tuple[str, ...] = ()  # residual blocks that can become identity (N2N)
+
+    @property
+    def prunable(self) -> list[LayerInfo]:
+        return [layer for layer in self.layers if layer.prunable]
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """A candidate's evaluation. On failure `source` is "failed" and `error` says why."""
+
+    policy: Policy
+    accuracy: float  # validation accuracy after the short recovery fine-tune; 0.0 on failure
+    latency_ms: float | None  # the profile's statistic, measured or from the cache
+    macs: int | None = None
+    params: int | None = None
+    source: str = "measured"  # "measured" | "cached" | "predicted" | "failed"
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.latency_ms is not None
+
+
+class ChannelGate(Protocol):
+    """Joint training with per-channel keep/drop masks, for DECORE.
+
+    `groups` maps a coupling group's name to its channel count. `step(masks)` trains the
+    network copy for one batch with each group's channels multiplied by its 0/1 mask
+    (a float tensor of shape (channels,)) and returns per-sample correctness, shape (batch,).
+    """
+
+    groups: dict[str, int]
+
+    def step(self, masks: dict[str, Any]) -> np.ndarray: ...
+
+
+class Evaluator(Protocol):
+    """Evaluates policies on the target. Implemented by `pipeline.search.CandidateEvaluator`."""
+
+    space: SearchSpace
+
+    def evaluate(self, policy: Policy) -> CandidateResult:
+        """Prune, briefly fine-tune (distilled from the original), export, measure, validate."""
+        ...
+
+    def proxy_accuracy(self, policy: Policy) -> float:
+        """Validation accuracy of the policy pruned without fine-tuning (cheap; dense rewards)."""
+        ...
+
+    def channel_gate(self, seed: int) -> ChannelGate:
+        """A masked-training session over a copy of the original model (DECORE)."""
+        ...
+
+
+RewardFn = Callable[[CandidateResult, SearchSpace, float], float]
+"""reward(result, space, progress in [0, 1] through the search) -> finite float."""
+
+EpisodeCallback = Callable[[CandidateResult, float], None]
+"""Called by an agent after every evaluated candidate with its reward."""
+
+
+class Agent(ABC):
+    """A search algorithm. Subclasses implement `_search_impl`, `save` and `load`."""
+
+    name: str = "agent"
+
+    def __init__(
+        self, evaluator: Evaluator, reward: RewardFn, seed: int = 0, log_dir: Path | None = None
+    ) -> None:
+        self.evaluator = evaluator
+        self.space = evaluator.space
+        self.reward = reward
+        self.seed = seed
+        self.log_dir = log_dir
+        self.episodes_done = 0
+        self.total_episodes = 1
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the search done, for rewards annealed over the search."""
+        return min(self.episodes_done / max(self.total_episodes, 1), 1.0)
+
+    def evaluate(
+        self, policy: Policy, on_episode: EpisodeCallback
+    ) -> tuple[CandidateResult, float]:
+        """Evaluate one candidate, score it, report it; every agent goes through here."""
+        result = self.evaluator.evaluate(policy)
+        reward = float(self.reward(result, self.space, self.progress))
+        if not np.isfinite(reward):  # NaN never reaches an agent
+            reward = -1.0
+        self.episodes_done += 1
+        on_episode(result, reward)
+        return result, reward
+
+    def search(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        """Run until `episodes` candidates have been evaluated in total (resume-aware)."""
+        self.total_episodes = episodes
+        if self.episodes_done < episodes:
+            self._search_impl(episodes, on_episode)
+
+    @abstractmethod
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None: ...
+
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write everything needed to continue the search (atomic per file)."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None:
+        """Restore from `save`; `episodes_done` included."""

@@ -1,0 +1,295 @@
+"""evaluate_candidate: Policy -> prune -> short fine-tune -> export -> measure -> accuracy.
+
+`CandidateEvaluator` holds what every candidate needs (the original model, the data, the
+profile) and turns each Policy into a CandidateResult. Failures become results with an error,
+never exceptions, so the search goes on. Latencies are cached by what determines them: the
+pruned architecture, the precision of each layer, the profile and the runtime versions.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.base import CandidateResult, SearchSpace
+from pipeline.data import Splits
+from pipeline.evaluate import accuracy, stack, torch_logits
+from pipeline.finetune import TrainSpec, train
+from pipeline.measure_worker import MeasureWorker
+from pipeline.policy import Policy, policy_layers
+from pipeline.profile import TargetProfile
+from pipeline.prune import count_macs_params, prune_model
+
+log = logging.getLogger(__name__)
+
+
+class MeasurementCache:
+    """Latency results keyed by candidate signature; persisted as JSON lines (append-only)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: ignore it
+                    continue
+                self.entries[record["key"]] = record["result"]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        self.entries[key] = result
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"key": key, "result": result}) + "\n")
+                fh.flush()
+
+
+def candidate_key(model: nn.Module, policy: Policy, profile: TargetProfile) -> str:
+    """What determines latency: channel counts, precisions, profile, runtime versions."""
+    from pipeline.report import versions
+
+    arch = [
+        [n, list(m.weight.shape)]
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    precisions = {n: policy.action(n).precision.value for n in policy_layers(model)}
+    v = versions()
+    payload = {
+        "arch": arch,
+        "precisions": precisions,
+        "profile": profile.model_dump(mode="json"),
+        "runtime": {k: v.get(k) for k in ("onnxruntime", "tensorrt", "onnx")},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class CandidateEvaluator:
+    """Evaluates policies for the search (the `agents.base.Evaluator` protocol)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        splits: Splits,
+        profile: TargetProfile,
+        space: SearchSpace,
+        finetune: TrainSpec,
+        cache: MeasurementCache | None = None,
+        timeout_s: float = 120.0,
+        opset: int = 17,
+    ) -> None:
+        self.model = model.eval()
+        self.splits = splits
+        self.profile = profile
+        self.space = space
+        self.finetune = finetune
+        self.cache = cache or MeasurementCache()
+        self.worker = MeasureWorker(profile, timeout_s)
+        self.opset = opset
+        self.val_inputs, self.val_labels = stack(splits.val)
+        self.calib_inputs, _ = stack(splits.calib)
+        self.real_measurements = 0
+        self.cached_measurements = 0
+        self._accuracy_memo: dict[str, tuple[float, int, int]] = {}
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.profile.input.shape)  # type: ignore[return-value]
+
+    def evaluate(self, policy: Policy) -> CandidateResult:
+        """Prune, fine-tune briefly (distilled), export, measure on the target, score on val."""
+        try:
+            return self._evaluate(policy)
+        except Exception as exc:  # failures are data: the search goes on
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.debug("candidate failed", exc_info=True)
+            return CandidateResult(
+                policy, 0.0, None, source="failed", error=f"{type(exc).__name__}: {first}"
+            )
+
+    def _evaluate(self, policy: Policy) -> CandidateResult:
+        pruned = copy.deepcopy(self.model)
+        prune_model(
+            pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
+        )
+        key = candidate_key(pruned, policy, self.profile)
+        policy_id = hashlib.sha256(
+            json.dumps(policy.to_dict(), sort_keys=True).encode()
+        ).hexdigest()
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "candidate.onnx"
+            if policy_id in self._accuracy_memo:
+                acc, macs, params = self._accuracy_memo[policy_id]
+                if self.cache.get(key) is None:
+                    self._export(pruned, policy, onnx_path)
+            else:
+                train(pruned, self.splits.train, self.finetune, self.model, "candidate", False)
+                self._export(pruned, policy, onnx_path)
+                acc = self._onnx_accuracy(onnx_path)
+                macs, params = count_macs_params(pruned, self.input_shape)
+                self._accuracy_memo[policy_id] = (acc, macs, params)
+            latency, source, stats = self._latency(key, onnx_path)
+        if not np.isfinite(acc):
+            raise ValueError("validation accuracy is not finite")
+        return CandidateResult(policy, acc, latency, macs, params, source, extra={"stats": stats})
+
+    def _export(self, pruned: nn.Module, policy: Policy, path: Path) -> None:
+        from exporters import export_onnx, quantize_onnx
+
+        fp32 = path.with_name("fp32.onnx")
+        export_onnx(pruned, self.input_shape, fp32, self.opset)
+        precisions = {n: policy.action(n).precision for n in policy_layers(pruned)}
+        quantize_onnx(fp32, path, precisions, self.profile.int8, self.calib_inputs)
+
+    def _onnx_accuracy(self, path: Path) -> float:
+        from exporters import run_onnx
+
+        logits = run_onnx(path, self.val_inputs, threads=self.profile.threads)
+        if not np.isfinite(logits).all():
+            raise ValueError("the candidate outputs NaN or inf")
+        return accuracy(logits, self.val_labels)
+
+    def _latency(self, key: str, path: Path) -> tuple[float, str, dict[str, Any]]:
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.cached_measurements += 1
+            return cached[self.profile.measure.statistic], "cached", cached
+        stats = self.worker.measure(path)["latency_ms"]
+        self.real_measurements += 1
+        self.cache.put(key, stats)
+        return stats[self.profile.measure.statistic], "measured", stats
+
+    def proxy_accuracy(self, policy: Policy) -> float:
+        """Validation accuracy of the policy pruned without fine-tuning (PuRL's dense signal)."""
+        try:
+            pruned = copy.deepcopy(self.model)
+            prune_model(
+                pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
+            )
+            return accuracy(torch_logits(pruned, self.val_inputs), self.val_labels)
+        except Exception:  # a policy that cannot be applied retains nothing
+            log.debug("proxy accuracy failed", exc_info=True)
+            return 0.0
+
+    def channel_gate(self, seed: int) -> ChannelGate:
+        return ChannelGate(self.model, self.splits, self.input_shape, seed)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class ChannelGate:
+    """DECORE's joint training: a copy of the model whose channels are multiplied by masks.
+
+    A mask multiplies the output of every BatchNorm (or, without one, every Conv/Linear) of a
+    coupling group, so a dropped channel contributes exactly zero downstream, residuals included.
+    """
+
+    def __init__(self, model: nn.Module, splits: Splits, input_shape, seed: int) -> None:
+        from pipeline.space import coupling_groups
+
+        self.model = copy.deepcopy(model).train()
+        self.loader_seed = seed
+        groups = coupling_groups(self.model, input_shape)
+        modules = dict(self.model.named_modules())
+        self.groups: dict[str, int] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        for layer, group in groups.items():
+            width = _out_width(modules[layer])
+            self.groups.setdefault(group, width)
+            target = _following_norm(self.model, layer) or modules[layer]
+            target.register_forward_hook(self._hook(group))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self._batches = self._stream(splits.train, seed)
+
+    def _hook(self, group: str):
+        def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+            mask = self._masks.get(group)
+            if mask is None:
+                return output
+            shape = (1, -1) + (1,) * (output.dim() - 2)  # (B, C, H, W) or (B, C)
+            return output * mask.view(shape)
+
+        return hook
+
+    @staticmethod
+    def _stream(dataset, seed: int):
+        from pipeline.evaluate import loader
+
+        epoch = 0
+        while True:
+            yield from loader(dataset, 64, shuffle=True, seed=seed + epoch)
+            epoch += 1
+
+    def step(self, masks: dict[str, torch.Tensor]) -> np.ndarray:
+        """One training step with `masks` applied; per-sample correctness of that batch."""
+        self._masks = {g: m.detach().float() for g, m in masks.items()}
+        x, y = next(self._batches)
+        logits = self.model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return (logits.argmax(1) == y).numpy()
+
+
+def _out_width(module: nn.Module) -> int:
+    return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
+
+
+def _following_norm(model: nn.Module, layer: str) -> nn.Module | None:
+    """The BatchNorm right after `layer` in registration order, if it normalises its output."""
+    order = list(model.named_modules())
+    idx = [n for n, _ in order].index(layer)
+    width = _out_width(order[idx][1])
+    for _, module in order[idx + 1 : idx + 3]:
+        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d) and module.num_features == width:
+            return module
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            return None
+    return None
+
+
+def build_evaluator(
+    model: nn.Module,
+    splits: Splits,
+    profile: TargetProfile,
+    original_onnx: Path,
+    finetune: TrainSpec,
+    budget_ms: float | None,
+    cache: MeasurementCache | None = None,
+    timeout_s: float = 120.0,
+) -> CandidateEvaluator:
+    """Measure the original (latency on the target, validation accuracy), build the search
+    space around it, and return an evaluator ready for agents. `original_onnx` must exist."""
+    from pipeline.space import build_space
+
+    worker = MeasureWorker(profile, timeout_s)
+    try:
+        latency = worker.measure(original_onnx)["latency_ms"][profile.measure.statistic]
+    finally:
+        worker.close()
+    val_inputs, val_labels = stack(splits.val)
+    original_accuracy = accuracy(torch_logits(model, val_inputs), val_labels)
+    space = build_space(
+        model,
+        profile,
+        original_onnx,
+        budget_ms=budget_ms,
+        original_accuracy=original_accuracy,
+        original_latency_ms=latency,
+    )
+    return CandidateEvaluator(model, splits, profile, space, finetune, cache, timeout_s)

@@ -1,0 +1,95 @@
+"""Latency measurement in a separate process with a timeout.
+
+A runtime that crashes (a segfault in a kernel) or hangs must not take the search down: the
+worker is a persistent child process; a job that overruns its timeout or kills the worker is
+reported as a failure and the worker is restarted for the next job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import MeasurementError
+from pipeline.profile import TargetProfile
+
+
+def _serve(conn: Connection, profile_data: dict[str, Any]) -> None:
+    """Child process: measure each artifact path received, answer (ok, result or message)."""
+    from pipeline.bench import bench_artifact
+
+    profile = TargetProfile.model_validate(profile_data)
+    while True:
+        try:
+            path = conn.recv()
+        except EOFError:
+            return
+        if path is None:
+            return
+        try:
+            conn.send(("ok", bench_artifact(profile, Path(path))))
+        except Exception as exc:  # any runner failure is reported, the worker lives on
+            conn.send(
+                ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            )
+
+
+class MeasureWorker:
+    """A persistent measuring process for one profile."""
+
+    def __init__(self, profile: TargetProfile, timeout_s: float = 120.0) -> None:
+        self.profile = profile
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")  # no fork: the parent holds torch's thread pools
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(
+            target=_serve, args=(child, self.profile.model_dump(mode="json")), daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def measure(self, artifact: Path) -> dict[str, Any]:
+        """bench_artifact's result for `artifact`, or MeasurementError on crash/timeout/error."""
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        assert self._conn is not None
+        self._conn.send(str(artifact))
+        if not self._conn.poll(self.timeout_s):
+            self.close(kill=True)
+            raise MeasurementError(f"measurement timed out after {self.timeout_s:.0f} s")
+        try:
+            status, payload = self._conn.recv()
+        except (EOFError, ConnectionError):
+            code = self._proc.exitcode if self._proc else None
+            self.close(kill=True)
+            raise MeasurementError(f"the runner process died (exit code {code})") from None
+        if status != "ok":
+            raise MeasurementError(payload)
+        return payload
+
+    def close(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        try:
+            if not kill and self._conn is not None:
+                self._conn.send(None)
+                self._proc.join(timeout=5)
+        except (BrokenPipeError, OSError):
+            pass
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        self._proc, self._conn = None, None
+
+    def __enter__(self) -> MeasureWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+"""evaluate_candidate on real parts: prune, fine-tune, export, measure in a worker, cache."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.policy import LayerAction, Policy, Precision, uniform_policy
+
+
+def test_space_describes_the_model(tiny_evaluator):
+    space = tiny_evaluator.space
+    names = [layer.name for layer in space.layers]
+    assert names[0] == "conv1" and names[-1] == "fc"
+    assert not space.layers[-1].prunable
+    shares = [layer.latency_share for layer in space.layers]
+    assert 0.5 < sum(shares) <= 1.0 + 1e-6
+    assert space.original_latency_ms > 0 and 0.5 < space.original_accuracy <= 1.0
+    # The residual stream (stem and every block's conv2) is one coupling group.
+    group = {layer.name: layer.group for layer in space.layers}
+    assert group["layer1.0.conv2"] == group["conv1"] == "conv1"
+    # Only layer1.0 keeps its shape (the other stages start with a strided downsample).
+    assert space.removable_blocks == ("layer1.0",)
+    assert space.budget_ms is not None
+
+
+def test_candidate_is_measured_then_cached(tiny_evaluator):
+    policy = uniform_policy(tiny_evaluator.model, 0.5, Precision.INT8)
+    first = tiny_evaluator.evaluate(policy)
+    assert first.ok and first.source == "measured", first.error
+    assert 0.0 < first.accuracy <= 1.0 and first.latency_ms > 0
+    again = tiny_evaluator.evaluate(policy)
+    assert again.source == "cached" and again.latency_ms == first.latency_ms
+    assert again.accuracy == first.accuracy
+    assert (tiny_evaluator.real_measurements, tiny_evaluator.cached_measurements) == (1, 1)
+    assert len(tiny_evaluator.cache.path.read_text().splitlines()) == 1
+
+
+def test_failing_candidate_is_data_not_an_exception(tiny_evaluator):
+    bad = Policy({"conv1": LayerAction(0.5, Precision.FP16)})  # FP16 not exportable on CPU
+    result = tiny_evaluator.evaluate(bad)
+    assert not result.ok and result.source == "failed"
+    assert result.error and "fp16" in result.error.lower()
+    assert result.accuracy == 0.0
+
+
+def test_proxy_accuracy_drops_when_pruning_without_finetune(tiny_evaluator):
+    full = tiny_evaluator.proxy_accuracy(Policy())
+    pruned = tiny_evaluator.proxy_accuracy(
+        uniform_policy(tiny_evaluator.model, 0.25, Precision.FP32)
+    )
+    assert full == tiny_evaluator.space.original_accuracy
+    assert pruned < full
+
+
+def test_channel_gate_trains_with_masks(tiny_evaluator):
+    import torch
+
+    gate = tiny_evaluator.channel_gate(seed=0)
+    assert gate.groups["conv1"] == 64
+    masks = {g: torch.ones(n) for g, n in gate.groups.items()}
+    correct = gate.step(masks)
+    assert correct.dtype == np.bool_ and len(correct) == 64
+    masks = {g: torch.zeros(n) for g, n in gate.groups.items()}
+    dead = gate.step(masks)  # every channel dropped: the net cannot classify
+    assert dead.mean() < 0.5
