@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
+from pipeline.errors import ConfigError
 from pipeline.finetune import TrainSpec
 from pipeline.schema import StrictModel, parse_model, read_yaml
 
@@ -28,6 +31,26 @@ class FinetuneConfig(StrictModel):
         )
 
 
+class SearchConfig(StrictModel):
+    """The policy search: which agent, how many candidates, how each is judged."""
+
+    agent: str = "ppo"
+    episodes: int = Field(40, ge=1)
+    reward: Literal["budget", "amc", "accuracy"] = "budget"
+    budget_fraction: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="budget as a fraction of the original's latency, when no "
+        "budget_ms is given by the flag, the config or the profile",
+    )
+    candidate_steps: int = Field(30, ge=0, description="fine-tune steps of each candidate")
+    checkpoint_every: int = Field(2, ge=1)
+    timeout_s: float = Field(120, gt=0, description="per measurement; a hung runtime is killed")
+    allow_over_budget: bool = False
+    baselines: bool = True
+
+
 class RunConfig(StrictModel):
     """Everything about a run that is not the target. CLI flags override these keys."""
 
@@ -35,17 +58,43 @@ class RunConfig(StrictModel):
     weights: Path | None = None
     num_classes: int | None = Field(None, ge=2)
     data: str | None = Field(None, description="digits | imagefolder:DIR | module:function")
-    policy: str = "uniform:0.5"
+    policy: str | None = Field(None, description="a fixed policy instead of the search")
     budget_ms: float | None = Field(None, gt=0)
     seed: int = 0
     out: Path = Path("runs")
     opset: int = Field(17, ge=17)
     finetune: FinetuneConfig = FinetuneConfig()
+    search: SearchConfig = SearchConfig()
     show_progress: bool = True
 
 
-def load_config(path: Path | None, overrides: dict[str, object]) -> RunConfig:
-    """Read a pipeline.yaml (optional) and apply the CLI's non-None overrides on top."""
+def load_config(
+    path: Path | None,
+    overrides: dict[str, object],
+    sections: dict[str, dict[str, object]] | None = None,
+) -> RunConfig:
+    """Read a pipeline.yaml (optional) and apply the CLI's non-None overrides on top.
+
+    `sections` holds overrides of nested sections (e.g. {"search": {"agent": "dqn"}}).
+    """
     data = read_yaml(path, "run config") if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    for name, values in (sections or {}).items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            section = data.get(name) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path}: '{name}' must be a mapping")
+            data[name] = {**section, **given}
     return parse_model(RunConfig, data, str(path) if path else "command line")
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The configuration an interrupted run started with (from its manifest.json)."""
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it has no manifest.json (not a run directory)")
+    data = json.loads(manifest.read_text())
+    if data.get("status") == "complete":
+        raise ConfigError(f"{run_dir} is already complete; nothing to resume")
+    return parse_model(RunConfig, data["config"], str(manifest))

@@ -116,7 +116,7 @@ def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]
     original, deployed = _side(ctx, "original"), _side(ctx, "deployed")
     stat = ctx.profile.measure.statistic
     o_ms, d_ms = ctx.results["original"]["latency_ms"], ctx.results["deployed"]["latency_ms"]
-    budget = ctx.config.budget_ms or ctx.profile.budget_ms
+    budget = ctx.results.get("budget_ms") or ctx.config.budget_ms or ctx.profile.budget_ms
     summary: dict[str, Any] = {
         "profile": ctx.profile.name,
         "runtime": ctx.profile.runtime,
@@ -146,9 +146,22 @@ def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]
     return summary
 
 
+def _fixed_search(ctx: RunContext) -> dict[str, Any]:
+    """The `search` record of a run given a fixed policy (no search)."""
+    return {
+        "agent": "fixed",
+        "policy": ctx.config.policy,
+        "episodes": 0,
+        "real_measurements": 0,
+        "cached_measurements": 0,
+        "wall_s": 0.0,
+    }
+
+
 def write_report(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]:
     summary = build_summary(ctx, comparison)
-    write_pareto(ctx.run_dir / "pareto.png", summary)
+    summary["wall_s"] = round(time.time() - ctx.started, 1)
+    write_pareto(ctx.run_dir / "pareto.png", summary, ctx.results.get("candidates"))
     write_json(ctx.run_dir / "report.json", summary)
     atomic_write_text(ctx.run_dir / "report.md", render_markdown(summary))
     return summary
@@ -193,8 +206,77 @@ def render_markdown(summary: dict[str, Any]) -> str:
         *[f"| {name} | {a} | {b} |" for name, a, b in _rows(summary)],
         "",
     ]
+    lines += _baselines_markdown(summary)
+    lines += _search_markdown(summary)
     lines += _checks_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
+    rows = [("deployed", summary["deployed"]), *summary.get("baselines", {}).items()]
+    if len(rows) == 1:
+        return []
+    lines = [
+        "## Baselines (same runner, same run)",
+        "",
+        "| model | test accuracy | median ms | p90 ms | speedup vs original | params |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    original_ms = summary["original"]["latency_ms"]["median"]
+    for name, side in rows:
+        lat = side["latency_ms"]
+        label = f"{name} (keep {side['keep_ratio']:.3f})" if "keep_ratio" in side else name
+        lines.append(
+            f"| {label} | {side['accuracy']:.2%} | {lat['median']:.3f} | "
+            f"{lat['p90']:.3f} | {original_ms / lat['median']:.2f}x | {side['params']:,} |"
+        )
+    return [*lines, ""]
+
+
+def _search_markdown(summary: dict[str, Any]) -> list[str]:
+    s = summary["search"]
+    if s.get("agent") == "fixed":
+        return [f"Fixed policy `{s.get('policy')}` (no search).", ""]
+    return [
+        "## Search",
+        "",
+        f"Agent `{s['agent']}`: {s['episodes']} candidates, {s['real_measurements']} measured "
+        f"on the target, {s['cached_measurements']} from the cache, "
+        f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
+        f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
+        "",
+    ]
+
+
+def write_no_candidate(ctx: RunContext) -> None:
+    """When no candidate meets the budget: say so plainly; nothing is shipped."""
+    search = ctx.results.get("search", {})
+    closest = min((c["latency_ms"] for c in ctx.results.get("candidates", [])), default=None)
+    message = (
+        f"no candidate met the {ctx.results.get('budget_ms'):.3f} ms budget in "
+        f"{search.get('episodes')} episodes (fastest: "
+        f"{'-' if closest is None else f'{closest:.3f} ms'}); nothing was shipped. "
+        "Raise the budget, run more episodes, or pass --allow-over-budget to ship the "
+        "closest candidate"
+    )
+    write_json(
+        ctx.run_dir / "report.json",
+        {
+            "profile": ctx.profile.name,
+            "budget_ms": ctx.results.get("budget_ms"),
+            "met_budget": False,
+            "search": search,
+            "message": message,
+            "gates": {"passed": False, "failed": [message]},
+        },
+    )
+    atomic_write_text(
+        ctx.run_dir / "report.md",
+        f"# Run report: {ctx.profile.name}\n\n**Verdict: NOT deployable.** {message}.\n",
+    )
+    from pipeline.run import console
+
+    console.print(f"[red]{message}[/]")
 
 
 def _checks_markdown(summary: dict[str, Any]) -> list[str]:
@@ -230,8 +312,15 @@ def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for c in candidates or []:
-        ax.scatter(c["latency_ms"], c["accuracy"] * 100, s=12, c="tab:gray", alpha=0.6)
+    if candidates:
+        ax.scatter(
+            [c["latency_ms"] for c in candidates],
+            [c["accuracy"] * 100 for c in candidates],
+            s=12,
+            c="tab:gray",
+            alpha=0.6,
+            label="candidates (val, short fine-tune)",
+        )
     for name, side in list(summary.get("baselines", {}).items()):
         ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker="s", label=name)
     for key, marker in (("original", "o"), ("deployed", "*")):

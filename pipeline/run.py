@@ -66,8 +66,13 @@ def load_inputs(ctx: RunContext) -> None:
     ctx.splits = load_data(cfg.data, ctx.input_shape, seed=cfg.seed)
     ctx.original, ctx.model_info = _load_model(ctx)
     check_input(ctx.original, ctx.input_shape)
-    ctx.policy = parse_policy_arg(cfg.policy, ctx.original, ctx.profile.default_precision)
-    check_policy(ctx.policy, ctx.original, ctx.profile.precisions)
+    if cfg.policy is not None:
+        ctx.policy = parse_policy_arg(cfg.policy, ctx.original, ctx.profile.default_precision)
+        check_policy(ctx.policy, ctx.original, ctx.profile.precisions)
+    else:
+        from agents import agent_class
+
+        agent_class(cfg.search.agent)  # an unknown agent is bad input: fail before any work
 
 
 def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -206,20 +211,42 @@ def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
     return result
 
 
-def execute(profile: TargetProfile, config: RunConfig, run_dir: Path | None = None) -> int:
+def search(ctx: RunContext, resume: bool) -> bool:
+    """Search a policy on the target; False when nothing meets the budget (and none may ship)."""
+    from pipeline.search_stage import search_policy
+
+    ctx.policy = search_policy(ctx, resume)
+    if ctx.policy is None:
+        return False
+    ctx.policy.save(ctx.run_dir / "policy.json")
+    return True
+
+
+def execute(
+    profile: TargetProfile, config: RunConfig, run_dir: Path | None = None, resume: bool = False
+) -> int:
     """Run every stage; return the exit code (0 deployable, 1 a gate failed)."""
     ctx = RunContext(profile, config, Path())
     load_inputs(ctx)  # bad input fails here, before a run directory exists
     ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)
     console.print(f"run directory: [bold]{ctx.run_dir}[/]")
-    ctx.policy.save(ctx.run_dir / "policy.json")
+    if ctx.policy is not None:
+        ctx.policy.save(ctx.run_dir / "policy.json")
     report.write_manifest(ctx, status="running")
     try:
         baseline(ctx)
+        if ctx.policy is None and not search(ctx, resume):
+            report.write_no_candidate(ctx)
+            report.write_manifest(ctx, status="failed: no candidate met the budget")
+            return 1
         pruned = compress(ctx)
         export_deployed(ctx, pruned)
         measure(ctx)
         comparison = validate(ctx, pruned)
+        if ctx.results.get("search") and config.search.baselines:
+            from pipeline.baselines import run_baselines
+
+            run_baselines(ctx)
         summary = report.write_report(ctx, comparison)
     except BaseException:
         report.write_manifest(ctx, status="failed")

@@ -1,0 +1,93 @@
+"""The run's search stage: measure the original, build the evaluator, let the agent search."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING
+
+from pipeline.artifacts import write_json
+from pipeline.finetune import TrainSpec
+from pipeline.policy import Policy
+
+if TYPE_CHECKING:
+    from pipeline.run import RunContext
+
+SETUP = "search_setup.json"
+
+
+def candidate_spec(ctx: RunContext) -> TrainSpec:
+    """The short recovery fine-tune each candidate gets (distilled like the final one)."""
+    ft, sc = ctx.config.finetune, ctx.config.search
+    return TrainSpec(
+        steps=sc.candidate_steps,
+        lr=ft.lr,
+        batch_size=ft.batch_size,
+        kd_weight=ft.kd_weight,
+        seed=ctx.config.seed,
+    )
+
+
+def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float:
+    """The budget in ms; a resumed search keeps the one it started with."""
+    path = ctx.run_dir / SETUP
+    if resume and path.is_file():
+        return json.loads(path.read_text())["budget_ms"]
+    budget = ctx.config.budget_ms or ctx.profile.budget_ms
+    source = "given"
+    if budget is None:
+        budget = ctx.config.search.budget_fraction * original_latency_ms
+        source = f"{ctx.config.search.budget_fraction:g} x the original's measured latency"
+    write_json(
+        path,
+        {"budget_ms": budget, "budget_source": source, "original_latency_ms": original_latency_ms},
+    )
+    return budget
+
+
+def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
+    """The best policy under the budget, the closest one if allowed, else None."""
+    from pipeline.candidate import MeasurementCache, build_evaluator
+    from pipeline.run import stage
+    from pipeline.search import policy_of, run_search
+
+    sc = ctx.config.search
+    stage("measuring the original on the target and building the search space")
+    evaluator = build_evaluator(
+        ctx.original,
+        ctx.splits,
+        ctx.profile,
+        ctx.run_dir / "original.onnx",
+        candidate_spec(ctx),
+        None,
+        MeasurementCache(ctx.run_dir / "measurements.jsonl"),
+        sc.timeout_s,
+    )
+    budget = _budget(ctx, evaluator.space.original_latency_ms, resume)
+    evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
+    ctx.results["budget_ms"] = budget
+    stage(
+        f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
+        f"({ctx.profile.measure.statistic})"
+    )
+    try:
+        outcome = run_search(
+            evaluator,
+            agent_name=sc.agent,
+            reward_name=sc.reward,
+            episodes=sc.episodes,
+            run_dir=ctx.run_dir,
+            seed=ctx.config.seed,
+            checkpoint_every=sc.checkpoint_every,
+            resume=resume,
+            show_progress=ctx.config.show_progress,
+        )
+    finally:
+        evaluator.close()
+    ctx.results["search"] = outcome.summary()
+    ctx.results["candidates"] = [r for r in outcome.records if r["error"] is None]
+    chosen = outcome.best or (outcome.closest if sc.allow_over_budget else None)
+    ctx.results["search"]["shipped"] = (
+        "best under budget" if outcome.best else ("closest (over budget)" if chosen else None)
+    )
+    return policy_of(chosen) if chosen else None

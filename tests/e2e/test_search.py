@@ -1,0 +1,164 @@
+"""The search end to end through the CLI at a tiny size: every agent, baselines, failures,
+and a search killed with SIGKILL then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from agents import AGENTS
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = ROOT / "tests"
+
+PROFILE = """
+name: tiny
+description: tiny CPU target for tests
+runtime: onnxruntime-cpu
+precisions: [{precisions}]
+input: {{shape: [3, 32, 32], batch: 1}}
+threads: 1
+channel_multiple: 8
+min_keep_ratio: 0.25
+max_accuracy_drop: 0.1
+measure: {{warmup: 3, repeats: 30}}
+"""
+
+CONFIG = """
+model: conftest:make_tiny_resnet
+weights: tiny.safetensors
+out: runs
+show_progress: false
+finetune: {{steps: 10}}
+search: {{candidate_steps: 3, checkpoint_every: 1, baselines: {baselines}, episodes: {episodes}}}
+"""
+
+
+def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def setup_dir(tmp_path: Path, model, precisions="int8, fp32", baselines=False, episodes=3) -> Path:
+    (tmp_path / "tiny.yaml").write_text(PROFILE.format(precisions=precisions))
+    (tmp_path / "pipeline.yaml").write_text(
+        CONFIG.format(baselines=str(baselines).lower(), episodes=episodes)
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "tiny.safetensors"))
+    return tmp_path
+
+
+def run_dir_of(workdir: Path) -> Path:
+    (run_dir,) = list((workdir / "runs").iterdir())
+    return run_dir
+
+
+def episodes_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "episodes.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("agent", sorted(AGENTS))
+def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
+    workdir = setup_dir(tmp_path, trained_tiny_resnet)
+    args = ("--agent", agent, "--allow-over-budget")
+    result = cli("run", "--target", "tiny.yaml", "--config", "pipeline.yaml", *args, cwd=workdir)
+    assert result.returncode in (0, 1), result.stderr
+    run_dir = run_dir_of(workdir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["search"]["agent"] == agent and report["search"]["episodes"] == 3
+    assert len(episodes_of(run_dir)) == 3
+    assert {"model.onnx", "policy.json", "validation.json", "pareto.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    counts = report["search"]["real_measurements"] + report["search"]["cached_measurements"]
+    assert counts == 3 - report["search"]["failed_candidates"]
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_search_with_baselines_on_the_same_runner(tmp_path, trained_tiny_resnet):
+    workdir = setup_dir(tmp_path, trained_tiny_resnet, baselines=True, episodes=4)
+    args = ("--agent", "random", "--allow-over-budget")
+    result = cli("run", "--target", "tiny.yaml", "--config", "pipeline.yaml", *args, cwd=workdir)
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads((run_dir_of(workdir) / "report.json").read_text())
+    assert set(report["baselines"]) == {"uniform", "int8"}
+    uniform = report["baselines"]["uniform"]
+    assert 0.25 <= uniform["keep_ratio"] <= 1.0 and uniform["latency_ms"]["median"] > 0
+    assert report["baselines"]["int8"]["params"] == report["original"]["params"]
+    assert "Baselines" in (run_dir_of(workdir) / "report.md").read_text()
+
+
+def test_failing_candidates_are_logged_and_the_search_goes_on(tmp_path, trained_tiny_resnet):
+    # FP16 cannot be exported for ONNX Runtime CPU here: random candidates that pick it fail.
+    workdir = setup_dir(tmp_path, trained_tiny_resnet, precisions="fp16, fp32", episodes=4)
+    args = ("--agent", "random", "--allow-over-budget")
+    result = cli("run", "--target", "tiny.yaml", "--config", "pipeline.yaml", *args, cwd=workdir)
+    records = episodes_of(run_dir_of(workdir))
+    assert len(records) == 4
+    failed = [r for r in records if r["error"]]
+    assert failed and all("fp16" in r["error"].lower() for r in failed)
+    assert all(isinstance(r["reward"], float) and r["reward"] == r["reward"] for r in records)
+    report = json.loads((run_dir_of(workdir) / "report.json").read_text())
+    assert report["search"]["failed_candidates"] == len(failed)
+    assert result.returncode in (0, 1)
+
+
+def test_a_search_killed_with_sigkill_resumes(tmp_path, trained_tiny_resnet):
+    workdir = setup_dir(tmp_path, trained_tiny_resnet, episodes=8)
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    args = [
+        "run",
+        "--target",
+        "tiny.yaml",
+        "--config",
+        "pipeline.yaml",
+        "--agent",
+        "random",
+        "--allow-over-budget",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            log = list(workdir.glob("runs/*/episodes.jsonl"))
+            if log and len(log[0].read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    run_dir = run_dir_of(workdir)
+    assert not (run_dir / "report.json").exists()
+    done_before = len(episodes_of(run_dir))
+    assert 3 <= done_before < 8
+
+    result = cli("run", "--target", "tiny.yaml", "--resume", str(run_dir), cwd=workdir)
+    assert result.returncode in (0, 1), result.stderr
+    records = episodes_of(run_dir)
+    assert [r["episode"] for r in records] == list(range(8))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["search"]["episodes"] == 8
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
