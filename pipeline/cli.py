@@ -60,13 +60,34 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Folder for run directories.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    agent: Annotated[
+        str | None,
+        typer.Option(help="Search agent: ppo, dqn, sac, td3, decore, n2n, uniform, random."),
+    ] = None,
+    episodes: Annotated[int | None, typer.Option(help="Candidates the search evaluates.")] = None,
+    reward: Annotated[str | None, typer.Option(help="Reward: budget, amc, accuracy.")] = None,
+    candidate_steps: Annotated[
+        int | None, typer.Option(help="Fine-tune steps of each search candidate.")
+    ] = None,
+    allow_over_budget: Annotated[
+        bool, typer.Option(help="Ship the closest candidate when none meets the budget.")
+    ] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run in this run directory.")
+    ] = None,
 ) -> None:
-    """Compress a model for a target; with no --model it runs the embedded digits demo."""
-    from pipeline.config import load_config
+    """Compress a model for a target; with no --model it runs the embedded digits demo.
+
+    Without --policy, an agent searches per-layer keep ratios and precisions against latency
+    measured on the target, under --budget-ms (default: 0.4 x the original's latency).
+    """
+    from pipeline.config import load_config, resume_config
     from pipeline.profile import load_profile
     from pipeline.run import execute
 
     prof = load_profile(target)
+    if resume is not None:
+        raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
     overrides = {
         "model": model,
         "weights": weights,
@@ -78,12 +99,17 @@ def run(
         "seed": seed,
         "show_progress": None if progress else False,
     }
-    cfg = load_config(config, overrides)
-    if finetune_steps is not None:
-        cfg = cfg.model_copy(
-            update={"finetune": cfg.finetune.model_copy(update={"steps": finetune_steps})}
-        )
-    raise typer.Exit(execute(prof, cfg))
+    sections = {
+        "search": {
+            "agent": agent,
+            "episodes": episodes,
+            "reward": reward,
+            "candidate_steps": candidate_steps,
+            "allow_over_budget": True if allow_over_budget else None,
+        },
+        "finetune": {"steps": finetune_steps},
+    }
+    raise typer.Exit(execute(prof, load_config(config, overrides, sections)))
 
 
 @app.command()

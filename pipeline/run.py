@@ -25,7 +25,7 @@ from pipeline.data import Splits, load_data
 from pipeline.evaluate import accuracy, stack, torch_logits
 from pipeline.finetune import train
 from pipeline.models import build_model, check_input, load_weights, save_safetensors
-from pipeline.policy import Policy, check_policy, parse_policy_arg, policy_layers
+from pipeline.policy import Policy, Precision, check_policy, parse_policy_arg, policy_layers
 from pipeline.profile import TargetProfile
 from pipeline.prune import count_macs_params, prune_model, save_history
 
@@ -118,6 +118,7 @@ def compress(ctx: RunContext) -> nn.Module:
         "model": ctx.config.model or ctx.model_info["arch"],
         "num_classes": ctx.splits.num_classes,
         "input_shape": list(ctx.input_shape),
+        "removed": list(ctx.policy.removed),
     }
     save_history(ctx.run_dir / "pruning_history.json", result.history, arch)
     ctx.results["channels"] = {n: list(c) for n, c in result.channels.items()}
@@ -146,10 +147,9 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "pruned_fp32.onnx"
         export_onnx(pruned, ctx.input_shape, fp32, ctx.config.opset)
-        quant = quantize_onnx(
-            fp32, ctx.run_dir / "model.onnx", ctx.policy.precisions(), ctx.profile.int8, calib
-        )
-        if any(a.precision.value == "int8" for a in ctx.policy.layers.values()):
+        precisions = {n: ctx.policy.action(n).precision for n in layers}
+        quant = quantize_onnx(fp32, ctx.run_dir / "model.onnx", precisions, ctx.profile.int8, calib)
+        if Precision.INT8 in precisions.values():
             ctx.results["int8_check"] = _int8_check(ctx, fp32)
     actual = layer_precisions(ctx.run_dir / "model.onnx", layers)
     wanted = {n: ctx.policy.action(n).precision for n in layers}

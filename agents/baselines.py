@@ -1,0 +1,177 @@
+"""Baselines every search is compared against: uniform pruning and random policies.
+
+`UniformAgent` is plain uniform pruning in the default precision, its keep ratio found by
+bisection on measured latency; `RandomAgent` draws keep ratios and precisions at random.
+Both evaluate through `Agent.evaluate`, like the RL agents, and save a small JSON state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.base import Agent, EpisodeCallback
+from agents.env import (
+    build_policy,
+    decision_units,
+    default_precision,
+    layer_shares,
+    ordered_precisions,
+)
+from pipeline.artifacts import write_json
+from pipeline.errors import ConfigError
+from pipeline.policy import Policy
+
+STATE_FILE = "agent.json"
+
+
+def read_state(folder: Path, name: str) -> dict[str, Any]:
+    """The JSON state an agent called `name` saved in `folder`.
+
+    Raises:
+        ConfigError: the folder holds no agent state, or another agent's.
+    """
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot resume agent '{name}': {path} is unreadable ({exc})") from None
+    if state.get("agent") != name:
+        raise ConfigError(
+            f"cannot resume agent '{name}' from {folder}: it holds the state of agent "
+            f"'{state.get('agent')}'; resume with that agent or start a new run"
+        )
+    return state
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class UniformAgent(Agent):
+    """The same keep ratio for every prunable layer, in the default precision (FP32 if allowed).
+
+    With a budget: the first keep ratio is the one whose estimated latency matches the budget
+    (latency share of the prunable layers scaling with keep**2, since uniform pruning shrinks
+    both the inputs and the outputs of inner layers); after that, bisection on the measured
+    latency between the largest ratio known to meet the budget and the smallest known to miss
+    it. The search ends early once that bracket is narrower than `TOLERANCE` (any further
+    candidate would prune to the same channel counts). Without a budget: a sweep of evenly
+    spaced ratios from 1.0 down to min_keep, one per episode.
+    """
+
+    name = "uniform"
+    TOLERANCE = 0.01
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units = decision_units(self.space)
+        self.min_keep = float(min(max(self.space.min_keep, 1e-3), 1.0))
+        self.low, self.high = self.min_keep, 1.0  # meets the budget at low, misses it at high
+        self.results: list[tuple[float, float | None]] = []  # (keep, measured latency)
+
+    def policy(self, keep: float) -> Policy:
+        """The uniform policy: every prunable unit keeps `keep`, all in the default precision."""
+        precision = default_precision(self.space)
+        keeps = [keep] * len(self.units)
+        return build_policy(self.space, self.units, keeps, [precision] * len(self.units))
+
+    def estimated_keep(self) -> float:
+        """The keep ratio whose estimated latency equals the budget (1.0 without a budget)."""
+        budget, original = self.space.budget_ms, self.space.original_latency_ms
+        if not budget or not original or budget >= original:
+            return 1.0
+        shares = layer_shares(self.space)
+        prunable = sum(shares[x.name] for x in self.space.prunable)
+        if prunable <= 0:
+            return self.min_keep
+        needed = (budget / original - (1.0 - prunable)) / prunable
+        return float(np.clip(math.sqrt(max(needed, 0.0)), self.min_keep, 1.0))
+
+    def next_keep(self, episodes: int) -> float | None:
+        """The next keep ratio to evaluate, or None when the bisection has converged."""
+        if self.space.budget_ms is None:
+            steps = max(episodes - 1, 1)
+            return 1.0 - (1.0 - self.min_keep) * min(len(self.results), steps) / steps
+        if not self.results:
+            return self.estimated_keep()
+        if self.high - self.low < self.TOLERANCE:
+            return None
+        return (self.low + self.high) / 2.0
+
+    def _record(self, keep: float, latency: float | None) -> None:
+        self.results.append((keep, latency))
+        budget = self.space.budget_ms
+        if budget is None:
+            return
+        if latency is not None and math.isfinite(latency) and latency <= budget:
+            self.low = max(self.low, keep)
+        else:  # over budget, or failed: look at smaller networks
+            self.high = min(self.high, keep)
+            self.low = min(self.low, self.high)
+
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        while self.episodes_done < episodes:
+            keep = self.next_keep(episodes)
+            if keep is None:
+                return
+            result, _reward = self.evaluate(self.policy(keep), on_episode)
+            self._record(keep, result.latency_ms if result.ok else None)
+
+    def save(self, folder: Path) -> None:
+        write_json(
+            Path(folder) / STATE_FILE,
+            {
+                "agent": self.name,
+                "episodes_done": self.episodes_done,
+                "bracket": [self.low, self.high],
+                "results": [list(r) for r in self.results],
+            },
+        )
+
+    def load(self, folder: Path) -> None:
+        state = read_state(folder, self.name)
+        self.episodes_done = int(state["episodes_done"])
+        self.low, self.high = (float(x) for x in state["bracket"])
+        self.results = [(float(k), _float_or_none(lat)) for k, lat in state["results"]]
+
+
+class RandomAgent(Agent):
+    """Random keep ratios (uniform in [min_keep, 1]) per coupling group and random allowed
+    precisions per unit, from a seeded NumPy generator whose state is saved for resume."""
+
+    name = "random"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units = decision_units(self.space)
+        self.precisions = ordered_precisions(self.space)
+        self.rng = np.random.default_rng(self.seed)
+
+    def sample(self) -> Policy:
+        """One random policy (non-prunable units keep everything; build_policy sees to it)."""
+        low = float(min(max(self.space.min_keep, 1e-3), 1.0))
+        keeps = self.rng.uniform(low, 1.0, size=len(self.units)).tolist()
+        picks = self.rng.integers(0, len(self.precisions), size=len(self.units))
+        return build_policy(self.space, self.units, keeps, [self.precisions[i] for i in picks])
+
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        while self.episodes_done < episodes:
+            self.evaluate(self.sample(), on_episode)
+
+    def save(self, folder: Path) -> None:
+        state = {
+            "agent": self.name,
+            "episodes_done": self.episodes_done,
+            "rng": self.rng.bit_generator.state,
+        }
+        write_json(Path(folder) / STATE_FILE, state)
+
+    def load(self, folder: Path) -> None:
+        state = read_state(folder, self.name)
+        self.episodes_done = int(state["episodes_done"])
+        self.rng.bit_generator.state = state["rng"]

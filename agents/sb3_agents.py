@@ -1,0 +1,316 @@
+"""Search agents built on Stable-Baselines3: two-stage PPO, DQN with dense rewards, SAC, TD3.
+
+Each agent walks a `CompressionEnv`; the env's last step calls the agent's `evaluate`, which
+measures the candidate and reports it. An SB3 callback stops learning right after the candidate
+that brings `episodes_done` to the requested total, so a search evaluates exactly that many.
+Resume: `save` writes the SB3 model (and replay buffer), the RNG states and `episodes_done`;
+after `load`, `search` continues learning (`reset_num_timesteps=False`) up to the new total.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3 import DQN, PPO, SAC, TD3
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+from agents.base import Agent, EpisodeCallback
+from agents.baselines import STATE_FILE, read_state
+from agents.env import CompressionEnv, default_precision, ordered_precisions
+from pipeline.artifacts import atomic_write_with, write_json
+from pipeline.policy import LayerAction, Policy, Precision
+
+_NET = {"net_arch": [64, 64]}  # the observation is 16 numbers: a small MLP is plenty
+
+
+class _StopAfterEpisodes(BaseCallback):
+    """Stops `learn` once the agent has evaluated `target` candidates in total."""
+
+    def __init__(self, agent: Agent, target: int) -> None:
+        super().__init__()
+        self.agent, self.target = agent, target
+
+    def _on_step(self) -> bool:
+        return self.agent.episodes_done < self.target
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch global RNG states as JSON-ready data (SB3 draws from all three)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate((3, tuple(state["python"]), None))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+class _SB3Agent(Agent):
+    """What the SB3 agents share: scoring candidates, learning until a total, saving state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_episode: EpisodeCallback | None = None
+
+    def _score(self, policy: Policy) -> float:
+        """The env's `evaluate_fn`: evaluate, report through `on_episode`, return the reward."""
+        if self._on_episode is None:
+            raise RuntimeError("the env stepped outside search(): no on_episode callback")
+        _result, reward = self.evaluate(policy, self._on_episode)
+        return reward
+
+    def _tensorboard_dir(self) -> str | None:
+        """TensorBoard logs under log_dir, only when tensorboard is installed (SB3 needs it)."""
+        if self.log_dir is None or importlib.util.find_spec("tensorboard") is None:
+            return None
+        return str(Path(self.log_dir) / "tensorboard")
+
+    def _learn(self, model: BaseAlgorithm, env: CompressionEnv, target: int, tag: str) -> None:
+        """Learn until `episodes_done` reaches `target`; counters carry over between calls."""
+        remaining = target - self.episodes_done
+        if remaining <= 0:
+            return
+        # Episodes have a fixed length, so this is exactly `remaining` episodes; the callback
+        # is what stops at the candidate count (PPO collects whole rollouts of n_steps).
+        model.learn(
+            total_timesteps=remaining * env.episode_length,
+            callback=_StopAfterEpisodes(self, target),
+            reset_num_timesteps=False,
+            tb_log_name=f"{self.name}{tag}",
+        )
+
+    def _load_model(self, cls: type[BaseAlgorithm], path: Path, env: CompressionEnv):
+        return cls.load(path, env=env, device="cpu", tensorboard_log=self._tensorboard_dir())
+
+    def _write_state(self, folder: Path, extra: dict[str, Any]) -> None:
+        state = {"agent": self.name, "episodes_done": self.episodes_done, "rng": rng_state()}
+        write_json(Path(folder) / STATE_FILE, {**state, **extra})
+
+    def _read_state(self, folder: Path) -> dict[str, Any]:
+        state = read_state(folder, self.name)
+        self.episodes_done = int(state["episodes_done"])
+        set_rng_state(state["rng"])
+        return state
+
+
+def policy_state(policy: Policy) -> dict[str, list]:
+    """{layer: [keep, precision]} with exact floats (Policy.to_dict rounds keep ratios)."""
+    return {n: [a.keep_ratio, a.precision.value] for n, a in policy.layers.items()}
+
+
+def policy_from_state(state: dict[str, list]) -> Policy:
+    """The inverse of `policy_state`."""
+    return Policy({n: LayerAction(float(k), Precision(p)) for n, (k, p) in state.items()})
+
+
+def save_model(model: BaseAlgorithm, path: Path) -> None:
+    """Write the SB3 model atomically (the temporary name ends in .tmp, so SB3 adds no .zip)."""
+    atomic_write_with(path, model.save)
+
+
+class TwoStagePPO(_SB3Agent):
+    """The two-stage DRL paper: PPO chooses keep ratios, then a second PPO chooses precisions.
+
+    Stage 1 (STAGE1_SHARE of the episodes) prunes in the default precision (FP32 when allowed);
+    stage 2 chooses each unit's precision on the best stage-1 policy. With a single allowed
+    precision there is nothing for stage 2 to choose, and stage 1 gets every episode.
+    """
+
+    name = "ppo"
+    STAGE1_SHARE = 0.6
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stage = 1
+        self.best_stage1: tuple[float, Policy] | None = None
+        self.models: dict[int, PPO] = {}
+        self.envs: dict[int, CompressionEnv] = {}
+
+    def stage1_episodes(self, episodes: int) -> int:
+        """How many of `episodes` go to stage 1."""
+        if len(ordered_precisions(self.space)) == 1:
+            return episodes
+        return min(max(1, math.ceil(self.STAGE1_SHARE * episodes)), episodes)
+
+    def _score(self, policy: Policy) -> float:
+        reward = super()._score(policy)
+        if self._stage == 1 and (self.best_stage1 is None or reward > self.best_stage1[0]):
+            self.best_stage1 = (reward, policy)
+        return reward
+
+    def _env(self, stage: int) -> CompressionEnv:
+        if stage not in self.envs:
+            if stage == 1:
+                precision = default_precision(self.space)
+                env = CompressionEnv(self.space, self._score, mode="prune", precision=precision)
+            else:
+                base = self.best_stage1[1] if self.best_stage1 else Policy()
+                env = CompressionEnv(self.space, self._score, mode="precision", base_policy=base)
+            self.envs[stage] = env
+        return self.envs[stage]
+
+    def _model(self, stage: int) -> PPO:
+        if stage not in self.models:
+            env = self._env(stage)
+            steps = 2 * max(env.episode_length, 2)  # an update every two episodes
+            self.models[stage] = PPO(
+                "MlpPolicy", env, n_steps=steps, batch_size=steps // 2, n_epochs=4,
+                learning_rate=3e-4, gamma=0.99, ent_coef=0.01, policy_kwargs=dict(_NET),
+                seed=self.seed + stage, device="cpu", verbose=0,
+                tensorboard_log=self._tensorboard_dir(),
+            )  # fmt: skip
+        return self.models[stage]
+
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        self._on_episode = on_episode
+        split = self.stage1_episodes(episodes)
+        if self.episodes_done < split:
+            self._stage = 1
+            self._learn(self._model(1), self._env(1), split, "_stage1")
+        if self.episodes_done < episodes:
+            self._stage = 2
+            env = self._env(2)
+            if self.best_stage1 is not None:  # stage 1 may have gone on since env was made
+                env.set_base_policy(self.best_stage1[1])
+            self._learn(self._model(2), env, episodes, "_stage2")
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        for stage, model in self.models.items():
+            save_model(model, folder / f"ppo_stage{stage}.zip")
+        best = self.best_stage1
+        extra = {"best_stage1": None if best is None else [best[0], policy_state(best[1])]}
+        self._write_state(folder, {**extra, "stage": self._stage})
+
+    def load(self, folder: Path) -> None:
+        folder = Path(folder)
+        state = self._read_state(folder)
+        best = state.get("best_stage1")
+        self.best_stage1 = None if best is None else (float(best[0]), policy_from_state(best[1]))
+        self._stage = int(state.get("stage", 1))
+        self.models, self.envs = {}, {}
+        for stage in (1, 2):
+            path = folder / f"ppo_stage{stage}.zip"
+            if path.is_file():
+                self.models[stage] = self._load_model(PPO, path, self._env(stage))
+
+
+class _OffPolicyAgent(_SB3Agent):
+    """One SB3 off-policy model over a joint env; its replay buffer is saved for resume."""
+
+    MODEL_FILE, BUFFER_FILE = "model.zip", "replay_buffer.pkl"
+    algorithm: type[OffPolicyAlgorithm]
+    discrete = False
+    dense = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model: OffPolicyAlgorithm | None = None
+        proxy = self.evaluator.proxy_accuracy if self.dense else None
+        self.env = CompressionEnv(
+            self.space, self._score, mode="joint", discrete=self.discrete, dense=self.dense,
+            proxy_fn=proxy,
+        )  # fmt: skip
+
+    def _new_model(self) -> OffPolicyAlgorithm:
+        raise NotImplementedError
+
+    def _common(self) -> dict[str, Any]:
+        """Arguments every off-policy model gets: learn after one episode of random steps."""
+        return {
+            "learning_starts": self.env.episode_length,
+            "train_freq": 1,
+            "gradient_steps": 1,
+            "policy_kwargs": dict(_NET),  # SB3 adds keys to it: a copy each
+            "seed": self.seed,
+            "device": "cpu",
+            "verbose": 0,
+            "tensorboard_log": self._tensorboard_dir(),
+        }
+
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        self._on_episode = on_episode
+        if self.model is None:
+            self.model = self._new_model()
+        self._learn(self.model, self.env, episodes, "")
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        if self.model is not None:
+            save_model(self.model, folder / self.MODEL_FILE)
+            atomic_write_with(folder / self.BUFFER_FILE, self.model.save_replay_buffer)
+        self._write_state(folder, {})
+
+    def load(self, folder: Path) -> None:
+        folder = Path(folder)
+        self._read_state(folder)
+        self.model = None
+        if (folder / self.MODEL_FILE).is_file():
+            self.model = self._load_model(self.algorithm, folder / self.MODEL_FILE, self.env)
+            if (folder / self.BUFFER_FILE).is_file():
+                self.model.load_replay_buffer(folder / self.BUFFER_FILE)
+
+
+class DQNAgent(_OffPolicyAgent):
+    """PuRL: DQN over discrete (keep ratio, precision) pairs with a dense reward per layer.
+
+    Hyperparameters follow PuRL's short-horizon settings: a 400-step buffer, 70% of the search
+    exploring, gamma 0.982, target network updated every 15 steps.
+    """
+
+    name = "dqn"
+    algorithm = DQN
+    discrete = True
+    dense = True
+
+    def _new_model(self) -> DQN:
+        return DQN(
+            "MlpPolicy", self.env, buffer_size=400, batch_size=32, learning_rate=1e-3,
+            gamma=0.982, target_update_interval=15, exploration_fraction=0.7,
+            exploration_final_eps=0.05, **self._common(),
+        )  # fmt: skip
+
+
+class SACAgent(_OffPolicyAgent):
+    """AMC-style continuous agent (keep ratio, and precision when several are allowed), SAC."""
+
+    name = "sac"
+    algorithm = SAC
+
+    def _new_model(self) -> SAC:
+        return SAC(
+            "MlpPolicy", self.env, buffer_size=10_000, batch_size=64, learning_rate=3e-4,
+            gamma=0.99, tau=0.01, ent_coef="auto", **self._common(),
+        )  # fmt: skip
+
+
+class TD3Agent(_OffPolicyAgent):
+    """AMC's DDPG agent in its successor's form (TD3), with Gaussian exploration noise."""
+
+    name = "td3"
+    algorithm = TD3
+    NOISE_SIGMA = 0.3  # in action units of [-1, 1]; AMC explored with a wide truncated normal
+
+    def _new_model(self) -> TD3:
+        size = int(np.prod(self.env.action_space.shape))
+        noise = NormalActionNoise(np.zeros(size), self.NOISE_SIGMA * np.ones(size))
+        return TD3(
+            "MlpPolicy", self.env, buffer_size=10_000, batch_size=64, learning_rate=1e-3,
+            gamma=0.99, tau=0.01, action_noise=noise, **self._common(),
+        )  # fmt: skip
