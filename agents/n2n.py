@@ -1,0 +1,391 @@
+"""N2N learning: remove whole residual blocks, then shrink what remains, with recurrent policies.
+
+Stage 1 (layer removal): a bidirectional LSTM reads the model's removable residual blocks in
+forward order and outputs, for each, the probability of replacing it by identity. Stage 2 (layer
+shrinkage): a unidirectional LSTM reads the coupling groups that survive the best stage-1 removal
+and, autoregressively (each step sees the previous action), picks a keep ratio among a few bins in
+[min_keep, 1]. Both are trained with REINFORCE and an exponential moving-average baseline.
+
+Students are trained by distillation from the original (the teacher): that is the evaluator's
+short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
+between student and teacher logits, `pipeline.finetune.distillation_loss`), so nothing here
+trains a model. The reward is whatever the run passes in; N2N's C(2-C) * A / A_teacher with the
+gradually introduced constraint penalty is the default one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.base import Agent, EpisodeCallback, Evaluator, LayerInfo, RewardFn, SearchSpace
+from pipeline.artifacts import atomic_write_with, write_json
+from pipeline.errors import ModelError
+from pipeline.policy import LayerAction, Policy
+from pipeline.space import default_precision
+
+STATE_VERSION = 1
+BLOCK_FEATURES = 8
+GROUP_FEATURES = 12
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+def _inside(name: str, blocks: tuple[str, ...] | list[str]) -> bool:
+    return any(name.startswith(block + ".") for block in blocks)
+
+
+def _totals(space: SearchSpace) -> tuple[float, float]:
+    macs = float(max(sum(layer.macs for layer in space.layers), 1))
+    params = float(max(sum(layer.params for layer in space.layers), 1))
+    return macs, params
+
+
+def block_features(space: SearchSpace) -> torch.Tensor:
+    """One row per removable block, shape (blocks, BLOCK_FEATURES), values roughly in [0, 1].
+
+    N2N describes each layer by type, kernel, stride, padding, outputs and its place inside a
+    skip connection; our unit of removal is a whole residual block, so a row aggregates the
+    block's layers: position, layer count, MAC / parameter / measured-latency shares, stride,
+    width and kernel.
+    """
+    macs, params = _totals(space)
+    count = len(space.removable_blocks)
+    rows = []
+    for i, block in enumerate(space.removable_blocks):
+        real = [layer for layer in space.layers if _inside(layer.name, [block])]
+        rows.append(
+            [
+                i / max(count - 1, 1),
+                len(real) / 4,
+                sum(layer.macs for layer in real) / macs,
+                sum(layer.params for layer in real) / params,
+                sum(layer.latency_share for layer in real),
+                max((layer.stride for layer in real), default=1) / 2,
+                math.log2(max((layer.out_channels for layer in real), default=1)) / 12,
+                max((layer.kernel for layer in real), default=1) / 7,
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.float32).reshape(count, BLOCK_FEATURES)
+
+
+def shrink_groups(space: SearchSpace, removed: tuple[str, ...]) -> list[list[LayerInfo]]:
+    """Coupling groups with a prunable layer left after `removed`, in forward order.
+
+    The shrinkage policy acts once per group, not per layer: pruning gives a coupled group the
+    largest ratio any of its layers asks for, so separate choices inside a group would be
+    overridden silently and blur the credit REINFORCE assigns.
+    """
+    groups: dict[str, list[LayerInfo]] = {}
+    for layer in space.prunable:
+        if not _inside(layer.name, removed):
+            groups.setdefault(layer.group, []).append(layer)
+    return list(groups.values())
+
+
+def group_features(space: SearchSpace, groups: list[list[LayerInfo]]) -> torch.Tensor:
+    """One row per group, shape (groups, GROUP_FEATURES): its first layer's shape and kind, and
+    the group's summed MAC, parameter and measured-latency shares."""
+    macs, params = _totals(space)
+    rows = []
+    for i, members in enumerate(groups):
+        first = members[0]
+        rows.append(
+            [
+                float(first.kind == "conv"),
+                float(first.kind == "dwconv"),
+                float(first.kind == "linear"),
+                first.kernel / 7,
+                first.stride / 2,
+                math.log2(max(first.out_channels, 1)) / 12,
+                math.log2(max(first.in_channels, 1)) / 12,
+                sum(layer.macs for layer in members) / macs,
+                sum(layer.params for layer in members) / params,
+                sum(layer.latency_share for layer in members),
+                i / max(len(groups) - 1, 1),
+                len(members) / 8,
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(groups), GROUP_FEATURES)
+
+
+# ------------------------------------------------------------------------------------ policies
+
+
+class RemovalPolicy(nn.Module):
+    """Bidirectional LSTM over blocks -> logit of removing each block (N2N Fig. 2a)."""
+
+    def __init__(self, hidden: int = 32, prior: float = 0.2) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(BLOCK_FEATURES, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, 1)
+        with torch.no_grad():  # start near the prior so early students are not all gutted
+            self.head.weight.mul_(0.1)
+            self.head.bias.fill_(math.log(prior / (1.0 - prior)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(blocks, F) -> removal logits (blocks,)."""
+        out, _ = self.lstm(features.unsqueeze(0))  # (1, blocks, 2H)
+        return self.head(out[0]).squeeze(-1)
+
+    def sample(self, features: torch.Tensor, generator: torch.Generator) -> list[int]:
+        with torch.no_grad():
+            probs = torch.sigmoid(self(features))
+            return [int(a) for a in torch.bernoulli(probs, generator=generator)]
+
+    def log_prob(self, features: torch.Tensor, actions: list[int]) -> torch.Tensor:
+        logits = self(features)
+        a = torch.tensor(actions, dtype=torch.float32)
+        return -nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="sum")
+
+
+class ShrinkPolicy(nn.Module):
+    """Autoregressive LSTM over groups -> categorical over keep-ratio bins (N2N Fig. 2b)."""
+
+    def __init__(self, bins: int = 8, hidden: int = 32) -> None:
+        super().__init__()
+        self.bins = bins
+        self.lstm = nn.LSTM(GROUP_FEATURES + bins + 1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, bins)
+
+    def _inputs(self, features: torch.Tensor, previous: list[int]) -> torch.Tensor:
+        """Features with the previous action one-hot; index `bins` is the start token."""
+        onehot = nn.functional.one_hot(torch.tensor(previous), self.bins + 1).float()
+        return torch.cat([features, onehot], dim=-1)
+
+    def sample(self, features: torch.Tensor, generator: torch.Generator) -> list[int]:
+        actions: list[int] = []
+        state = None
+        with torch.no_grad():
+            for t in range(features.shape[0]):
+                previous = actions[-1] if actions else self.bins
+                x = self._inputs(features[t : t + 1], [previous]).unsqueeze(0)  # (1, 1, in)
+                out, state = self.lstm(x, state)
+                probs = torch.softmax(self.head(out[0, 0]), dim=-1)
+                actions.append(int(torch.multinomial(probs, 1, generator=generator)))
+        return actions
+
+    def log_prob(self, features: torch.Tensor, actions: list[int]) -> torch.Tensor:
+        """Teacher-forced log-probability of a whole action sequence (one LSTM pass)."""
+        x = self._inputs(features, [self.bins, *actions[:-1]]).unsqueeze(0)  # (1, T, in)
+        out, _ = self.lstm(x)
+        logp = torch.log_softmax(self.head(out[0]), dim=-1)  # (T, bins)
+        return logp.gather(1, torch.tensor(actions).unsqueeze(1)).sum()
+
+
+# --------------------------------------------------------------------------------------- agent
+
+
+class N2NAgent(Agent):
+    """N2N's two stages (block removal, then shrinkage) trained by REINFORCE with a baseline.
+
+    Args:
+        evaluator: Evaluates (prunes, distils briefly, measures) each student.
+        reward: Scores each evaluated student; REINFORCE maximises it.
+        seed: Seeds the policies' initial weights and action sampling.
+        log_dir: Unused; accepted for the common agent signature.
+        stage1_fraction: Share of the episodes spent on removal (skipped without removable blocks).
+        removal_prior: Initial probability of removing each block.
+        bins: Keep-ratio choices of stage 2, evenly spaced in [min_keep, 1].
+        hidden: LSTM width of both policies.
+        lr_remove: Adam learning rate of the removal policy (N2N: 0.003).
+        lr_shrink: Adam learning rate of the shrinkage policy (N2N: 0.01).
+        batch_size: Rollouts per policy update (N2N used 5; each rollout is a measured student).
+        baseline_decay: Weight of the old value in the moving-average baseline.
+    """
+
+    name = "n2n"
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        reward: RewardFn,
+        seed: int = 0,
+        log_dir: Path | None = None,
+        *,
+        stage1_fraction: float = 0.4,
+        removal_prior: float = 0.2,
+        bins: int = 8,
+        hidden: int = 32,
+        lr_remove: float = 0.003,
+        lr_shrink: float = 0.01,
+        batch_size: int = 1,
+        baseline_decay: float = 0.8,
+    ) -> None:
+        super().__init__(evaluator, reward, seed, log_dir)
+        if not 0.0 < removal_prior < 1.0 or bins < 2 or batch_size < 1:
+            raise ValueError("need 0 < removal_prior < 1, bins >= 2 and batch_size >= 1")
+        self.stage1_fraction = stage1_fraction
+        self.batch_size = batch_size
+        self.baseline_decay = baseline_decay
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.removal = RemovalPolicy(hidden, removal_prior)
+            self.shrink = ShrinkPolicy(bins, hidden)
+        self.opt_remove = torch.optim.Adam(self.removal.parameters(), lr=lr_remove)
+        self.opt_shrink = torch.optim.Adam(self.shrink.parameters(), lr=lr_shrink)
+        self.generator = torch.Generator().manual_seed(seed)
+        low = self.space.min_keep if self.space.min_keep > 0 else 1.0 / bins
+        self.ratios = [float(r) for r in np.linspace(low, 1.0, bins)]
+        self.stage = 1
+        self.baselines: dict[int, float | None] = {1: None, 2: None}
+        self.pending: dict[int, list[tuple[list[int], float]]] = {1: [], 2: []}
+        self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
+
+    # ----------------------------------------------------------------------------- search loop
+
+    def stage1_episodes(self, episodes: int) -> int:
+        """Episodes given to removal: `stage1_fraction` of the total, at least one when there is
+        something to remove and room for shrinkage after it, none without removable blocks."""
+        if not self.space.removable_blocks or episodes < 2:
+            return 0
+        return min(max(1, round(self.stage1_fraction * episodes)), episodes - 1)
+
+    def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        split = self.stage1_episodes(episodes)
+        while self.episodes_done < episodes:
+            if self.stage == 1 and self.episodes_done >= split:
+                self._finish_stage1()
+            if self.stage == 1:
+                self._removal_episode(on_episode)
+            else:
+                self._shrink_episode(on_episode)
+
+    def _finish_stage1(self) -> None:
+        """Apply the removal policy's last partial batch, then freeze the removal for stage 2."""
+        self._update(1, flush=True)
+        self.stage = 2
+
+    @property
+    def best_removed(self) -> tuple[str, ...]:
+        """The blocks removed by the best stage-1 student (none before any)."""
+        return self.best[1][1].removed if 1 in self.best else ()
+
+    def _removal_episode(self, on_episode: EpisodeCallback) -> None:
+        features = block_features(self.space)
+        actions = self.removal.sample(features, self.generator)
+        removed = tuple(b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a)
+        self._run(1, actions, self._policy(removed, {}), on_episode)
+
+    def _shrink_episode(self, on_episode: EpisodeCallback) -> None:
+        removed = self.best_removed
+        groups = shrink_groups(self.space, removed)
+        if not groups:  # nothing left to shrink: evaluate the removal alone
+            self._run(2, [], self._policy(removed, {}), on_episode)
+            return
+        actions = self.shrink.sample(group_features(self.space, groups), self.generator)
+        keep = {
+            layer.name: self.ratios[a]
+            for members, a in zip(groups, actions, strict=True)
+            for layer in members
+        }
+        self._run(2, actions, self._policy(removed, keep), on_episode)
+
+    def _policy(self, removed: tuple[str, ...], keep: dict[str, float]) -> Policy:
+        """Every layer outside the removed blocks, in the space's default precision."""
+        precision = default_precision(self.space)  # N2N searches architecture, not precision
+        layers = {
+            layer.name: LayerAction(keep.get(layer.name, 1.0), precision)
+            for layer in self.space.layers
+            if not _inside(layer.name, removed)
+        }
+        return Policy(layers, removed=removed)
+
+    def _run(
+        self, stage: int, actions: list[int], policy: Policy, on_episode: EpisodeCallback
+    ) -> None:
+        result, reward = self.evaluate(policy, on_episode)
+        if stage not in self.best or reward > self.best[stage][0]:
+            self.best[stage] = (reward, result.policy)
+        if actions:
+            self.pending[stage].append((actions, reward))
+            self._update(stage)
+
+    # -------------------------------------------------------------------------------- learning
+
+    def _update(self, stage: int, flush: bool = False) -> None:
+        """REINFORCE over the pending rollouts: -(R - b) * log pi(actions), averaged; the
+        baseline b is an exponential moving average of the rewards before this batch."""
+        batch = self.pending[stage]
+        if not batch or (len(batch) < self.batch_size and not flush):
+            return
+        baseline = self.baselines[stage]
+        if baseline is None:  # first batch: its own mean, so no arbitrary early push
+            baseline = float(np.mean([r for _, r in batch]))
+        net, opt = (self.removal, self.opt_remove) if stage == 1 else (self.shrink, self.opt_shrink)
+        features = self._features(stage)
+        loss = torch.zeros(())
+        for actions, reward in batch:
+            loss = loss - (reward - baseline) * net.log_prob(features, actions)
+        opt.zero_grad()
+        (loss / len(batch)).backward()
+        opt.step()
+        for _, reward in batch:
+            baseline = self.baseline_decay * baseline + (1.0 - self.baseline_decay) * reward
+        self.baselines[stage] = baseline
+        self.pending[stage] = []
+
+    def _features(self, stage: int) -> torch.Tensor:
+        if stage == 1:
+            return block_features(self.space)
+        return group_features(self.space, shrink_groups(self.space, self.best_removed))
+
+    # ---------------------------------------------------------------------------- persistence
+
+    def save(self, folder: Path) -> None:
+        """Write `n2n.pt` (policies, optimisers, RNG) and `n2n.json` (stage, baselines, ...)."""
+        folder = Path(folder)
+        tensors: dict[str, Any] = {
+            "removal": self.removal.state_dict(),
+            "shrink": self.shrink.state_dict(),
+            "opt_remove": self.opt_remove.state_dict(),
+            "opt_shrink": self.opt_shrink.state_dict(),
+            "rng": self.generator.get_state(),
+        }
+        atomic_write_with(folder / "n2n.pt", lambda tmp: torch.save(tensors, tmp))
+        meta = {
+            "version": STATE_VERSION,
+            "episodes_done": self.episodes_done,
+            "total_episodes": self.total_episodes,
+            "stage": self.stage,
+            "baselines": {str(s): b for s, b in self.baselines.items()},
+            "pending": {str(s): [[a, r] for a, r in p] for s, p in self.pending.items()},
+            "best": {
+                str(s): {"reward": r, "policy": p.to_dict()} for s, (r, p) in self.best.items()
+            },
+            "blocks": list(self.space.removable_blocks),
+        }
+        write_json(folder / "n2n.json", meta)
+
+    def load(self, folder: Path) -> None:
+        """Restore what `save` wrote; the tensors load with `weights_only=True` (no pickle)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "n2n.json").read_text())
+        if meta.get("version") != STATE_VERSION:
+            raise ModelError(f"{folder / 'n2n.json'}: unsupported state version")
+        if meta["blocks"] != list(self.space.removable_blocks):
+            raise ModelError(f"{folder}: the saved N2N search was for another model; start anew")
+        tensors = torch.load(folder / "n2n.pt", weights_only=True)
+        self.removal.load_state_dict(tensors["removal"])
+        self.shrink.load_state_dict(tensors["shrink"])
+        self.opt_remove.load_state_dict(tensors["opt_remove"])
+        self.opt_shrink.load_state_dict(tensors["opt_shrink"])
+        self.generator.set_state(tensors["rng"])
+        self.episodes_done = int(meta["episodes_done"])
+        self.total_episodes = int(meta["total_episodes"])
+        self.stage = int(meta["stage"])
+        self.baselines = {int(s): b for s, b in meta["baselines"].items()}
+        self.pending = {
+            int(s): [(list(a), float(r)) for a, r in p] for s, p in meta["pending"].items()
+        }
+        self.best = {
+            int(s): (float(v["reward"]), Policy.from_dict(v["policy"]))
+            for s, v in meta["best"].items()
+        }

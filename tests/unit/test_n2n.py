@@ -1,0 +1,86 @@
+"""N2N on the real evaluator: block removal, then shrinkage, REINFORCE, save and resume."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from agents.base import CandidateResult
+from agents.n2n import N2NAgent, block_features, group_features, shrink_groups
+from agents.rewards import REWARDS
+
+reward = REWARDS["budget"]
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.results: list[CandidateResult] = []
+        self.rewards: list[float] = []
+
+    def __call__(self, result: CandidateResult, reward: float) -> None:
+        self.results.append(result)
+        self.rewards.append(reward)
+
+
+def test_two_stages_remove_then_shrink(tiny_evaluator):
+    space = tiny_evaluator.space
+    assert space.removable_blocks == ("layer1.0",)
+    agent = N2NAgent(tiny_evaluator, reward, seed=0, removal_prior=0.95)
+    collect = Collect()
+    agent.search(episodes=3, on_episode=collect)
+
+    assert len(collect.results) == 3 and agent.episodes_done == 3
+    assert all(math.isfinite(r) for r in collect.rewards)
+    assert all(r.ok for r in collect.results), [r.error for r in collect.results]
+    assert agent.stage1_episodes(3) == 1 and agent.stage == 2
+    stage1 = [r.policy for r in collect.results[:1]]
+    stage2 = [r.policy for r in collect.results[1:]]
+    # Stage 1 only removes blocks; with a 95% prior it removes the one it may.
+    assert stage1[0].removed == ("layer1.0",)
+    for policy in stage1:
+        assert all(a.keep_ratio == 1.0 for a in policy.layers.values())
+        assert not any(n.startswith(b + ".") for b in policy.removed for n in policy.layers)
+    # Stage 2 shrinks on top of the best removal, with ratios from the bins.
+    for policy in stage2:
+        assert policy.removed == agent.best_removed
+        ratios = {a.keep_ratio for a in policy.layers.values()}
+        assert ratios <= set(agent.ratios) and min(ratios) >= space.min_keep
+    assert any(a.keep_ratio < 1.0 for p in stage2 for a in p.layers.values())
+    # A coupled group gets one ratio: conv1 shares its channels with layer1.0.conv2.
+    if not stage2[0].removed:
+        assert stage2[0].action("conv1") == stage2[0].action("layer1.0.conv2")
+
+
+def test_policy_gradient_moves_the_removal_policy(tiny_evaluator):
+    agent = N2NAgent(tiny_evaluator, reward, seed=1)
+    features = block_features(agent.space)
+    before = agent.removal.log_prob(features, [1]).item()
+    agent.baselines[1] = 0.0
+    agent.pending[1] = [([1], 1.0)]  # removing was better than the baseline
+    agent._update(1)
+    assert agent.removal.log_prob(features, [1]).item() > before
+    assert agent.baselines[1] > 0.0 and agent.pending[1] == []
+    groups = shrink_groups(agent.space, ())
+    shrink_features = group_features(agent.space, groups)
+    assert shrink_features.shape == (len(groups), 12) and torch.isfinite(shrink_features).all()
+
+
+def test_save_load_resumes_to_the_total(tiny_evaluator, tmp_path):
+    first = N2NAgent(tiny_evaluator, reward, seed=2, removal_prior=0.5)
+    collect = Collect()
+    first.search(episodes=2, on_episode=collect)  # one removal, one shrink episode
+    first.save(tmp_path / "agent")
+
+    second = N2NAgent(tiny_evaluator, reward, seed=7)
+    second.load(tmp_path / "agent")
+    assert (second.episodes_done, second.stage) == (2, 2)
+    assert second.best_removed == first.best_removed
+    assert second.baselines == first.baselines
+    for key, value in first.shrink.state_dict().items():
+        assert torch.equal(second.shrink.state_dict()[key], value)
+    second.search(episodes=3, on_episode=collect)
+    assert len(collect.results) == 3 and second.episodes_done == 3
+    assert all(r.policy.removed == first.best_removed for r in collect.results[1:])
+    second.search(episodes=3, on_episode=collect)  # already done: no extra candidates
+    assert len(collect.results) == 3
