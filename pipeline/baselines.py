@@ -47,17 +47,24 @@ def _latency(ctx: RunContext, path: Path) -> float:
 
 
 def matched_keep_ratio(ctx: RunContext, target_ms: float, tmp: Path, steps: int = 7) -> float:
-    """Bisection on measured latency: the largest uniform keep ratio at most `target_ms`."""
+    """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
+
+    Latency is a noisy staircase in the keep ratio (channels round to a multiple), so of every
+    ratio measured on the way, the one whose latency came closest to the target is returned.
+    """
     low, high = ctx.profile.min_keep_ratio, 1.0
+    tried: list[tuple[float, float]] = []
     for i in range(steps):
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
         _export(ctx, _pruned(ctx, mid), ctx.profile.default_precision, path)
-        if _latency(ctx, path) <= target_ms:
+        latency = _latency(ctx, path)
+        tried.append((abs(latency - target_ms), mid))
+        if latency <= target_ms:
             low = mid
         else:
             high = mid
-    return low
+    return min(tried)[1]
 
 
 def _side(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:

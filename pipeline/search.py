@@ -75,22 +75,32 @@ def episode_record(
     }
 
 
-def _better(candidate: dict, incumbent: dict | None) -> bool:
-    """Higher accuracy wins; equal accuracy goes to the faster one."""
-    if incumbent is None:
-        return True
-    key = (candidate["accuracy"], -candidate["latency_ms"])
-    return key > (incumbent["accuracy"], -incumbent["latency_ms"])
+def choose_best(records: list[dict[str, Any]], resolution: float) -> dict[str, Any] | None:
+    """The candidate meeting the budget with the highest validation accuracy.
+
+    Accuracies closer than `resolution` (one validation sample) are not told apart: among
+    them the fastest wins, so noise in a short fine-tune never buys a slower model.
+    """
+    within = [r for r in records if r["meets_budget"] and r["error"] is None]
+    if not within:
+        return None
+    top = max(r["accuracy"] for r in within)
+    tied = [r for r in within if r["accuracy"] >= top - resolution]
+    return min(tied, key=lambda r: (r["latency_ms"], -r["accuracy"]))
 
 
 class SearchLog:
-    """episodes.jsonl plus the running best and closest candidates."""
+    """episodes.jsonl plus the best and closest candidates."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resolution: float = 0.0) -> None:
         self.path = path
+        self.resolution = resolution
         self.records: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
         self.closest: dict[str, Any] | None = None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return choose_best(self.records, self.resolution)
 
     def add(self, record: dict[str, Any], write: bool = True) -> None:
         self.records.append(record)
@@ -101,8 +111,6 @@ class SearchLog:
                 os.fsync(fh.fileno())
         if record["error"] is not None or record["latency_ms"] is None:
             return
-        if record["meets_budget"] and _better(record, self.best):
-            self.best = record
         if self.closest is None or record["latency_ms"] < self.closest["latency_ms"]:
             self.closest = record
 
@@ -188,7 +196,8 @@ def run_search(
     from agents.rewards import REWARDS
 
     agent = make_agent(agent_name, evaluator, REWARDS[reward_name], seed, run_dir)
-    log, ckpt = SearchLog(run_dir / EPISODES), Checkpointer(run_dir)
+    resolution = 1.0 / max(len(evaluator.val_labels), 1)
+    log, ckpt = SearchLog(run_dir / EPISODES, resolution), Checkpointer(run_dir)
     log.restore(ckpt.load(agent, evaluator) if resume else 0)
     started = time.time()
     budget = evaluator.space.budget_ms
@@ -203,7 +212,7 @@ def run_search(
             log.add(episode_record(len(log.records), result, reward, budget))
             if not reward <= best_reward:  # also true while best_reward is NaN
                 best_reward = reward
-            shown = log.best or log.closest
+            shown = log.best or log.closest  # recomputed per episode: cheap at these sizes
             progress.update(
                 task,
                 completed=len(log.records),

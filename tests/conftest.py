@@ -13,7 +13,21 @@ import pytest
 import torch
 from torch import nn
 
+from agents.base import CandidateResult
 from pipeline.data import Splits, load_data
+
+
+class Collect:
+    """on_episode: records every candidate and reward it is handed."""
+
+    def __init__(self) -> None:
+        self.results: list[CandidateResult] = []
+        self.rewards: list[float] = []
+
+    def __call__(self, result: CandidateResult, reward: float) -> None:
+        self.results.append(result)
+        self.rewards.append(reward)
+
 
 TEST_INPUT = (3, 32, 32)
 NUM_CLASSES = 10

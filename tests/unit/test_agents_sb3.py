@@ -8,8 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import Collect
 
-from agents.base import Agent, CandidateResult
+from agents.base import Agent
 from agents.baselines import RandomAgent, UniformAgent
 from agents.rewards import budget_reward
 from agents.sb3_agents import DQNAgent, SACAgent, TD3Agent, TwoStagePPO
@@ -17,18 +18,6 @@ from pipeline.errors import ConfigError
 from pipeline.policy import Policy
 
 AGENTS: list[type[Agent]] = [TwoStagePPO, DQNAgent, SACAgent, TD3Agent, UniformAgent, RandomAgent]
-
-
-class Collect:
-    """on_episode: records every candidate and reward it is handed."""
-
-    def __init__(self) -> None:
-        self.results: list[CandidateResult] = []
-        self.rewards: list[float] = []
-
-    def __call__(self, result: CandidateResult, reward: float) -> None:
-        self.results.append(result)
-        self.rewards.append(reward)
 
 
 def _check_candidates(collect: Collect, space) -> None:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Collect
 
 from agents.base import CandidateResult
 from agents.decore import DecoreAgent
@@ -16,16 +17,6 @@ from pipeline.errors import ModelError
 from pipeline.prune import prune_model
 
 reward = REWARDS["budget"]
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: list[CandidateResult] = []
-        self.rewards: list[float] = []
-
-    def __call__(self, result: CandidateResult, reward: float) -> None:
-        self.results.append(result)
-        self.rewards.append(reward)
 
 
 def test_search_reports_every_episode_with_a_policy_over_the_groups(tiny_evaluator):

@@ -5,22 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import Collect
 
-from agents.base import CandidateResult
 from agents.n2n import N2NAgent, block_features, group_features, shrink_groups
 from agents.rewards import REWARDS
 
 reward = REWARDS["budget"]
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: list[CandidateResult] = []
-        self.rewards: list[float] = []
-
-    def __call__(self, result: CandidateResult, reward: float) -> None:
-        self.results.append(result)
-        self.rewards.append(reward)
 
 
 def test_two_stages_remove_then_shrink(tiny_evaluator):
