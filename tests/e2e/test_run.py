@@ -171,3 +171,10 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(workdir: Path):
     names = {p.name for p in run_dir.iterdir()}
     assert not names & {"report.json", "validation.json", "model.onnx"}
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+
+
+def test_profiles_lists_the_shipped_targets(tmp_path: Path):
+    result = cli("profiles", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("cpu", "jetson", "gpu-trt", "onnxruntime-cpu", "tensorrt"):
+        assert name in result.stdout

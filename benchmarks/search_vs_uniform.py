@@ -1,0 +1,92 @@
+"""The demo's search against uniform pruning at matched measured latency, over several seeds.
+
+Runs `pipeline run --target profiles/cpu.yaml` (default agent, budget 0.4 x the original's
+measured latency) once per seed, then re-measures every run's original and deployed model with
+plain ONNX Runtime (benchmarks/independent_latency.py), and writes one JSON summary.
+
+    python benchmarks/search_vs_uniform.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from independent_latency import check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_run(seed: int, out: Path, extra: list[str]) -> dict:
+    start = time.time()
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--target",
+        str(ROOT / "profiles/cpu.yaml"),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+    code = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode
+    (run_dir,) = list(out.iterdir())
+    report = json.loads((run_dir / "report.json").read_text())
+    uniform = report["baselines"]["uniform"]
+    deployed = report["deployed"]
+    return {
+        "seed": seed,
+        "exit_code": code,
+        "wall_s": round(time.time() - start, 1),
+        "budget_ms": report["budget_ms"],
+        "met_budget": report["met_budget"],
+        "episodes": report["search"]["episodes"],
+        "deployed": deployed,
+        "uniform": uniform,
+        "accuracy_gain_vs_uniform_points": 100 * (deployed["accuracy"] - uniform["accuracy"]),
+        "speedup_vs_uniform": uniform["latency_ms"]["median"] / deployed["latency_ms"]["median"],
+        "independent": check(run_dir),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/search_vs_uniform.json"
+    )
+    parser.add_argument("extra", nargs="*", help="more `pipeline run` flags, after --")
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(one_run(seed, Path(tmp), args.extra))
+        print(
+            json.dumps(
+                {
+                    k: rows[-1][k]
+                    for k in (
+                        "seed",
+                        "accuracy_gain_vs_uniform_points",
+                        "speedup_vs_uniform",
+                        "wall_s",
+                    )
+                }
+            )
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
