@@ -39,14 +39,16 @@ def one_run(seed: int, out: Path, extra: list[str]) -> dict:
         "--no-progress",
         *extra,
     ]
-    code = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     (run_dir,) = list(out.iterdir())
+    if not (run_dir / "report.json").is_file():
+        raise RuntimeError(f"seed {seed}: the run wrote no report: {proc.stderr.strip()[-2000:]}")
     report = json.loads((run_dir / "report.json").read_text())
     uniform = report["baselines"]["uniform"]
     deployed = report["deployed"]
     return {
         "seed": seed,
-        "exit_code": code,
+        "exit_code": proc.returncode,
         "wall_s": round(time.time() - start, 1),
         "budget_ms": report["budget_ms"],
         "met_budget": report["met_budget"],

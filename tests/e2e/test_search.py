@@ -89,6 +89,8 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     counts = report["search"]["real_measurements"] + report["search"]["cached_measurements"]
     assert counts == 3 - report["search"]["failed_candidates"]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    if agent in {"ppo", "dqn", "sac", "td3"}:  # SB3's TensorBoard logs land in the run dir
+        assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 def test_search_with_baselines_on_the_same_runner(tmp_path, trained_tiny_resnet):
