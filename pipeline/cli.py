@@ -157,19 +157,14 @@ def profiles() -> None:
     from pipeline.profile import load_profile, shipped_profiles
 
     table = Table(title="shipped target profiles")
-    for col in ("name", "file", "runtime", "device", "precisions", "description"):
-        table.add_column(col)
+    for col in ("name", "runtime", "device", "precisions"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description")
     for path in shipped_profiles():
         p = load_profile(path)
-        device = p.device if isinstance(p.device, str) else f"agent {p.device.url}"
-        table.add_row(
-            p.name,
-            str(path.relative_to(path.parent.parent)),
-            p.runtime,
-            device,
-            ", ".join(x.value for x in p.precisions),
-            p.description,
-        )
+        device = p.device if isinstance(p.device, str) else "agent"
+        precisions = ",".join(x.value for x in p.precisions)
+        table.add_row(p.name, p.runtime, device, precisions, p.description)
     console.print(table)
 
 
