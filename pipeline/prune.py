@@ -54,7 +54,7 @@ def channels_to_keep(channels: int, keep_ratio: float, multiple: int, min_keep: 
     return min(keep, channels)
 
 
-def _dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.DependencyGraph:
+def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.DependencyGraph:
     example = torch.zeros(1, *input_shape)
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
@@ -63,7 +63,7 @@ def _dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp
         raise ModelError(f"torch-pruning could not trace the model: {first}") from None
 
 
-def _group_layers(dg: tp.DependencyGraph, group: Any) -> list[str]:
+def group_layers(dg: tp.DependencyGraph, group: Any) -> list[str]:
     """Names of the Conv2d/Linear layers whose output channels this group prunes."""
     names = []
     for dep, _ in group:
@@ -85,7 +85,7 @@ def prune_model(
     head = dict(model.named_modules())[head_layer(model)]
     for name in policy.removed:
         remove_block(model, name)
-    dg = _dependency_graph(model, input_shape)
+    dg = dependency_graph(model, input_shape)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     result = PruneResult(model=model, history=[])
     roots = (nn.Conv2d, nn.Linear)
@@ -95,8 +95,16 @@ def prune_model(
     return result
 
 
-def _prune_group(dg, group, policy, importance, multiple, min_keep, result) -> None:
-    layers = _group_layers(dg, group)
+def _prune_group(
+    dg: tp.DependencyGraph,
+    group: Any,
+    policy: Policy,
+    importance: Any,
+    multiple: int,
+    min_keep: float,
+    result: PruneResult,
+) -> None:
+    layers = group_layers(dg, group)
     if not layers:
         return
     ratio = max(policy.action(n).keep_ratio for n in layers)
@@ -163,6 +171,6 @@ def replay_history(
     model: nn.Module, history: list[list[Any]], input_shape: tuple[int, int, int]
 ) -> nn.Module:
     """Redo recorded pruning steps on a freshly built original architecture (no pickle)."""
-    dg = _dependency_graph(model.eval(), input_shape)
+    dg = dependency_graph(model.eval(), input_shape)
     dg.load_pruning_history([[n, o, list(i)] for n, o, i in history])
     return model

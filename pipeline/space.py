@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,19 +20,28 @@ from pipeline.policy import Precision, head_layer, policy_layers
 from pipeline.profile import TargetProfile
 
 
-def layer_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, dict[str, int]]:
-    """MACs, params, kernel, stride of every Conv2d/Linear at batch 1 (forward hooks)."""
-    costs: dict[str, dict[str, int]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            hooks.append(module.register_forward_hook(_cost_hook(name, costs)))
+def _forward_with_hooks(
+    model: nn.Module, input_shape: tuple[int, int, int], hooks: dict[nn.Module, Any]
+) -> None:
+    """One eval forward pass at batch 1 with `hooks` attached, removed afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
     finally:
-        for h in hooks:
-            h.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def layer_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, dict[str, int]]:
+    """MACs, params, kernel, stride of every Conv2d/Linear at batch 1 (forward hooks)."""
+    costs: dict[str, dict[str, int]] = {}
+    hooks = {
+        module: _cost_hook(name, costs)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
+    _forward_with_hooks(model, input_shape, hooks)
     return costs
 
 
@@ -51,19 +61,16 @@ def _cost_hook(name: str, costs: dict[str, dict[str, int]]):
 
 def coupling_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
     """{layer -> first layer of its torch-pruning coupling group} (in forward order)."""
-    import torch_pruning as tp
-
-    from pipeline.prune import _dependency_graph, _group_layers
+    from pipeline.prune import dependency_graph, group_layers
 
     order = {n: i for i, n in enumerate(policy_layers(model))}
     head = model.get_submodule(head_layer(model))
-    dg = _dependency_graph(model, input_shape)
+    dg = dependency_graph(model, input_shape)
     group_of: dict[str, str] = {}
     for group in dg.get_all_groups(ignored_layers=[head], root_module_types=(nn.Conv2d, nn.Linear)):
-        members = sorted(_group_layers(dg, group), key=lambda n: order.get(n, 1 << 30))
+        members = sorted(group_layers(dg, group), key=lambda n: order.get(n, 1 << 30))
         for name in members:
             group_of.setdefault(name, members[0])
-    del tp
     return group_of
 
 
@@ -71,17 +78,14 @@ def removable_blocks(model: nn.Module, input_shape: tuple[int, int, int]) -> lis
     """Residual blocks (non-Sequential modules with >= 2 convs) whose output shape equals the
     input shape, so replacing them by identity keeps every shape valid (N2N layer removal)."""
     shapes: dict[str, bool] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
-        if name and convs >= 2 and not isinstance(module, nn.Sequential):
-            hooks.append(module.register_forward_hook(_same_shape_hook(name, shapes)))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = {
+        module: _same_shape_hook(name, shapes)
+        for name, module in model.named_modules()
+        if name
+        and not isinstance(module, nn.Sequential)
+        and sum(isinstance(m, nn.Conv2d) for m in module.modules()) >= 2
+    }
+    _forward_with_hooks(model, input_shape, hooks)
     names = [n for n, same in shapes.items() if same]
     # Keep only outermost blocks: removing a block already removes what is inside it.
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
