@@ -23,7 +23,7 @@ from torch import nn
 from agents.base import CandidateResult, SearchSpace
 from pipeline.data import Splits
 from pipeline.evaluate import accuracy, stack, torch_logits
-from pipeline.finetune import TrainSpec, train
+from pipeline.finetune import TrainSpec, batch_stream, train
 from pipeline.measure_worker import MeasureWorker
 from pipeline.policy import Policy, policy_layers
 from pipeline.profile import TargetProfile
@@ -216,7 +216,7 @@ class ChannelGate:
             target = _following_norm(self.model, layer) or modules[layer]
             target.register_forward_hook(self._hook(group))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self._batches = self._stream(splits.train, seed)
+        self._batches = batch_stream(splits.train, 64, seed)
 
     def _hook(self, group: str):
         def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
@@ -227,15 +227,6 @@ class ChannelGate:
             return output * mask.view(shape)
 
         return hook
-
-    @staticmethod
-    def _stream(dataset, seed: int):
-        from pipeline.evaluate import loader
-
-        epoch = 0
-        while True:
-            yield from loader(dataset, 64, shuffle=True, seed=seed + epoch)
-            epoch += 1
 
     def step(self, masks: dict[str, torch.Tensor]) -> np.ndarray:
         """One training step with `masks` applied; per-sample correctness of that batch."""

@@ -7,7 +7,9 @@ between the student's and the teacher's logits (Ba & Caruana's logit matching).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +33,11 @@ class TrainSpec:
     schedule: str = "cosine"  # "cosine" decays lr to 0; "onecycle" warms up first (from scratch)
 
 
-def _batches(dataset: Dataset, spec: TrainSpec):
-    """An endless stream of shuffled training batches."""
+def batch_stream(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
+    """An endless stream of shuffled training batches, reshuffled (seeded) every epoch."""
     epoch = 0
     while True:
-        yield from loader(dataset, spec.batch_size, shuffle=True, seed=spec.seed + epoch)
+        yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
         epoch += 1
 
 
@@ -77,7 +79,7 @@ def train(
     if teacher is not None:
         teacher = copy.deepcopy(teacher).eval()
     model.train()
-    batches = _batches(dataset, spec)
+    batches = batch_stream(dataset, spec.batch_size, spec.seed)
     with _progress(show_progress) as progress:
         task = progress.add_task(description, total=spec.steps, loss=float("nan"))
         for _ in range(spec.steps):

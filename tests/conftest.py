@@ -7,6 +7,9 @@ fresh copy each time, so a test that prunes or trains one cannot affect another.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,22 @@ class Collect:
     def __call__(self, result: CandidateResult, reward: float) -> None:
         self.results.append(result)
         self.rewards.append(reward)
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in a real subprocess; tests/ is importable (for module:function models)."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 TEST_INPUT = (3, 32, 32)

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import run_cli as pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = str(ROOT / "profiles" / "cpu.yaml")
-
-
-def pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as cli
 from safetensors.torch import save_file
 
 from exporters import layer_precisions
@@ -45,18 +46,6 @@ min_keep_ratio: 0.1
 max_accuracy_drop: 0.05
 measure: {warmup: 3, repeats: 30}
 """
-
-
-def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as cli
 from safetensors.torch import save_file
 
 from agents import AGENTS
@@ -40,18 +41,6 @@ show_progress: false
 finetune: {{steps: 10}}
 search: {{candidate_steps: 3, checkpoint_every: 1, baselines: {baselines}, episodes: {episodes}}}
 """
-
-
-def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def setup_dir(tmp_path: Path, model, precisions="int8, fp32", baselines=False, episodes=3) -> Path:
