@@ -46,6 +46,9 @@ class SearchSpace:
     original_latency_ms: float  # measured with the profile's statistic
     original_macs: int
     removable_blocks: tuple[str, ...] = ()  # residual blocks that can become identity (N2N)
+    # The original with every layer in one precision, measured on the target: {"int8": ms, ...}.
+    # Whether INT8 (or FP16) is faster at all is a property of the target, not a constant.
+    precision_latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def prunable(self) -> list[LayerInfo]:

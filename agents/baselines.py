@@ -18,9 +18,10 @@ from agents.base import Agent, EpisodeCallback
 from agents.env import (
     build_policy,
     decision_units,
-    default_precision,
     layer_shares,
     ordered_precisions,
+    precision_factor,
+    search_precision,
 )
 from pipeline.artifacts import write_json
 from pipeline.errors import ConfigError
@@ -53,7 +54,8 @@ def _float_or_none(value: Any) -> float | None:
 
 
 class UniformAgent(Agent):
-    """The same keep ratio for every prunable layer, in the default precision (FP32 if allowed).
+    """The same keep ratio for every prunable layer, all in `search_precision` (the precision in
+    which the whole original measured fastest on the target; FP32 when none beats it).
 
     With a budget: the first keep ratio is the one whose estimated latency matches the budget
     (latency share of the prunable layers scaling with keep**2, since uniform pruning shrinks
@@ -75,14 +77,16 @@ class UniformAgent(Agent):
         self.results: list[tuple[float, float | None]] = []  # (keep, measured latency)
 
     def policy(self, keep: float) -> Policy:
-        """The uniform policy: every prunable unit keeps `keep`, all in the default precision."""
-        precision = default_precision(self.space)
+        """The uniform policy: every prunable unit keeps `keep`, all in the search precision."""
+        precision = search_precision(self.space)
         keeps = [keep] * len(self.units)
         return build_policy(self.space, self.units, keeps, [precision] * len(self.units))
 
     def estimated_keep(self) -> float:
         """The keep ratio whose estimated latency equals the budget (1.0 without a budget)."""
         budget, original = self.space.budget_ms, self.space.original_latency_ms
+        if budget and original:  # the unpruned model in the search precision is the start
+            original *= precision_factor(self.space, search_precision(self.space))
         if not budget or not original or budget >= original:
             return 1.0
         shares = layer_shares(self.space)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from agents.base import Agent, CandidateResult, ChannelGate, EpisodeCallback, Evaluator, RewardFn
+from agents.env import search_precision
 from pipeline.artifacts import atomic_write_with, write_json
 from pipeline.errors import ModelError
 from pipeline.policy import LayerAction, Policy
-from pipeline.space import default_precision
 
 STATE_VERSION = 1
 LAMBDA_RANGE = (0.05, 1000.0)  # keeps lambda positive and finite however long the search runs
@@ -196,7 +196,7 @@ class DecoreAgent(Agent):
             g: max(float((p >= 0.5).mean()), self.space.min_keep, 1.0 / max(p.size, 1))
             for g, p in probs.items()
         }
-        precision = default_precision(self.space)  # DECORE searches channels, not precisions
+        precision = search_precision(self.space)  # DECORE searches channels, not precisions
         layers = {
             layer.name: LayerAction(
                 keep.get(layer.group, 1.0) if layer.prunable else 1.0, precision

@@ -71,6 +71,45 @@ def default_precision(space: SearchSpace) -> Precision:
     return ordered_precisions(space)[-1]
 
 
+MIN_PRECISION_GAIN = 1.05
+"""A narrower precision must make the whole original at least this much faster to be the one
+pruning searches run in: within measurement noise, the wider precision's accuracy wins."""
+
+
+def precision_factor(space: SearchSpace, precision: Precision) -> float:
+    """Latency of the original with every layer in `precision` over its FP32 latency.
+
+    Measured on the target when the space has it (`precision_latency_ms`); the rough
+    PRECISION_FACTOR otherwise (it only shapes observations and dense rewards then).
+    """
+    measured = space.precision_latency_ms.get(precision.value)
+    original = space.original_latency_ms
+    if measured is not None and math.isfinite(measured) and measured > 0 and original > 0:
+        return float(measured) / float(original)
+    return PRECISION_FACTOR.get(precision, 1.0)
+
+
+def search_precision(space: SearchSpace) -> Precision:
+    """The precision that searches choosing only channels run every layer in.
+
+    The allowed precision in which the whole original measured fastest on the target, when it
+    beats the widest allowed one by MIN_PRECISION_GAIN; else the widest. Pruning in FP32 and
+    quantizing afterwards wastes the budget where INT8 is fast (the budget is met by cutting
+    channels that INT8 alone would have paid for), and where INT8 is slower than FP32 (x86
+    without VNNI, S8S8 QOperator) quantizing would only lose accuracy.
+    """
+    widest = default_precision(space)
+    measured = {
+        p: space.precision_latency_ms.get(p.value, math.nan) for p in ordered_precisions(space)
+    }
+    known = {p: v for p, v in measured.items() if math.isfinite(v) and v > 0}
+    if not known:
+        return widest
+    fastest = min(known, key=lambda p: known[p])
+    reference = known.get(widest, space.original_latency_ms)
+    return fastest if reference >= MIN_PRECISION_GAIN * known[fastest] else widest
+
+
 def keep_bins(space: SearchSpace, n_bins: int = N_BINS) -> np.ndarray:
     """The discrete keep ratios: n_bins evenly spaced from min_keep to 1.0."""
     return np.linspace(_min_keep(space), 1.0, n_bins)
@@ -116,10 +155,12 @@ class CompressionEnv(gym.Env):
             "joint" (both; non-prunable units only choose a precision).
         discrete: `Discrete(n_bins * n_precisions)` actions (DQN) instead of a Box in [-1, 1].
         n_bins: discrete keep ratios, evenly spaced from min_keep to 1.
-        precision: the fixed precision in "prune" mode (default: `default_precision`).
+        precision: the fixed precision in "prune" mode (default: `search_precision`).
         base_policy: keep ratios for "precision" mode (default: keep everything).
         dense: PuRL's per-step rewards from `proxy_fn` (pruning decisions only).
         proxy_fn: policy -> accuracy without fine-tuning (the evaluator's `proxy_accuracy`).
+        center: continuous keep actions scale this keep ratio (action -1..1: half to twice it,
+            clipped to [min_keep, 1]) instead of spanning [min_keep, 1].
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
@@ -135,6 +176,7 @@ class CompressionEnv(gym.Env):
         base_policy: Policy | None = None,
         dense: bool = False,
         proxy_fn: Callable[[Policy], float] | None = None,
+        center: float | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -143,6 +185,7 @@ class CompressionEnv(gym.Env):
         super().__init__()
         self.space, self.evaluate_fn, self.mode = space, evaluate_fn, mode
         self.discrete, self.dense, self.proxy_fn = discrete, dense, proxy_fn
+        self.center = center
         self.all_units = decision_units(space)
         chosen = [i for i, u in enumerate(self.all_units) if mode != "prune" or u.prunable]
         self._unit_index = chosen
@@ -150,7 +193,7 @@ class CompressionEnv(gym.Env):
         if not self.units:
             raise ValueError(f"the search space has nothing to decide in {mode!r} mode")
         self.precisions = ordered_precisions(space)
-        self.fixed_precision = precision or default_precision(space)
+        self.fixed_precision = precision or search_precision(space)
         self.base_policy = base_policy or Policy()
         self.bins = keep_bins(space, n_bins)
         self.chooses_keep = mode in ("prune", "joint")
@@ -194,7 +237,9 @@ class CompressionEnv(gym.Env):
         values = np.clip(np.nan_to_num(np.asarray(action, dtype=np.float64).reshape(-1)), -1, 1)
         fractions = (values + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         keep = prec = None
-        if self.chooses_keep:
+        if self.chooses_keep and self.center is not None:  # from half to twice the center
+            keep = min(max(self.center * 2.0 ** float(values[0]), float(self.bins[0])), 1.0)
+        elif self.chooses_keep:
             low = float(self.bins[0])
             keep = low + float(fractions[0]) * (1.0 - low)
         if self.chooses_precision:
@@ -264,7 +309,7 @@ class CompressionEnv(gym.Env):
         keep, prec = self._last
         after = self._proxy(self.policy()) if keep < self._default_keep(unit) else before
         self._proxy_prev = after
-        factor = PRECISION_FACTOR.get(prec, 1.0)
+        factor = precision_factor(self.space, prec)
         return dense_layer_reward(before, after, keep, unit.first, self.space, factor)
 
     def _proxy(self, policy: Policy) -> float:
@@ -290,7 +335,7 @@ class CompressionEnv(gym.Env):
         estimate = self._rest
         for unit, (keep, prec) in zip(self.all_units, self._decisions(), strict=True):
             share = sum(self._shares[x.name] for x in unit.layers)
-            estimate += share * keep * PRECISION_FACTOR.get(prec, 1.0)
+            estimate += share * keep * precision_factor(self.space, prec)
         budget, original = self.space.budget_ms, self.space.original_latency_ms
         limit = budget / original if budget and original and budget > 0 and original > 0 else 1.0
         return estimate / limit if math.isfinite(limit) and limit > 0 else estimate

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from agents.base import Agent, EpisodeCallback, Evaluator, LayerInfo, RewardFn, SearchSpace
+from agents.env import search_precision
 from pipeline.artifacts import atomic_write_with, write_json
 from pipeline.errors import ModelError
 from pipeline.policy import LayerAction, Policy
-from pipeline.space import default_precision
 
 STATE_VERSION = 1
 BLOCK_FEATURES = 8
@@ -289,8 +289,8 @@ class N2NAgent(Agent):
         self._run(2, actions, self._policy(removed, keep), on_episode)
 
     def _policy(self, removed: tuple[str, ...], keep: dict[str, float]) -> Policy:
-        """Every layer outside the removed blocks, in the space's default precision."""
-        precision = default_precision(self.space)  # N2N searches architecture, not precision
+        """Every layer outside the removed blocks, in the search precision."""
+        precision = search_precision(self.space)  # N2N searches architecture, not precision
         layers = {
             layer.name: LayerAction(keep.get(layer.name, 1.0), precision)
             for layer in self.space.layers

@@ -46,6 +46,14 @@ def one_run(seed: int, out: Path, extra: list[str]) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     uniform = report["baselines"]["uniform"]
     deployed = report["deployed"]
+    lowered = {k: v for k, v in report["baselines"].items() if k.startswith("uniform_")}
+    versus = {
+        name: {
+            "accuracy_gain_points": 100 * (deployed["accuracy"] - side["accuracy"]),
+            "speedup": side["latency_ms"]["median"] / deployed["latency_ms"]["median"],
+        }
+        for name, side in lowered.items()
+    }
     return {
         "seed": seed,
         "exit_code": proc.returncode,
@@ -57,6 +65,9 @@ def one_run(seed: int, out: Path, extra: list[str]) -> dict:
         "uniform": uniform,
         "accuracy_gain_vs_uniform_points": 100 * (deployed["accuracy"] - uniform["accuracy"]),
         "speedup_vs_uniform": uniform["latency_ms"]["median"] / deployed["latency_ms"]["median"],
+        "search_precision": report["search"].get("search_precision"),
+        "precision_latency_ms": report["search"].get("precision_latency_ms"),
+        "versus_uniform_in_search_precision": versus,
         "independent": check(run_dir),
     }
 
@@ -81,6 +92,7 @@ def main() -> None:
                         "seed",
                         "accuracy_gain_vs_uniform_points",
                         "speedup_vs_uniform",
+                        "versus_uniform_in_search_precision",
                         "wall_s",
                     )
                 }

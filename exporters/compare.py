@@ -25,7 +25,8 @@ class Comparison:
     """The outcome of comparing candidate logits with reference logits.
 
     Error fields are +inf when the candidate (or the reference) holds NaN / inf; `to_dict()`
-    writes those as null so the record stays valid JSON.
+    writes those as null so the record stays valid JSON. `nan_count` / `inf_count` count the
+    candidate's non-finite logits (the reference's make `nan_or_inf` true as well).
     """
 
     passed: bool
@@ -34,15 +35,23 @@ class Comparison:
     candidate_accuracy: float | None
     max_abs_error: float
     mean_abs_error: float
+    median_abs_error: float
     max_rel_error: float
     p99_abs_error: float
     nan_or_inf: bool
+    nan_count: int = 0
+    inf_count: int = 0
     tolerance: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite floats become None."""
         return {k: _json_safe(v) for k, v in asdict(self).items()}
+
+    def statistics(self) -> dict[str, Any]:
+        """The per-output statistics of a validation record (no verdict, no tolerance)."""
+        record = self.to_dict()
+        return {k: record[k] for k in STATISTICS}
 
 
 def _json_safe(value: Any) -> Any:
@@ -84,7 +93,7 @@ def compare_logits(
             "the artifact does not match the original model's outputs"
         )
     nan_or_inf = not (np.isfinite(ref).all() and np.isfinite(cand).all())
-    errors = _errors(ref, cand) if not nan_or_inf else dict.fromkeys(_ERROR_KEYS, math.inf)
+    errors = _errors(ref, cand) if not nan_or_inf else dict.fromkeys(ERROR_KEYS, math.inf)
     agreement = float((ref.argmax(axis=1) == cand.argmax(axis=1)).mean())
     reasons = _reasons(nan_or_inf, agreement, errors, tolerance)
     return Comparison(
@@ -93,13 +102,22 @@ def compare_logits(
         reference_accuracy=_accuracy(ref, labels),
         candidate_accuracy=_accuracy(cand, labels),
         nan_or_inf=nan_or_inf,
+        nan_count=int(np.isnan(cand).sum()),
+        inf_count=int(np.isinf(cand).sum()),
         tolerance=tolerance.model_dump(),
         reasons=reasons,
         **errors,
     )
 
 
-_ERROR_KEYS = ("max_abs_error", "mean_abs_error", "max_rel_error", "p99_abs_error")
+ERROR_KEYS = (
+    "max_abs_error",
+    "mean_abs_error",
+    "median_abs_error",
+    "max_rel_error",
+    "p99_abs_error",
+)
+STATISTICS = (*ERROR_KEYS, "top1_agreement", "nan_or_inf", "nan_count", "inf_count")
 
 
 def _as_logits(array: np.ndarray, what: str) -> np.ndarray:
@@ -117,6 +135,7 @@ def _errors(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     return {
         "max_abs_error": float(diff.max()),
         "mean_abs_error": float(diff.mean()),
+        "median_abs_error": float(np.median(diff)),
         "max_rel_error": float((diff.max(axis=1) / scale).max()),
         "p99_abs_error": float(np.percentile(diff, 99)),
     }

@@ -23,8 +23,10 @@ def layer_precisions(
 
     INT8: the layer's Conv / Gemm / MatMul takes its weight from a DequantizeLinear (QDQ form), or
     the layer became QLinearConv / QLinearMatMul / QGemm / ConvInteger / MatMulInteger (QOperator
-    form, e.g. node `/layer1/layer1.0/conv1/Conv_quant`). FP16: its input or weight is float16.
-    Otherwise FP32. A float layer whose *input* passes through Q/DQ still computes in FP32.
+    form, e.g. node `/layer1/layer1.0/conv1/Conv_quant`). FP16: its input or weight is float16
+    (a float16 initializer, a Cast to float16, or a tensor inferred float16, as
+    `exporters.fp16` writes them). Otherwise FP32. A float layer whose *input* passes through
+    Q/DQ still computes in FP32.
 
     Args:
         onnx_path_or_model: An `.onnx` path or a loaded model.

@@ -1,8 +1,10 @@
-"""Write a policy's INT8 layers into an ONNX graph with ONNX Runtime static quantization.
+"""Write a policy's precisions into an ONNX graph: INT8 by ONNX Runtime static quantization,
+FP16 by typing the layers float16 (`exporters.fp16`).
 
 Only the layers the policy puts in INT8 are quantized (`nodes_to_quantize`); every other layer
 keeps float weights and float inputs, so the graph is exactly the policy and the same file runs
-on ONNX Runtime and TensorRT (which reads Q/DQ as the precision of each layer).
+on ONNX Runtime and TensorRT (which reads Q/DQ and float16 tensors as the precision of each
+layer).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from exporters.fp16 import convert_to_fp16
 from exporters.inspect_precision import layer_precisions
-from exporters.onnx_export import FLOAT_OPS, layer_node_map, one_line
+from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map, one_line
 from pipeline.artifacts import atomic_write_with
 from pipeline.errors import DataError, ModelError, PolicyError
 from pipeline.policy import Precision
@@ -53,48 +56,80 @@ def quantize_onnx(
     precisions: dict[str, Precision],
     scheme: Int8Scheme,
     calib_inputs: np.ndarray,
+    *,
+    calib_samples: int | None = None,
+    activation_overrides: dict[str, dict[str, tuple[float, int]]] | None = None,
 ) -> dict[str, Any]:
-    """Quantize exactly the INT8 layers of a policy; all others stay FP32.
+    """Write a policy's precisions into the graph: INT8 layers Q/DQ, FP16 layers float16.
+
+    INT8 goes first (ONNX Runtime calibrates the float graph), then the FP16 layers are
+    converted with Casts at their boundaries (`exporters.fp16`). Layers not listed stay FP32.
 
     Args:
         fp32_path: An FP32 graph from `export_onnx`.
-        out_path: Where the quantized graph goes; written atomically.
+        out_path: Where the graph goes; written atomically.
         precisions: {layer fqn -> Precision}; layers not listed stay FP32.
         scheme: Q/DQ or QOperator, activation / weight types, per-channel, calibration method.
-        calib_inputs: Calibration samples, float32 (N, C, H, W); the first
-            `scheme.calib_samples` are used.
+        calib_inputs: Calibration samples, float32 (N, C, H, W).
+        calib_samples: How many samples calibrate (default `scheme.calib_samples`); the search
+            passes fewer for speed.
+        activation_overrides: {INT8 layer fqn -> {"input" | "output" -> (scale, zero point)}}
+            for the layer's input activation and its output (the graph quantizes both),
+            imposed instead of calibrated values (steps learned by QAT). Points that are one
+            tensor share one Q/DQ pair: the first one listed sets it.
 
     Returns:
-        {"int8_layers", "fp32_layers", "scheme", "calib_samples"}.
+        {"int8_layers", "fp16_layers", "fp32_layers", "scheme", "calib_samples",
+        "activation_overrides" (tensors whose scale was imposed), "kept_fp32_nodes" (nodes of
+        FP16 layers kept in float32 because they overflow in float16, see
+        `exporters.fp16.FP32_ONLY_OPS`), "fp16_casts" (Casts added at precision boundaries)}.
 
     Raises:
-        PolicyError: A layer asks for FP16, or names a layer the graph does not have.
+        PolicyError: The policy names a layer the graph does not have.
         DataError: No calibration samples, or not (N, C, H, W).
-        ModelError: The quantized graph does not match the policy.
+        ModelError: The written graph does not match the policy.
     """
-    fp16 = [name for name, p in precisions.items() if p == Precision.FP16]
-    if fp16:
-        raise PolicyError(
-            f"per-layer FP16 is not supported by the ONNX Runtime exporter yet (layer '{fp16[0]}'"
-            f"{f' and {len(fp16) - 1} more' if len(fp16) > 1 else ''}); use int8 or fp32"
-        )
-    int8 = [name for name, p in precisions.items() if p == Precision.INT8]
-    report = {
+    by_precision = {p: [name for name, q in precisions.items() if q == p] for p in Precision}
+    int8, fp16 = by_precision[Precision.INT8], by_precision[Precision.FP16]
+    report: dict[str, Any] = {
         "int8_layers": int8,
-        "fp32_layers": [name for name, p in precisions.items() if p == Precision.FP32],
+        "fp16_layers": fp16,
+        "fp32_layers": by_precision[Precision.FP32],
         "scheme": scheme.model_dump(),
         "calib_samples": 0,
+        "activation_overrides": [],
+        "kept_fp32_nodes": [],
+        "fp16_casts": 0,
     }
-    if not int8:
-        _node_map(onnx.load(str(fp32_path), load_external_data=False), list(precisions))
+    raw = onnx.load(str(fp32_path))
+    _node_map(raw, list(precisions))  # unknown layers are the policy's fault: say so first
+    if not int8 and not fp16:
         atomic_write_with(Path(out_path), lambda tmp: shutil.copyfile(fp32_path, tmp))
         return report
-    samples = _calibration_samples(calib_inputs, scheme.calib_samples)
-    with tempfile.TemporaryDirectory(prefix="quantize-") as work:
-        model = _quantize(Path(fp32_path), Path(work), precisions, scheme, samples)
+    model = raw
+    if int8:
+        limit = calib_samples if calib_samples is not None else scheme.calib_samples
+        samples = _calibration_samples(calib_inputs, limit)
+        with tempfile.TemporaryDirectory(prefix="quantize-") as work:
+            model, overridden = _quantize(
+                Path(fp32_path), Path(work), precisions, scheme, samples, activation_overrides
+            )
+        report["calib_samples"] = len(samples)
+        report["activation_overrides"] = overridden
+    if fp16:
+        report.update(_to_fp16(model, fp16, [n for n in precisions if n not in set(fp16)]))
+    _verify(model, precisions)
     atomic_write_with(Path(out_path), lambda tmp: onnx.save(model, str(tmp)))
-    report["calib_samples"] = len(samples)
     return report
+
+
+def _to_fp16(model: onnx.ModelProto, layers: list[str], others: list[str]) -> dict[str, Any]:
+    """Convert the FP16 layers' nodes in place; the part of the report it owns."""
+    nodes = layer_node_map(model, [*layers, *others], op_types=(*FLOAT_OPS, *INT8_OPS))
+    done = convert_to_fp16(model, [nodes[n] for n in layers], [nodes[n] for n in others])
+    if done.kept_fp32_nodes:
+        logger.info("kept in float32 inside FP16 layers: %s", ", ".join(done.kept_fp32_nodes))
+    return {"kept_fp32_nodes": done.kept_fp32_nodes, "fp16_casts": done.casts}
 
 
 def _quantize(
@@ -103,22 +138,64 @@ def _quantize(
     precisions: dict[str, Precision],
     scheme: Int8Scheme,
     samples: np.ndarray,
-) -> onnx.ModelProto:
-    """Preprocess, quantize the INT8 nodes, clean FP32 layers' inputs, and verify the result."""
+    activation_overrides: dict[str, dict[str, tuple[float, int]]] | None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Preprocess, quantize the INT8 nodes, clean float layers' inputs, check the INT8 layers.
+
+    Returns the quantized graph and the tensors whose activation scale was imposed.
+    """
     model, nodes = _prepared(fp32_path, work / "pre.onnx", list(precisions))
-    int8_nodes = [nodes[name] for name, p in precisions.items() if p == Precision.INT8]
+    int8_layers = [name for name, p in precisions.items() if p == Precision.INT8]
+    int8_nodes = [nodes[name] for name in int8_layers]
+    int8_map = {name: nodes[name] for name in int8_layers}
+    overrides = _tensor_overrides(model, int8_map, activation_overrides or {}, scheme)
     _unshare_initializers(model)
     prepared, quant = work / "prepared.onnx", work / "quant.onnx"
     onnx.save(model, str(prepared))
     # The calibrators print progress to stdout; keep it out of the CLI's progress display.
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        _quantize_static(prepared, quant, model, int8_nodes, scheme, samples)
+        _quantize_static(prepared, quant, model, int8_nodes, scheme, samples, overrides)
     logger.debug("onnxruntime quantizer: %s", chatter.getvalue().strip())
     quantized = onnx.load(str(quant))
     float_nodes = {n.name for n in quantized.graph.node if n.op_type in FLOAT_OPS}
     _unquantize_float_inputs(quantized, float_nodes - set(int8_nodes))
-    _verify(quantized, precisions)
-    return quantized
+    # FP16 layers are still float32 here: check INT8 against everything else being float.
+    as_float = {n: Precision.FP32 if p == Precision.FP16 else p for n, p in precisions.items()}
+    _verify(quantized, as_float)
+    return quantized, sorted(overrides)
+
+
+def _tensor_overrides(
+    model: onnx.ModelProto,
+    nodes: dict[str, str],
+    activation_overrides: dict[str, dict[str, tuple[float, int]]],
+    scheme: Int8Scheme,
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """ORT's `TensorQuantOverrides` for the INT8 layers' input and output activations.
+
+    `nodes` maps each INT8 layer to its node. The format (read in onnxruntime.quantization.
+    tensor_quant_overrides): {tensor name -> [{"scale": float32 array, "zero_point": array of
+    the activation type}]}; one dict in the list means per-tensor.
+    """
+    unknown = sorted(set(activation_overrides) - set(nodes))
+    if unknown:
+        raise PolicyError(
+            f"activation scales given for layer '{unknown[0]}', which the policy does not put "
+            "in INT8"
+        )
+    by_name = {n.name: n for n in model.graph.node}
+    zp_type = np.uint8 if scheme.activation_type == "uint8" else np.int8
+    overrides: dict[str, list[dict[str, np.ndarray]]] = {}
+    for fqn, sides in activation_overrides.items():
+        node = by_name[nodes[fqn]]
+        for side, (scale, zero_point) in sides.items():
+            tensor = node.input[0] if side == "input" else node.output[0]
+            qparams = {
+                "scale": np.array(scale, np.float32),
+                "zero_point": np.array(zero_point, zp_type),
+            }
+            overrides.setdefault(tensor, [qparams])
+    return overrides
 
 
 def _quantize_static(
@@ -128,8 +205,15 @@ def _quantize_static(
     int8_nodes: list[str],
     scheme: Int8Scheme,
     samples: np.ndarray,
+    overrides: dict[str, list[dict[str, np.ndarray]]],
 ) -> None:
     op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
+    extra: dict[str, Any] = {
+        # Signed activations are for TensorRT, which only takes a zero point of 0.
+        "ActivationSymmetric": scheme.activation_type == "int8",
+    }
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     quantize_static(
         str(prepared),
         str(out),
@@ -142,8 +226,7 @@ def _quantize_static(
         # Only the policy's INT8 layers; an empty list would mean "everything" to ORT.
         nodes_to_quantize=int8_nodes,
         calibrate_method=_CALIBRATION[scheme.calibration],
-        # Signed activations are for TensorRT, which only takes a zero point of 0.
-        extra_options={"ActivationSymmetric": scheme.activation_type == "int8"},
+        extra_options=extra,
     )
 
 
@@ -152,7 +235,7 @@ def _prepared(
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The graph to quantize and its {layer -> node}: ORT's pre-pass output when usable."""
     raw = onnx.load(str(fp32_path))
-    raw_nodes = _node_map(raw, layers)  # unknown layers are the policy's fault: say so first
+    raw_nodes = _node_map(raw, layers)
     try:
         quant_pre_process(str(fp32_path), str(out))
         model = onnx.load(str(out))
@@ -290,7 +373,7 @@ def _verify(model: onnx.ModelProto, precisions: dict[str, Precision]) -> None:
     if wrong:
         name = wrong[0]
         raise ModelError(
-            f"ONNX Runtime did not quantize the graph as the policy asks: layer '{name}' runs in "
+            f"the exported graph does not run as the policy asks: layer '{name}' runs in "
             f"{actual[name].value}, policy says {precisions[name].value}"
             f"{f' (and {len(wrong) - 1} more layers)' if len(wrong) > 1 else ''}"
         )

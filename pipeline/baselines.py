@@ -3,6 +3,9 @@
 - `uniform`: uniform pruning (FP32, the plain baseline) at the keep ratio whose measured
   latency matches the deployed model's, found by bisection on measured latency, then given the
   same full recovery fine-tune as the deployed model.
+- `uniform_int8` (or `uniform_fp16`): the same in the precision the search pruned in, when that
+  is not FP32 (the precision in which the whole original measured fastest): a hand-picked
+  `uniform:R:int8` at matched latency, the harder baseline.
 - `int8`: the unpruned original with every layer in INT8.
 """
 
@@ -35,7 +38,7 @@ def _export(ctx: RunContext, model, precision: Precision, path: Path) -> None:
 
 def _pruned(ctx: RunContext, keep: float):
     model = copy.deepcopy(ctx.original)
-    policy = uniform_policy(model, keep, ctx.profile.default_precision)
+    policy = uniform_policy(model, keep, Precision.FP32)  # precisions are applied at export
     prune_model(
         model, policy, ctx.input_shape, ctx.profile.channel_multiple, ctx.profile.min_keep_ratio
     )
@@ -46,7 +49,9 @@ def _latency(ctx: RunContext, path: Path) -> float:
     return bench_artifact(ctx.profile, path)["latency_ms"][ctx.profile.measure.statistic]
 
 
-def matched_keep_ratio(ctx: RunContext, target_ms: float, tmp: Path, steps: int = 7) -> float:
+def matched_keep_ratio(
+    ctx: RunContext, target_ms: float, precision: Precision, tmp: Path, steps: int = 7
+) -> float:
     """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
 
     Latency is a noisy staircase in the keep ratio (channels round to a multiple), so of every
@@ -57,7 +62,7 @@ def matched_keep_ratio(ctx: RunContext, target_ms: float, tmp: Path, steps: int 
     for i in range(steps):
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
-        _export(ctx, _pruned(ctx, mid), ctx.profile.default_precision, path)
+        _export(ctx, _pruned(ctx, mid), precision, path)
         latency = _latency(ctx, path)
         tried.append((abs(latency - target_ms), mid))
         if latency <= target_ms:
@@ -85,28 +90,42 @@ def _side(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str
     }
 
 
+def _uniform(ctx: RunContext, precision: Precision, tmp: Path) -> dict[str, Any]:
+    """Uniform pruning in `precision` at the deployed model's latency, fully fine-tuned."""
+    from pipeline.run import stage
+
+    target = ctx.results["deployed"]["latency_ms"][ctx.profile.measure.statistic]
+    stage(
+        f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
+        "latency (bisection)"
+    )
+    keep = matched_keep_ratio(ctx, target, precision, tmp)
+    uniform = _pruned(ctx, keep)
+    ft = ctx.config.finetune
+    train(
+        uniform,
+        ctx.splits.train,
+        ft.spec(ctx.config.seed),
+        ctx.original,
+        f"uniform {precision.value} baseline",
+        ctx.config.show_progress,
+    )
+    path = tmp / f"uniform_{precision.value}.onnx"
+    _export(ctx, uniform, precision, path)
+    return _side(ctx, uniform, path, {"keep_ratio": keep, "precision": precision.value})
+
+
 def run_baselines(ctx: RunContext) -> None:
     """Fill ctx.results["baselines"] with the uniform and all-INT8 baselines."""
     from pipeline.run import stage
 
-    target = ctx.results["deployed"]["latency_ms"][ctx.profile.measure.statistic]
     baselines: dict[str, Any] = {}
+    searched = Precision(ctx.results.get("search", {}).get("search_precision", "fp32"))
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        stage("baseline: uniform pruning at the deployed model's measured latency (bisection)")
-        keep = matched_keep_ratio(ctx, target, tmp)
-        uniform = _pruned(ctx, keep)
-        ft = ctx.config.finetune
-        train(
-            uniform,
-            ctx.splits.train,
-            ft.spec(ctx.config.seed),
-            ctx.original,
-            "uniform baseline",
-            ctx.config.show_progress,
-        )
-        _export(ctx, uniform, ctx.profile.default_precision, tmp / "uniform.onnx")
-        baselines["uniform"] = _side(ctx, uniform, tmp / "uniform.onnx", {"keep_ratio": keep})
+        baselines["uniform"] = _uniform(ctx, ctx.profile.default_precision, tmp)
+        if searched != ctx.profile.default_precision:
+            baselines[f"uniform_{searched.value}"] = _uniform(ctx, searched, tmp)
         if Precision.INT8 in ctx.profile.precisions:
             stage("baseline: the original with every layer in INT8")
             _export(ctx, ctx.original, Precision.INT8, tmp / "int8.onnx")

@@ -105,6 +105,53 @@ def format_bench(result: dict[str, Any]) -> Table:
     return table
 
 
+RUN_DIR_MODELS = {"original": "original.onnx", "deployed": "model.onnx"}
+
+
+def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
+    """Benchmark a run directory's original.onnx and deployed model.onnx with the same runner.
+
+    Returns:
+        `original` and `deployed` (each a `bench_artifact` result) and `speedup`, the
+        original's median latency over the deployed model's.
+
+    Raises:
+        ConfigError: The folder lacks one of the two models.
+        Same as `measure_artifact`.
+    """
+    from pipeline.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    missing = [name for name in RUN_DIR_MODELS.values() if not (run_dir / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{run_dir} has no {' or '.join(missing)}: give a finished run directory or a model"
+        )
+    result: dict[str, Any] = {
+        key: bench_artifact(profile, run_dir / name) for key, name in RUN_DIR_MODELS.items()
+    }
+    medians = [result[key]["latency_ms"]["median"] for key in RUN_DIR_MODELS]
+    result["speedup"] = medians[0] / medians[1]
+    return result
+
+
+def format_bench_run(result: dict[str, Any]) -> Table:
+    """A rich table of a `bench_run_dir` result: both models side by side, and the speedup."""
+    sides = [result[key] for key in RUN_DIR_MODELS]
+    table = Table(title=f"latency on {sides[0]['runtime']} ({sides[0]['threads']} threads)")
+    for col in ("", *RUN_DIR_MODELS):
+        table.add_column(col, justify="right" if col else "left", style="" if col else "bold")
+    for key in ("median", "p90", "mean", "min"):
+        table.add_row(f"{key} ms", *(f"{s['latency_ms'][key]:.4f}" for s in sides))
+    table.add_row(
+        "cv",
+        *(f"{s['latency_ms']['cv']:.3f}" + (" (noisy)" if s["noisy"] else "") for s in sides),
+    )
+    table.add_row("runs", *(f"{s['warmup']} + {s['repeats']}" for s in sides))
+    table.add_row("speedup", "", f"{result['speedup']:.2f}x")
+    return table
+
+
 def _cost_model_for(artifact: Path) -> Path | None:
     if artifact.suffix == ".onnx":
         return artifact

@@ -9,6 +9,7 @@ pruned architecture, the precision of each layer, the profile and the runtime ve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from pipeline.data import Splits
 from pipeline.evaluate import accuracy, stack, torch_logits
 from pipeline.finetune import TrainSpec, batch_stream, train
 from pipeline.measure_worker import MeasureWorker
-from pipeline.policy import Policy, policy_layers
+from pipeline.policy import Policy, Precision, policy_layers, uniform_policy
 from pipeline.profile import TargetProfile
 from pipeline.prune import count_macs_params, prune_model
 
@@ -59,7 +60,8 @@ class MeasurementCache:
 
 
 def candidate_key(model: nn.Module, policy: Policy, profile: TargetProfile) -> str:
-    """What determines latency: channel counts, precisions, profile, runtime versions."""
+    """What determines latency: channel counts, precisions, profile, runtime versions (and
+    the device agent's board and runtimes when the profile measures on one)."""
     from pipeline.report import versions
 
     arch = [
@@ -75,6 +77,10 @@ def candidate_key(model: nn.Module, policy: Policy, profile: TargetProfile) -> s
         "profile": profile.model_dump(mode="json"),
         "runtime": {k: v.get(k) for k in ("onnxruntime", "tensorrt", "onnx")},
     }
+    if profile.device != "local":  # measured on an agent: its board and runtimes decide
+        from pipeline.device.client import device_identity
+
+        payload["device"] = device_identity(profile)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -129,9 +135,9 @@ class CandidateEvaluator:
             pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
         )
         key = candidate_key(pruned, policy, self.profile)
-        policy_id = hashlib.sha256(
-            json.dumps(policy.to_dict(), sort_keys=True).encode()
-        ).hexdigest()
+        # Keep ratios that round to the same channel counts give the same pruned model and, with
+        # the seeded fine-tune, the same accuracy: such repeats are not trained again.
+        policy_id = _model_id(key, policy)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "candidate.onnx"
             if policy_id in self._accuracy_memo:
@@ -165,15 +171,43 @@ class CandidateEvaluator:
             raise ValueError("the candidate outputs NaN or inf")
         return accuracy(logits, self.val_labels)
 
-    def _latency(self, key: str, path: Path) -> tuple[float, str, dict[str, Any]]:
+    def _latency(
+        self, key: str, path: Path, count: bool = True
+    ) -> tuple[float, str, dict[str, Any]]:
+        """The statistic, its source and every statistic; `count` False keeps measurements
+        that are not candidates (the original in each precision) out of the search's counts."""
         cached = self.cache.get(key)
         if cached is not None:
-            self.cached_measurements += 1
+            self.cached_measurements += int(count)
             return cached[self.profile.measure.statistic], "cached", cached
         stats = self.worker.measure(path)["latency_ms"]
-        self.real_measurements += 1
+        self.real_measurements += int(count)
         self.cache.put(key, stats)
         return stats[self.profile.measure.statistic], "measured", stats
+
+    def measure_uniform_precisions(self) -> dict[str, float]:
+        """The original with every layer in each allowed precision, measured on the target.
+
+        FP32 is the original's own latency. A precision whose export or measurement fails is
+        left out, so searches never prune in it (`agents.env.search_precision`).
+        """
+        measured: dict[str, float] = {}
+        if Precision.FP32 in self.profile.precisions:
+            measured[Precision.FP32.value] = self.space.original_latency_ms
+        for precision in self.profile.precisions:
+            if precision == Precision.FP32:
+                continue
+            policy = uniform_policy(self.model, 1.0, precision)
+            key = candidate_key(self.model, policy, self.profile)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "uniform.onnx"
+                    if self.cache.get(key) is None:
+                        self._export(copy.deepcopy(self.model), policy, path)
+                    measured[precision.value] = self._latency(key, path, count=False)[0]
+            except Exception as exc:  # the search goes on without that precision
+                log.warning("the original in %s could not be measured: %s", precision.value, exc)
+        return measured
 
     def proxy_accuracy(self, policy: Policy) -> float:
         """Validation accuracy of the policy pruned without fine-tuning (PuRL's dense signal)."""
@@ -286,4 +320,14 @@ def build_evaluator(
         original_accuracy=original_accuracy,
         original_latency_ms=latency,
     )
-    return CandidateEvaluator(model, splits, profile, space, finetune, cache, timeout_s)
+    evaluator = CandidateEvaluator(model, splits, profile, space, finetune, cache, timeout_s)
+    measured = evaluator.measure_uniform_precisions()
+    evaluator.space = dataclasses.replace(space, precision_latency_ms=measured)
+    return evaluator
+
+
+def _model_id(key: str, policy: Policy) -> str:
+    """What determines a candidate's trained weights: its architecture and precisions (the
+    measurement key), which channels are kept (channel scores) and which blocks are gone."""
+    payload = {"key": key, "scores": policy.channel_scores, "removed": list(policy.removed)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -115,13 +115,24 @@ def run(
 @app.command()
 def bench(
     target: TargetOpt,
-    artifact: Annotated[Path, typer.Argument(help="An .onnx file to measure.")],
+    artifact: Annotated[
+        Path, typer.Argument(help="An .onnx or .engine file, or a run directory (both models).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs."""
     from pipeline.bench import bench_artifact, format_bench
     from pipeline.profile import load_profile
 
+    if artifact.is_dir():  # a run directory: original.onnx and model.onnx side by side
+        from pipeline.bench import bench_run_dir, format_bench_run
+
+        pair = bench_run_dir(load_profile(target), artifact)
+        if as_json:
+            typer.echo(json.dumps(pair, indent=2))
+        else:
+            console.print(format_bench_run(pair))
+        return
     result = bench_artifact(load_profile(target), artifact)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -166,6 +177,33 @@ def profiles() -> None:
         precisions = ",".join(x.value for x in p.precisions)
         table.add_row(p.name, p.runtime, device, precisions, p.description)
     console.print(table)
+
+
+device_app = typer.Typer(help="The device agent that measures on the target.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+
+
+@device_app.command("serve")
+def device_serve(
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token clients must send.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, MiB.")] = 1024,
+    job_timeout_s: Annotated[
+        float, typer.Option(help="A job running longer is killed and reported.")
+    ] = 600,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Job folders (default $PIPELINE_CACHE/device-jobs).")
+    ] = None,
+) -> None:
+    """Run the device agent on the target: measures and runs models sent by `pipeline run`."""
+    from pipeline.device.server import serve
+
+    serve(host, port, token_file, tls_cert, tls_key, max_upload_mb, job_timeout_s, work_dir)
 
 
 def main() -> None:

@@ -20,11 +20,28 @@ class FinetuneConfig(StrictModel):
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(64, ge=1)
     kd_weight: float = Field(1.0, ge=0)
+    qat: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="quantization-aware recovery of INT8 layers (pipeline/qat.py): auto = when "
+        "post-training INT8 loses more val accuracy than the profile's max_accuracy_drop",
+    )
+    qat_steps: int = Field(200, ge=0)
+    qat_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the QAT fine-tune")
 
     def spec(self, seed: int) -> TrainSpec:
         return TrainSpec(
             steps=self.steps,
             lr=self.lr,
+            batch_size=self.batch_size,
+            kd_weight=self.kd_weight,
+            seed=seed,
+        )
+
+    def qat_spec(self, seed: int) -> TrainSpec:
+        """The QAT fine-tune: same batch size and distillation, its own steps and rate."""
+        return TrainSpec(
+            steps=self.qat_steps,
+            lr=self.qat_lr,
             batch_size=self.batch_size,
             kd_weight=self.kd_weight,
             seed=seed,

@@ -12,6 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from pipeline.child import stop_child
 from pipeline.errors import MeasurementError
 from pipeline.profile import TargetProfile
 
@@ -77,15 +78,7 @@ class MeasureWorker:
     def close(self, kill: bool = False) -> None:
         if self._proc is None:
             return
-        try:
-            if not kill and self._conn is not None:
-                self._conn.send(None)
-                self._proc.join(timeout=5)
-        except (BrokenPipeError, OSError):
-            pass
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=5)
+        stop_child(self._proc, self._conn, kill)
         self._proc, self._conn = None, None
 
     def __enter__(self) -> MeasureWorker:

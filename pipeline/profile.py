@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.policy import Precision
@@ -13,7 +13,11 @@ from pipeline.schema import StrictModel, parse_model, read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
-Runtime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
+Runtime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]
+
+
+# Runtimes that hand the graph to TensorRT (or CUDA kernels built for its Q/DQ rules).
+SYMMETRIC_INT8_RUNTIMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt")
 
 
 class InputSpec(StrictModel):
@@ -104,6 +108,27 @@ class TargetProfile(StrictModel):
         if not value:
             raise ValueError("list at least one precision (int8, fp16, fp32)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _symmetric_int8_by_default(cls, data: Any) -> Any:
+        """GPU runtimes read INT8 as symmetric S8S8 Q/DQ: their profiles default to it."""
+        if isinstance(data, dict) and data.get("runtime") in SYMMETRIC_INT8_RUNTIMES:
+            int8 = data.get("int8") or {}
+            if isinstance(int8, dict):
+                data = {**data, "int8": {"activation_type": "int8", **int8}}
+        return data
+
+    @model_validator(mode="after")
+    def _int8_scheme_fits_the_runtime(self) -> TargetProfile:
+        scheme = (self.int8.format, self.int8.activation_type, self.int8.weight_type)
+        if self.runtime in SYMMETRIC_INT8_RUNTIMES and scheme != ("qdq", "int8", "int8"):
+            raise ValueError(
+                f"runtime {self.runtime} needs symmetric S8S8 Q/DQ INT8 (TensorRT takes only "
+                "int8 Q/DQ with zero point 0); set int8.format: qdq, int8.activation_type: int8, "
+                "int8.weight_type: int8"
+            )
+        return self
 
     @property
     def default_precision(self) -> Precision:

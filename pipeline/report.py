@@ -96,11 +96,11 @@ def _gates(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
             f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
             f"max_accuracy_drop {ctx.profile.max_accuracy_drop}"
         )
-    int8 = ctx.results.get("int8_check")
-    if int8 and not int8["int8_not_slower"]:
+    check = ctx.results.get("precision_check")
+    if check and not check["not_slower"] and check["shipped"] != "fp32":
         failed.append(
-            f"INT8 is slower than FP32 on this target with the profile's INT8 scheme "
-            f"({int8['int8_speedup']:.2f}x); try another int8 scheme or FP32"
+            f"the policy's precisions run slower than FP32 on this target "
+            f"({check['speedup']:.2f}x); try another int8 scheme or FP32"
         )
     mismatched = ctx.results.get("precision", {}).get("mismatched_layers")
     if mismatched:
@@ -130,7 +130,8 @@ def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]
         "validation": comparison,
         "search": ctx.results.get("search") or _fixed_search(ctx),
         "baselines": ctx.results.get("baselines", {}),
-        "int8_check": ctx.results.get("int8_check"),
+        "precision_check": ctx.results.get("precision_check"),
+        "engine": ctx.results.get("engine"),
         "precision": ctx.results.get("precision"),
         "floor": {k: ctx.results[k].get("floor") for k in ("original", "deployed")},
         "noisy_measurements": [k for k in ("original", "deployed") if ctx.results[k].get("noisy")],
@@ -238,6 +239,20 @@ def _search_markdown(summary: dict[str, Any]) -> list[str]:
         f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
         f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
         "",
+        *_precision_markdown(s),
+    ]
+
+
+def _precision_markdown(search: dict[str, Any]) -> list[str]:
+    """Which precision the channel search ran in, and the measurements that decided it."""
+    measured = search.get("precision_latency_ms")
+    if not measured:
+        return []
+    times = ", ".join(f"{p} {ms:.3f} ms" for p, ms in measured.items())
+    return [
+        f"The original with every layer in one precision measured {times}; channel searches "
+        f"ran in {search.get('search_precision')}.",
+        "",
     ]
 
 
@@ -285,16 +300,36 @@ def _checks_markdown(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}"
         )
-    int8 = summary.get("int8_check")
-    if int8:
-        word = "faster" if int8["int8_not_slower"] else "SLOWER"
+    check = summary.get("precision_check")
+    if check:
+        word = "faster" if check["not_slower"] else "SLOWER"
+        shipped = "; shipped in FP32" if check["shipped"] == "fp32" else ""
         lines.append(
-            f"- INT8 vs the same pruned model in FP32: {int8['int8_speedup']:.2f}x ({word})"
+            f"- Policy precisions vs the same pruned model in FP32: {check['speedup']:.2f}x "
+            f"({word}{shipped})"
         )
+    lines += _precision_markdown(summary.get("precision") or {})
     for key in summary.get("noisy_measurements", []):
         lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
     lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
     return [*lines, ""]
+
+
+def _precision_markdown(precision: dict[str, Any]) -> list[str]:
+    """How INT8 was recovered (PTQ or QAT) and which FP16-layer ops stayed in FP32."""
+    lines = []
+    rec = precision.get("int8_recovery") or {}
+    if rec.get("method") in ("ptq", "qat"):
+        qat = rec.get("qat_accuracy")
+        tried = f", after QAT {qat:.2%}" if qat is not None else ""
+        lines.append(
+            f"- INT8: {rec['method'].upper()} shipped (val accuracy float "
+            f"{rec['float_accuracy']:.2%}, after calibration {rec['ptq_accuracy']:.2%}{tried})"
+        )
+    kept = (precision.get("quantization") or {}).get("kept_fp32_nodes") or []
+    if kept:
+        lines.append(f"- Kept in FP32 inside FP16 layers (overflow-prone): {', '.join(kept)}")
+    return lines
 
 
 def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | None = None) -> None:

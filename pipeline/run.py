@@ -137,46 +137,115 @@ def compress(ctx: RunContext) -> nn.Module:
     return pruned
 
 
-def export_deployed(ctx: RunContext, pruned: nn.Module) -> None:
-    """Write model.onnx with the policy's precisions inside the graph; check they took."""
-    from exporters import export_onnx, layer_precisions, quantize_onnx
+def export_deployed(ctx: RunContext, pruned: nn.Module) -> nn.Module:
+    """Write model.onnx with the policy's precisions inside the graph; check they took.
+
+    INT8 that loses too much accuracy after calibration is recovered with a quantization-aware
+    fine-tune (`finetune.qat`); the model returned is the one model.onnx holds.
+    """
+    from exporters import layer_precisions
+    from pipeline.qat import recover_int8
 
     stage("exporting model.onnx with the policy's precisions")
-    calib, _ = stack(ctx.splits.calib)
     layers = policy_layers(pruned)  # removed blocks' layers are gone
+    ft = ctx.config.finetune
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "pruned_fp32.onnx"
-        export_onnx(pruned, ctx.input_shape, fp32, ctx.config.opset)
+        recovery = recover_int8(
+            pruned,
+            ctx.original if ft.kd_weight > 0 else None,
+            ctx.policy,
+            ctx.profile,
+            ctx.splits,
+            ctx.run_dir / "model.onnx",
+            mode=ft.qat,
+            spec=ft.qat_spec(ctx.config.seed),
+            fp32_path=fp32,
+            opset=ctx.config.opset,
+            notify=stage,
+        )
+        if recovery.info["method"] == "qat":  # the deployed weights are the QAT-tuned ones
+            pruned = recovery.model
+            save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
+        quant = recovery.quantization
         precisions = {n: ctx.policy.action(n).precision for n in layers}
-        quant = quantize_onnx(fp32, ctx.run_dir / "model.onnx", precisions, ctx.profile.int8, calib)
-        if Precision.INT8 in precisions.values():
-            ctx.results["int8_check"] = _int8_check(ctx, fp32)
+        if set(precisions.values()) != {Precision.FP32}:
+            check = _precision_check(ctx, fp32)
+            ctx.results["precision_check"] = check
+            if not check["not_slower"] and _may_ship_fp32(ctx):
+                _ship_fp32(ctx, fp32)
+                check["shipped"] = "fp32"
+    if recovery.qparams and ctx.results.get("precision_check", {}).get("shipped") != "fp32":
+        from pipeline.validate import QAT_SCALES
+
+        write_json(ctx.run_dir / QAT_SCALES, recovery.qparams)  # validation's reference
     actual = layer_precisions(ctx.run_dir / "model.onnx", layers)
     wanted = {n: ctx.policy.action(n).precision for n in layers}
     mismatched = sorted(n for n in layers if actual.get(n) != wanted[n])
-    ctx.results["precision"] = {"quantization": quant, "mismatched_layers": mismatched}
+    ctx.results["precision"] = {
+        "quantization": quant,
+        "mismatched_layers": mismatched,
+        "int8_recovery": recovery.info,
+    }
     macs, params = count_macs_params(pruned, ctx.input_shape)
     ctx.results["deployed_static"] = {
         "params": params,
         "macs": macs,
         "size_bytes": (ctx.run_dir / "model.onnx").stat().st_size,
     }
+    return pruned
 
 
-def _int8_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
-    """Measure the same pruned model in FP32 and with the policy's INT8, on the same runner."""
+def _precision_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
+    """Measure the same pruned model in FP32 and in the policy's precisions, same runner."""
     from pipeline.bench import bench_artifact
 
-    stage("measuring the pruned model in FP32 against its INT8 form")
+    stage("measuring the pruned model in FP32 against the policy's precisions")
     fp32 = bench_artifact(ctx.profile, pruned_fp32)
-    int8 = bench_artifact(ctx.profile, ctx.run_dir / "model.onnx")
-    ratio = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
+    mixed = bench_artifact(ctx.profile, ctx.run_dir / "model.onnx")
+    statistic = ctx.profile.measure.statistic
+    ratio = fp32["latency_ms"][statistic] / mixed["latency_ms"][statistic]
     return {
         "fp32_ms": fp32["latency_ms"],
-        "int8_ms": int8["latency_ms"],
-        "int8_speedup": ratio,
-        "int8_not_slower": ratio >= 1.0,
+        "policy_ms": mixed["latency_ms"],
+        "speedup": ratio,
+        "not_slower": ratio >= 1.0,
+        "shipped": "policy",
     }
+
+
+def _may_ship_fp32(ctx: RunContext) -> bool:
+    """A searched policy falls back to FP32 when its precisions measure slower; a policy the
+    user gave is shipped as given (and the report's gate says it is slower)."""
+    return bool(ctx.results.get("search")) and Precision.FP32 in ctx.profile.precisions
+
+
+def _ship_fp32(ctx: RunContext, pruned_fp32: Path) -> None:
+    """model.onnx becomes the pruned model in FP32, and policy.json says so."""
+    import shutil
+
+    from pipeline.artifacts import atomic_write_with
+    from pipeline.policy import LayerAction
+
+    stage("the policy's precisions measured slower than FP32 here: shipping FP32")
+    atomic_write_with(ctx.run_dir / "model.onnx", lambda tmp: shutil.copyfile(pruned_fp32, tmp))
+    p = ctx.policy
+    layers = {n: LayerAction(a.keep_ratio, Precision.FP32) for n, a in p.layers.items()}
+    ctx.policy = Policy(layers, p.removed, p.channel_scores)
+    ctx.policy.save(ctx.run_dir / "policy.json")
+
+
+def build_engine_stage(ctx: RunContext) -> None:
+    """On a local TensorRT target, build model.engine (and its metadata) on this GPU: an engine
+    only runs on the GPU model and TensorRT version that built it."""
+    if ctx.profile.runtime != "tensorrt" or ctx.profile.device != "local":
+        return
+    from exporters.tensorrt import build_engine
+
+    stage("building model.engine with TensorRT on this GPU")
+    ctx.results["engine"] = build_engine(
+        ctx.run_dir / "model.onnx", ctx.profile, ctx.run_dir / "model.engine"
+    )
 
 
 def measure(ctx: RunContext) -> None:
@@ -193,7 +262,7 @@ def measure(ctx: RunContext) -> None:
 
 def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
     """Compare model.onnx with the model it came from and with the original, on test."""
-    from pipeline.validate import compare_deployed, onnx_logits
+    from pipeline.validate import compare_deployed, onnx_logits, source_logits
 
     stage("validating model.onnx against the original")
     inputs, labels, original = ctx.results["_test"]
@@ -201,7 +270,7 @@ def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
     result = compare_deployed(
         ctx.profile,
         deployed,
-        torch_logits(pruned, inputs),
+        source_logits(pruned, inputs, ctx.run_dir, ctx.profile.int8),
         original,
         labels,
         {a.precision for a in ctx.policy.layers.values()},
@@ -240,7 +309,8 @@ def execute(
             report.write_manifest(ctx, status="failed: no candidate met the budget")
             return 1
         pruned = compress(ctx)
-        export_deployed(ctx, pruned)
+        pruned = export_deployed(ctx, pruned)
+        build_engine_stage(ctx)
         measure(ctx)
         comparison = validate(ctx, pruned)
         if ctx.results.get("search") and config.search.baselines:

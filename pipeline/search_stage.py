@@ -47,6 +47,7 @@ def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float:
 
 def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
     """The best policy under the budget, the closest one if allowed, else None."""
+    from agents.env import search_precision
     from pipeline.candidate import MeasurementCache, build_evaluator
     from pipeline.run import stage
     from pipeline.search import policy_of, run_search
@@ -66,6 +67,13 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
     budget = _budget(ctx, evaluator.space.original_latency_ms, resume)
     evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
     ctx.results["budget_ms"] = budget
+    measured = evaluator.space.precision_latency_ms
+    prune_in = search_precision(evaluator.space).value
+    stage(
+        "the original with every layer in one precision: "
+        + ", ".join(f"{p} {ms:.3f} ms" for p, ms in measured.items())
+        + f"; channel searches run in {prune_in}"
+    )
     stage(
         f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
         f"({ctx.profile.measure.statistic})"
@@ -84,7 +92,11 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         )
     finally:
         evaluator.close()
-    ctx.results["search"] = outcome.summary()
+    ctx.results["search"] = {
+        **outcome.summary(),
+        "precision_latency_ms": measured,
+        "search_precision": prune_in,
+    }
     ctx.results["candidates"] = [r for r in outcome.records if r["error"] is None]
     chosen = outcome.best or (outcome.closest if sc.allow_over_budget else None)
     ctx.results["search"]["shipped"] = (

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from agents.base import LayerInfo, SearchSpace
-from pipeline.policy import Precision, head_layer, policy_layers
+from pipeline.policy import head_layer, policy_layers
 from pipeline.profile import TargetProfile
 
 
@@ -221,7 +221,3 @@ def _layer_info(name, module, cost, share, prunable, group) -> LayerInfo:
         prunable=prunable,
         group=group,
     )
-
-
-def default_precision(space: SearchSpace) -> Precision:
-    return Precision.FP32 if Precision.FP32 in space.precisions else space.precisions[0]

@@ -21,7 +21,11 @@ from pipeline.artifacts import write_json
 from pipeline.errors import ConfigError
 from pipeline.evaluate import batched_logits, stack, torch_logits
 from pipeline.policy import Policy, Precision
-from pipeline.profile import TargetProfile
+from pipeline.profile import Int8Scheme, TargetProfile
+
+# The activation steps a quantization-aware fine-tune learned ({layer -> {input|output ->
+# [scale, zero point]}}); present in a run directory only when QAT produced model.onnx.
+QAT_SCALES = "qat_scales.json"
 
 
 def onnx_logits(profile: TargetProfile, path: Path, inputs: np.ndarray) -> np.ndarray:
@@ -40,29 +44,49 @@ def compare_deployed(
     labels: np.ndarray,
     precisions: set[Precision],
 ) -> dict[str, Any]:
-    """The validation record: task comparison fields at top level, fidelity nested."""
-    from exporters import compare_logits
+    """The validation record: task comparison fields at top level, fidelity nested.
 
-    fidelity = compare_logits(source, deployed, labels, profile.tolerance_for(precisions))
-    task = compare_logits(original, deployed, labels, profile.tolerances.fp32).to_dict()
+    Fidelity is judged with the tolerance of the loosest precision the deployed graph uses
+    (`tolerance_precision`: int8 over fp16 over fp32). `outputs` holds the statistics of each
+    compared output (max / mean / median / p99 abs error, max rel error, top-1 agreement,
+    NaN / inf counts) for both comparisons.
+    """
+    from exporters import compare_logits
+    from exporters.onnx_export import OUTPUT_NAME
+
+    loosest = loosest_precision(precisions)
+    fidelity = compare_logits(source, deployed, labels, profile.tolerance_for({loosest}))
+    task_cmp = compare_logits(original, deployed, labels, profile.tolerances.fp32)
+    task = task_cmp.to_dict()
     drop = task["reference_accuracy"] - task["candidate_accuracy"]
     reasons = [f"fidelity: {r}" for r in fidelity.reasons]
     if task["nan_or_inf"]:
         reasons.append("the deployed model outputs NaN or inf")
     if drop > profile.max_accuracy_drop:
         reasons.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {profile.max_accuracy_drop}")
-    task.pop("passed", None)
-    task.pop("reasons", None)
-    task.pop("tolerance", None)
+    for key in ("passed", "reasons", "tolerance"):
+        task.pop(key, None)
     return {
         "passed": not reasons,
         "reasons": reasons,
         **task,
         "accuracy_drop": drop,
         "precisions": sorted(p.value for p in precisions),
+        "tolerance_precision": loosest.value,
         "fidelity": fidelity.to_dict(),
+        "outputs": {
+            OUTPUT_NAME: {"task": task_cmp.statistics(), "fidelity": fidelity.statistics()}
+        },
         "samples": len(labels),
     }
+
+
+def loosest_precision(precisions: set[Precision]) -> Precision:
+    """The precision whose tolerance judges a graph mixing `precisions` (INT8 > FP16 > FP32)."""
+    for p in (Precision.INT8, Precision.FP16, Precision.FP32):
+        if p in precisions:
+            return p
+    return Precision.FP32
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
@@ -96,6 +120,23 @@ def rebuild_pruned(run_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
+def source_logits(
+    model: nn.Module, inputs: np.ndarray, run_dir: Path, scheme: Int8Scheme
+) -> np.ndarray:
+    """Logits of the PyTorch model the deployed graph was exported from.
+
+    When QAT produced the graph (the run directory holds `QAT_SCALES`), that model is the
+    fake-quantized one with the learned steps: the float weights alone differ from the graph by
+    design, and checking against them would fail a faithful export.
+    """
+    path = Path(run_dir) / QAT_SCALES
+    if not path.is_file():
+        return torch_logits(model, inputs)
+    from pipeline.fake_quant import fake_quantized_logits
+
+    return fake_quantized_logits(model, json.loads(path.read_text()), scheme, inputs)
+
+
 def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
     """Re-run validation of a finished run and rewrite its validation.json."""
     from pipeline.data import load_data
@@ -108,7 +149,12 @@ def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
     result = compare_deployed(
         profile,
         deployed=onnx_logits(profile, run_dir / "model.onnx", inputs),
-        source=torch_logits(rebuild_pruned(run_dir, manifest), inputs),
+        source=source_logits(
+            rebuild_pruned(run_dir, manifest),
+            inputs,
+            run_dir,
+            Int8Scheme.model_validate(manifest["profile"]["int8"]),
+        ),
         original=onnx_logits(profile, run_dir / "original.onnx", inputs),
         labels=labels,
         precisions={a.precision for a in policy.layers.values()},

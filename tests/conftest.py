@@ -61,6 +61,29 @@ def make_tiny_resnet(num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module
         return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes).eval()
 
 
+class FragileNet(nn.Module):
+    """A hand-written model with its channel count hard-coded in `forward`, as many are: any
+    candidate that prunes `conv2` breaks the forward pass, a real failure the search survives."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x)).mean(dim=(2, 3))
+        return self.fc(x.reshape(-1, 32))
+
+
+def make_fragile_net(num_classes: int = NUM_CLASSES) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FragileNet(num_classes).eval()
+
+
 @pytest.fixture(scope="session")
 def pipeline_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One weights cache for the session, so the demo baseline trains at most once."""

@@ -210,16 +210,7 @@ class Runner:
             ValueError: `repeats` below 30 or `warmup` below 1.
         """
         self._require_active("measure")
-        warmup = self.profile.measure.warmup if warmup is None else warmup
-        repeats = self.profile.measure.repeats if repeats is None else repeats
-        if repeats < MIN_REPEATS:
-            raise ValueError(
-                f"repeats must be at least {MIN_REPEATS} for stable stats, got {repeats}"
-            )
-        if warmup < 1:
-            raise ValueError(
-                f"warmup must be at least 1 (first runs pay for allocation), got {warmup}"
-            )
+        warmup, repeats = self._measure_settings(warmup, repeats)
         feed = profile_input(self.profile)
         for _ in range(warmup):
             self._timed_run_impl(feed)
@@ -250,6 +241,20 @@ class Runner:
     ) -> None:
         if self._active:
             self.deactivate()
+
+    def _measure_settings(self, warmup: int | None, repeats: int | None) -> tuple[int, int]:
+        """(warmup, repeats): the profile's where not given, checked for stable statistics."""
+        warmup = self.profile.measure.warmup if warmup is None else warmup
+        repeats = self.profile.measure.repeats if repeats is None else repeats
+        if repeats < MIN_REPEATS:
+            raise ValueError(
+                f"repeats must be at least {MIN_REPEATS} for stable stats, got {repeats}"
+            )
+        if warmup < 1:
+            raise ValueError(
+                f"warmup must be at least 1 (first runs pay for allocation), got {warmup}"
+            )
+        return warmup, repeats
 
     def _require_active(self, method: str) -> None:
         if not self._active:

@@ -24,6 +24,7 @@ _RUNNERS: dict[str, type[Runner]] = {}
 _MODULES: dict[str, str] = {
     "onnxruntime-cpu": "pipeline.runners.ort_cpu",
     "onnxruntime-cuda": "pipeline.runners.ort_cuda",
+    "onnxruntime-trt": "pipeline.runners.ort_trt",
     "tensorrt": "pipeline.runners.trt",
 }
 
@@ -31,7 +32,8 @@ _MODULES: dict[str, str] = {
 _NEEDS: dict[str, str] = {
     "onnxruntime-cpu": "onnxruntime (pip install onnxruntime)",
     "onnxruntime-cuda": "an NVIDIA GPU with onnxruntime-gpu (pip install .[gpu])",
-    "tensorrt": "an NVIDIA GPU with TensorRT",
+    "onnxruntime-trt": "an NVIDIA GPU with onnxruntime-gpu and TensorRT (pip install .[gpu])",
+    "tensorrt": "an NVIDIA GPU with TensorRT (pip install .[gpu])",
 }
 
 _FALLBACK = "use a profile with runtime onnxruntime-cpu, e.g. profiles/cpu.yaml"
@@ -91,35 +93,41 @@ def check_runtime(profile: TargetProfile) -> type[Runner]:
     """Fail fast, before any work, when the profile's target cannot be used from here.
 
     Args:
-        profile: Its `device` must be `local` and its `runtime` runnable on this machine.
+        profile: Its `runtime` must be runnable on this machine, or on its device agent.
 
     Returns:
-        The runner class `get_runner` will use.
+        The runner class `get_runner` will use (`RemoteRunner` for a device agent).
 
     Raises:
-        RuntimeNotAvailable: A remote device, or a runtime this machine cannot run.
+        RuntimeNotAvailable: A runtime this machine (or the device agent) cannot run, or an
+            agent that cannot be reached.
+        ConfigError: The agent's token is not set, or it is refused.
     """
     if profile.device != "local":
-        url = getattr(profile.device, "url", profile.device)
-        raise RuntimeNotAvailable(
-            f"remote device agents are not supported yet (profile '{profile.name}' has device "
-            f"{url}); set `device: local` and run the pipeline on the target itself"
-        )
+        return _remote_runner(profile)
     return runner_class(profile.runtime, profile.name)
+
+
+def _remote_runner(profile: TargetProfile) -> type[Runner]:
+    """The runner of profiles whose device is an agent: the agent runs the runtime there."""
+    from pipeline.runners.remote import RemoteRunner, check_remote
+
+    check_remote(profile)
+    return RemoteRunner
 
 
 def get_runner(profile: TargetProfile, artifact: Path) -> Runner:
     """The runner for `profile.runtime`, constructed (not yet activated) for `artifact`.
 
     Args:
-        profile: Its `runtime` picks the runner; its `device` must be `local`.
+        profile: Its `runtime` picks the runner; a remote `device` gets the RemoteRunner.
         artifact: The .onnx (or .engine) file to run.
 
     Returns:
         An inactive runner; use it as a context manager.
 
     Raises:
-        RuntimeNotAvailable: A remote device, or a runtime this machine cannot run.
+        RuntimeNotAvailable, ConfigError: As `check_runtime`.
         ModelError: The artifact is missing or of a kind the runtime cannot run.
     """
     return check_runtime(profile)(Path(artifact), profile)

@@ -97,7 +97,7 @@ def test_run_validate_bench(workdir: Path):
     )
     assert report["speedup"] == pytest.approx(expected)
     assert report["validation"]["passed"] and report["gates"]["passed"]
-    assert report["int8_check"]["int8_speedup"] > 0
+    assert report["precision_check"]["speedup"] > 0
     assert {"agent", "episodes", "real_measurements", "cached_measurements", "wall_s"} <= set(
         report["search"]
     )

@@ -4,6 +4,7 @@ resumes from a saved folder without evaluating anything twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import Collect
 
 from agents.base import Agent
 from agents.baselines import RandomAgent, UniformAgent
+from agents.env import search_precision
 from agents.rewards import budget_reward
 from agents.sb3_agents import DQNAgent, SACAgent, TD3Agent, TwoStagePPO
 from pipeline.errors import ConfigError
@@ -34,6 +36,10 @@ def _check_candidates(collect: Collect, space) -> None:
 
 @pytest.mark.parametrize("cls", AGENTS, ids=lambda c: c.name)
 def test_search_stops_exactly_and_resumes(cls, tiny_evaluator, tmp_path: Path) -> None:
+    if cls is UniformAgent:  # a budget the unpruned model meets in no precision: bisection runs
+        space = tiny_evaluator.space
+        fastest = min(space.precision_latency_ms.values())
+        tiny_evaluator.space = dataclasses.replace(space, budget_ms=0.6 * fastest)
     collect = Collect()
     agent = cls(tiny_evaluator, budget_reward, seed=0, log_dir=tmp_path / "logs")
     agent.search(episodes=2, on_episode=collect)
@@ -56,11 +62,12 @@ def test_search_stops_exactly_and_resumes(cls, tiny_evaluator, tmp_path: Path) -
 
 
 def _check_two_stage(agent: TwoStagePPO, collect: Collect) -> None:
-    """Stage 1 (2 of 3 episodes) prunes in FP32; stage 2 sets precisions on its best pruning,
-    restored from the saved state."""
+    """Stage 1 (2 of 3 episodes) prunes in the precision the original measured fastest in;
+    stage 2 sets precisions on its best pruning, restored from the saved state."""
     assert agent.stage1_episodes(3) == 2
     stage1, stage2 = collect.results[:2], collect.results[2:]
-    assert all({a.precision.value for a in r.policy.layers.values()} == {"fp32"} for r in stage1)
+    fastest = search_precision(agent.space)
+    assert all({a.precision for a in r.policy.layers.values()} == {fastest} for r in stage1)
     best = agent.best_stage1[1]
     assert best.keep_ratios() in [r.policy.keep_ratios() for r in stage1]
     assert stage2[0].policy.keep_ratios() == best.keep_ratios()
@@ -86,3 +93,31 @@ def _uniform_keep(policy: Policy, space) -> float:
 
 
 EXTRA_CHECKS = {TwoStagePPO: _check_two_stage, UniformAgent: _check_bisection}
+
+
+def test_ppo_opens_with_a_bisection_and_searches_around_it(tiny_evaluator, tmp_path: Path):
+    """With a budget, PPO's first candidates are uniform (bisection on measured latency); stage
+    1 then scales the largest uniform keep ratio that met the budget, and resume keeps it."""
+    collect = Collect()
+    agent = TwoStagePPO(tiny_evaluator, budget_reward, seed=0)
+    agent.search(episodes=8, on_episode=collect)
+    warm = agent.warmup_end
+    assert warm is not None and 1 <= warm <= agent.warmup_episodes(8) == 2
+    space = tiny_evaluator.space
+    for result in collect.results[:warm]:
+        _uniform_keep(result.policy, space)  # one keep ratio for every prunable layer
+    met = [r for r in collect.results[:warm] if r.latency_ms <= space.budget_ms]
+    if met:
+        assert agent.center == max(_uniform_keep(r.policy, space) for r in met)
+        assert agent.envs[1].center == agent.center
+    # Episode 6 is the anchor (the best stage-1 pruning in the other precision); when it is no
+    # more accurate, stage 1 goes on instead of searching per-layer precisions.
+    assert agent.anchor_accuracy == collect.results[5].accuracy
+    fastest = search_precision(space)
+    later = {a.precision for r in collect.results[6:] for a in r.policy.layers.values()}
+    assert agent.precision_matters() or later == {fastest}
+    agent.save(tmp_path / "state")
+    resumed = TwoStagePPO(tiny_evaluator, budget_reward, seed=0)
+    resumed.load(tmp_path / "state")
+    assert (resumed.warmup_end, resumed.center) == (warm, agent.center)
+    assert resumed.precision_matters() == agent.precision_matters()

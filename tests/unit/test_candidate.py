@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.policy import LayerAction, Policy, Precision, uniform_policy
+from pipeline.policy import Policy, Precision, uniform_policy
 
 
 def test_space_describes_the_model(tiny_evaluator):
@@ -23,7 +23,18 @@ def test_space_describes_the_model(tiny_evaluator):
     assert space.budget_ms is not None
 
 
+def test_the_original_is_measured_in_every_allowed_precision(tiny_evaluator):
+    measured = tiny_evaluator.space.precision_latency_ms
+    assert set(measured) == {p.value for p in tiny_evaluator.profile.precisions}
+    assert measured["fp32"] == tiny_evaluator.space.original_latency_ms
+    assert all(ms > 0 for ms in measured.values())
+    # Not candidates: the search's measurement counts leave them out.
+    assert (tiny_evaluator.real_measurements, tiny_evaluator.cached_measurements) == (0, 0)
+
+
 def test_candidate_is_measured_then_cached(tiny_evaluator):
+    real, cached = tiny_evaluator.real_measurements, tiny_evaluator.cached_measurements
+    lines = len(tiny_evaluator.cache.path.read_text().splitlines())
     policy = uniform_policy(tiny_evaluator.model, 0.5, Precision.INT8)
     first = tiny_evaluator.evaluate(policy)
     assert first.ok and first.source == "measured", first.error
@@ -31,16 +42,18 @@ def test_candidate_is_measured_then_cached(tiny_evaluator):
     again = tiny_evaluator.evaluate(policy)
     assert again.source == "cached" and again.latency_ms == first.latency_ms
     assert again.accuracy == first.accuracy
-    assert (tiny_evaluator.real_measurements, tiny_evaluator.cached_measurements) == (1, 1)
-    assert len(tiny_evaluator.cache.path.read_text().splitlines()) == 1
+    counts = (tiny_evaluator.real_measurements - real, tiny_evaluator.cached_measurements - cached)
+    assert counts == (1, 1)
+    assert len(tiny_evaluator.cache.path.read_text().splitlines()) == lines + 1
 
 
 def test_failing_candidate_is_data_not_an_exception(tiny_evaluator):
-    bad = Policy({"conv1": LayerAction(0.5, Precision.FP16)})  # FP16 not exportable on CPU
-    result = tiny_evaluator.evaluate(bad)
+    # A measurement that overruns its timeout: the worker is killed, the candidate fails.
+    tiny_evaluator.worker.timeout_s = 1e-3
+    result = tiny_evaluator.evaluate(uniform_policy(tiny_evaluator.model, 0.75, Precision.FP32))
     assert not result.ok and result.source == "failed"
-    assert result.error and "fp16" in result.error.lower()
-    assert result.accuracy == 0.0
+    assert result.error and "timed out" in result.error
+    assert result.accuracy == 0.0 and result.latency_ms is None
 
 
 def test_proxy_accuracy_drops_when_pruning_without_finetune(tiny_evaluator):

@@ -3,6 +3,7 @@ of a tiny ResNet; its policies cover every layer and respect min_keep."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -11,7 +12,14 @@ import pytest
 from stable_baselines3.common.env_checker import check_env
 
 from agents.base import SearchSpace
-from agents.env import CompressionEnv, decision_units, keep_bins
+from agents.env import (
+    PRECISION_FACTOR,
+    CompressionEnv,
+    decision_units,
+    keep_bins,
+    precision_factor,
+    search_precision,
+)
 from pipeline.policy import Policy, Precision
 
 
@@ -76,7 +84,7 @@ def _check_episodes(space: SearchSpace, mode: str) -> None:
             assert (space.min_keep <= keep <= 1.0) if unit.prunable else keep == 1.0
         assert {a.precision for a in policy.layers.values()} <= set(space.precisions)
         if mode == "prune":
-            assert {a.precision for a in policy.layers.values()} == {Precision.FP32}
+            assert {a.precision for a in policy.layers.values()} == {search_precision(space)}
         if mode == "precision":
             assert {a.keep_ratio for a in policy.layers.values()} == {1.0}
 
@@ -94,7 +102,7 @@ def _check_actions(space: SearchSpace) -> None:
 
 
 def _check_budget_observation(space: SearchSpace) -> None:
-    env = CompressionEnv(space, lambda _p: 0.0, mode="prune")
+    env = CompressionEnv(space, lambda _p: 0.0, mode="prune", precision=Precision.FP32)
     obs, _ = env.reset(seed=0)
     start = obs[11]
     assert start == pytest.approx(1.0 / 0.7, rel=0.05)  # full model vs a budget of 70%
@@ -112,3 +120,29 @@ def test_dense_rewards_use_the_real_proxy_accuracy(tiny_evaluator) -> None:
     rewards = [env.step(np.array([-1.0], dtype=np.float32))[1] for _ in range(2)]
     assert all(math.isfinite(r) and -2.0 <= r <= 0.0 for r in rewards)
     assert min(rewards) < 0.0  # pruning to min_keep without fine-tuning loses accuracy
+
+
+def _with_latencies(space: SearchSpace, **measured: float) -> SearchSpace:
+    return dataclasses.replace(
+        space, original_latency_ms=measured["fp32"], precision_latency_ms=measured
+    )
+
+
+def test_search_precision_follows_the_measurements(space: SearchSpace) -> None:
+    """The target decides: INT8 where it measured clearly faster, FP32 where it is slower or
+    within noise, the widest precision when nothing was measured."""
+    assert search_precision(_with_latencies(space, fp32=1.0, int8=0.6)) == Precision.INT8
+    assert search_precision(_with_latencies(space, fp32=1.0, int8=1.4)) == Precision.FP32
+    assert search_precision(_with_latencies(space, fp32=1.0, int8=0.99)) == Precision.FP32
+    unknown = dataclasses.replace(space, precision_latency_ms={})
+    assert search_precision(unknown) == Precision.FP32
+    failed = _with_latencies(space, fp32=1.0, int8=math.nan)
+    assert search_precision(failed) == Precision.FP32
+
+
+def test_precision_factor_is_measured_when_known(space: SearchSpace) -> None:
+    measured = _with_latencies(space, fp32=2.0, int8=0.5)
+    assert precision_factor(measured, Precision.INT8) == pytest.approx(0.25)
+    assert precision_factor(measured, Precision.FP32) == pytest.approx(1.0)
+    unknown = dataclasses.replace(space, precision_latency_ms={})
+    assert precision_factor(unknown, Precision.INT8) == PRECISION_FACTOR[Precision.INT8]

@@ -10,15 +10,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from exporters import compare_logits, export_onnx, layer_precisions, quantize_onnx, run_onnx
 from exporters.onnx_export import layer_node_map
-from pipeline.errors import DataError, PolicyError
+from pipeline.errors import ConfigError, DataError, PolicyError
 from pipeline.evaluate import stack
 from pipeline.policy import Precision, policy_layers
-from pipeline.profile import Int8Scheme, Tolerance
+from pipeline.profile import Int8Scheme, TargetProfile, Tolerance, load_profile
 
 SHAPE = (3, 32, 32)
 INT8, FP32 = Precision.INT8, Precision.FP32
@@ -141,15 +142,18 @@ def test_qoperator_writes_qlinear_ops(exports, tmp_path):
     assert run_onnx(out, _calib(2)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("calibration", ["entropy", "percentile"])
-def test_histogram_calibrations_with_an_uneven_sample_count(exports, tmp_path, calibration):
+@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
+def test_every_calibration_with_an_uneven_sample_count(exports, tmp_path, calibration):
     layers, fp32_path = exports["mobilenet_v2"]
     precisions = _policy(layers, "all-int8")
     scheme = Int8Scheme(calibration=calibration, calib_samples=11)  # 11: no batch of 8 fits
     out = tmp_path / f"{calibration}.onnx"
     report = quantize_onnx(fp32_path, out, precisions, scheme, _calib(20))
     assert report["calib_samples"] == 11
+    assert report["scheme"]["calibration"] == calibration
+    onnx.checker.check_model(str(out), full_check=True)
     assert layer_precisions(out, layers) == precisions
+    assert np.isfinite(run_onnx(out, _calib(2))).all()
 
 
 def test_int8_agrees_with_fp32_on_real_data(trained_tiny_resnet, digits_splits, tmp_path):
@@ -168,13 +172,72 @@ def test_int8_agrees_with_fp32_on_real_data(trained_tiny_resnet, digits_splits, 
     assert result.candidate_accuracy >= result.reference_accuracy - 0.05
 
 
-def test_fp16_layers_are_refused_with_a_policy_error(exports, tmp_path):
+def test_fp16_layers_are_written_alongside_int8(exports, tmp_path):
     layers, fp32_path = exports["mobilenet_v2"]
     precisions = {**_policy(layers, "mixed"), layers[3]: Precision.FP16}
-    with pytest.raises(PolicyError, match="FP16") as info:
-        quantize_onnx(fp32_path, tmp_path / "m.onnx", precisions, QDQ_U8S8, _calib())
-    assert layers[3] in str(info.value) and "\n" not in str(info.value)
-    assert not (tmp_path / "m.onnx").exists()
+    out = tmp_path / "m.onnx"
+    report = quantize_onnx(fp32_path, out, precisions, QDQ_U8S8, _calib())
+    assert layer_precisions(out, layers) == precisions
+    assert report["fp16_layers"] == [layers[3]]
+    assert run_onnx(out, _calib(2)).shape == (2, 10)
+
+
+def _activation_qparams(path: Path, tensor: str) -> tuple[float, int]:
+    """Scale and zero point of the QuantizeLinear reading `tensor` (ORT renames a graph
+    output's float tensor `<name>_QuantizeLinear_Input`)."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    names = {tensor, f"{tensor}_QuantizeLinear_Input"}
+    (q,) = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in names]
+    return float(inits[q.input[1]]), int(inits[q.input[2]])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "activation"), [("qdq", "uint8"), ("qdq", "int8"), ("qoperator", "uint8")]
+)
+def test_activation_overrides_impose_the_given_scales(exports, tmp_path, fmt, activation):
+    layers, fp32_path = exports["resnet18"]
+    precisions = _policy(layers, "all-int8")
+    scheme = Int8Scheme(format=fmt, activation_type=activation, calib_samples=4)
+    zp = 3 if activation == "uint8" else 0
+    # layer1.0.conv1's input is the block's input, which downsample-free block 1 adds back;
+    # fc's output is the graph output `logits`.
+    given = {
+        "layer1.0.conv1": {"input": (0.0123, zp), "output": (0.0321, zp)},
+        "fc": {"input": (0.0456, zp), "output": (0.0654, zp)},
+    }
+    out = tmp_path / "override.onnx"
+    report = quantize_onnx(fp32_path, out, precisions, scheme, _calib(),
+                           activation_overrides=given)  # fmt: skip
+    raw = onnx.load(str(fp32_path))
+    nodes = {n.name: n for n in raw.graph.node}
+    mapping = layer_node_map(raw, list(given))
+    for fqn, sides in given.items():
+        node = nodes[mapping[fqn]]
+        for side, (scale, zero_point) in sides.items():
+            tensor = node.input[0] if side == "input" else node.output[0]
+            assert tensor in report["activation_overrides"]
+            if side == "output" and fmt == "qoperator":
+                continue  # a QLinear op's own output parameters, no QuantizeLinear to read
+            got_scale, got_zp = _activation_qparams(out, tensor)
+            assert got_scale == pytest.approx(scale) and got_zp == zero_point, (fqn, side)
+    assert layer_precisions(out, layers) == precisions
+    assert np.isfinite(run_onnx(out, _calib(2))).all()
+
+
+def test_activation_overrides_for_a_non_int8_layer_are_a_policy_error(exports, tmp_path):
+    layers, fp32_path = exports["resnet18"]
+    precisions = {**_policy(layers, "all-fp32"), "fc": INT8}
+    with pytest.raises(PolicyError, match="conv1"):
+        quantize_onnx(fp32_path, tmp_path / "m.onnx", precisions, QDQ_U8S8, _calib(),
+                      activation_overrides={"conv1": {"input": (0.1, 0)}})  # fmt: skip
+
+
+def test_calib_samples_argument_overrides_the_scheme(exports, tmp_path):
+    layers, fp32_path = exports["mobilenet_v2"]
+    report = quantize_onnx(fp32_path, tmp_path / "m.onnx", _policy(layers, "mixed"), QDQ_U8S8,
+                           _calib(16), calib_samples=5)  # fmt: skip
+    assert report["calib_samples"] == 5
 
 
 @pytest.mark.parametrize("precision", [INT8, FP32])
@@ -255,3 +318,32 @@ def test_matmul_layers_quantize_too(tmp_path, fmt):
     _assert_fp32_layers_are_clean(out, precisions)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ("QLinearMatMul" in ops) is (fmt == "qoperator")
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime-cuda"])
+@pytest.mark.parametrize(
+    "int8",
+    [{"format": "qoperator"}, {"activation_type": "uint8"}, {"weight_type": "uint8"}],
+)
+def test_tensorrt_profiles_refuse_schemes_other_than_s8s8_qdq(tmp_path, runtime, int8):
+    body = {"name": "gpu", "runtime": runtime, "int8": int8}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match="S8S8 Q/DQ") as info:
+        load_profile(path)
+    assert "\n" not in str(info.value)
+
+
+def test_tensorrt_profiles_default_to_s8s8_qdq_which_exports_and_runs(exports, tmp_path):
+    profile = TargetProfile.model_validate({"name": "gpu", "runtime": "tensorrt"})
+    assert (profile.int8.format, profile.int8.activation_type, profile.int8.weight_type) == (
+        "qdq", "int8", "int8",
+    )  # fmt: skip
+    cpu = TargetProfile.model_validate({"name": "cpu", "runtime": "onnxruntime-cpu"})
+    assert cpu.int8.activation_type == "uint8"  # the fast x86 scheme stays the CPU default
+    layers, fp32_path = exports["resnet18"]
+    out = tmp_path / "trt.onnx"
+    quantize_onnx(fp32_path, out, _policy(layers, "mixed"), profile.int8, _calib())
+    zero_points = _zero_points(out)
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert run_onnx(out, _calib(2)).shape == (2, 10)

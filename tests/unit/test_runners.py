@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError, RuntimeNotAvailable
+from pipeline.errors import ConfigError, ModelError, RuntimeNotAvailable
 from pipeline.profile import InputSpec, MeasureSpec, RemoteDevice, TargetProfile
 from pipeline.runners import (
     LatencyStats,
@@ -213,11 +213,12 @@ def test_gpu_runtimes_not_available(runtime: str, tiny: tuple[nn.Module, Path]) 
     assert "onnxruntime-cpu" in msg and "\n" not in msg
 
 
-def test_remote_device_not_available(tiny: tuple[nn.Module, Path]) -> None:
+def test_remote_device_needs_its_token(tiny: tuple[nn.Module, Path], monkeypatch) -> None:
+    monkeypatch.delenv("PIPELINE_DEVICE_TOKEN", raising=False)
     profile = make_profile(device=RemoteDevice(url="http://jetson:8000"))
-    with pytest.raises(RuntimeNotAvailable, match="remote device agents are not supported yet"):
+    with pytest.raises(ConfigError, match=r"\$PIPELINE_DEVICE_TOKEN"):
         get_runner(profile, tiny[1])
-    with pytest.raises(RuntimeNotAvailable, match="remote device"):
+    with pytest.raises(ConfigError, match=r"\$PIPELINE_DEVICE_TOKEN"):
         check_runtime(profile)
 
 

@@ -1,0 +1,403 @@
+"""Build a TensorRT engine from an ONNX graph, and load it only where it was built.
+
+The precisions live in the graph: Q/DQ nodes around INT8 layers, float16 tensors for FP16 layers.
+The network is created strongly typed, so TensorRT computes each tensor in the type the graph
+gives it; TF32 is switched off so an FP32 layer really computes in FP32. That is also the only
+mode TensorRT 11 has (it removed the builder precision flags and the INT8 calibrator, and ignores
+the STRONGLY_TYPED flag), while TensorRT 10 (JetPack) needs the flag: one build path serves both.
+
+An engine runs only on the GPU model and the TensorRT version that built it, so every engine is
+written with `<name>.engine.json` beside it (device, compute capability, TensorRT version, input
+shapes, hashes), and `load_engine` refuses an engine whose metadata does not match this machine.
+
+`tensorrt` is imported inside the functions that need it: importing this module needs neither
+TensorRT nor CUDA. The plain-data parts live in `exporters.tensorrt_meta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from exporters.tensorrt_meta import (
+    ParserIssue,
+    ShapeRange,
+    check_engine_metadata,
+    check_input_shape,
+    default_cache_dir,
+    engine_cache_name,
+    engine_metadata,
+    environment_dir_name,
+    metadata_path,
+    parser_failure_message,
+    profile_shapes,
+    read_engine_metadata,
+    squash,
+)
+from pipeline.artifacts import atomic_write_bytes, sha256_file, write_json
+from pipeline.errors import ModelError, RuntimeNotAvailable
+from pipeline.profile import TargetProfile
+
+logger = logging.getLogger(__name__)
+
+MIN_TENSORRT_MAJOR = 10
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+TIMING_CACHE_NAME = "timing.cache"
+INSTALL_HINT = "pip install .[gpu]"
+
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "LoadedEngine",
+    "ShapeRange",
+    "build_engine",
+    "check_input_shape",
+    "current_environment",
+    "engine_for_onnx",
+    "import_tensorrt",
+    "load_engine",
+    "metadata_path",
+    "profile_shapes",
+    "tensorrt_unavailable_reason",
+]
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def import_tensorrt() -> ModuleType:
+    """The `tensorrt` module, version 10 or newer.
+
+    Raises:
+        RuntimeNotAvailable: tensorrt is missing, cannot load its libraries, or is too old.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeNotAvailable(f"tensorrt not installed ({INSTALL_HINT})") from None
+    except OSError as exc:  # the wheel is there but libnvinfer or CUDA libraries are not
+        raise RuntimeNotAvailable(
+            f"tensorrt cannot load its libraries ({squash(str(exc), 120)}); "
+            f"reinstall it ({INSTALL_HINT})"
+        ) from None
+    if _major(trt.__version__) < MIN_TENSORRT_MAJOR:
+        raise RuntimeNotAvailable(
+            f"tensorrt {trt.__version__} is too old: {MIN_TENSORRT_MAJOR}.x or newer is needed "
+            f"({INSTALL_HINT})"
+        )
+    return trt
+
+
+def _major(version: str) -> int:
+    head = str(version).split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """Why TensorRT cannot be used here (not installed, too old), or None when it can."""
+    try:
+        import_tensorrt()
+    except RuntimeNotAvailable as exc:
+        return str(exc)
+    return None
+
+
+def current_environment() -> dict[str, Any]:
+    """{"tensorrt_version", "device"} of this machine, as engine metadata records them.
+
+    Raises:
+        RuntimeNotAvailable: No TensorRT or no CUDA device here.
+    """
+    from pipeline.runners.cuda_device import device_info
+
+    trt = import_tensorrt()
+    return {"tensorrt_version": trt.__version__, "device": device_info()}
+
+
+def _make_logger(trt: ModuleType) -> Any:
+    """A TensorRT logger that keeps errors for one-line messages and sends the rest to logging."""
+    levels = trt.ILogger.Severity
+
+    class _Log(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (levels.INTERNAL_ERROR, levels.ERROR):
+                self.errors.append(msg)
+                logger.debug("tensorrt error: %s", msg)
+            elif severity == levels.WARNING:
+                logger.debug("tensorrt warning: %s", msg)
+
+        def last_error(self) -> str:
+            return squash(self.errors[-1]) if self.errors else "see the log with --debug"
+
+    return _Log()
+
+
+def network_flags(trt: ModuleType) -> int:
+    """Strongly typed creation flags: needed on TensorRT 10, accepted and ignored on 11."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(flag) if flag is not None else 0
+
+
+def _onnx_nodes(onnx_path: Path) -> list[tuple[str, str, str]]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [(n.name, n.op_type, n.domain) for n in model.graph.node]
+
+
+def _issue(error: Any, nodes: Sequence[tuple[str, str, str]]) -> ParserIssue:
+    """A parser error as plain data; names and ops come from the graph when TRT omits them."""
+    index = int(error.node())
+    name = error.node_name() if hasattr(error, "node_name") else ""
+    op = error.node_operator() if hasattr(error, "node_operator") else ""
+    domain = ""
+    if 0 <= index < len(nodes):
+        name, op, domain = name or nodes[index][0], op or nodes[index][1], nodes[index][2]
+    code = error.code()
+    return ParserIssue(index, name, op, domain, getattr(code, "name", str(code)), error.desc())
+
+
+def _parse(parser: Any, data: bytes, onnx_path: Path) -> None:
+    """Fill the network from the graph, or refuse it listing the nodes TensorRT cannot take."""
+    if parser.parse(data, str(onnx_path)):
+        return
+    nodes = _onnx_nodes(onnx_path)
+    issues = [_issue(parser.get_error(i), nodes) for i in range(parser.num_errors)]
+    raise ModelError(parser_failure_message(onnx_path, issues))
+
+
+def _builder_config(trt: ModuleType, builder: Any, workspace_bytes: int) -> tuple[Any, dict]:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if hasattr(trt.BuilderFlag, "TF32"):
+        # An FP32 tensor in the graph means FP32 arithmetic, not TF32's 10-bit mantissa.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    settings = {
+        "workspace_bytes": int(workspace_bytes),
+        "strongly_typed": True,
+        "tf32": False,
+        "builder_optimization_level": getattr(config, "builder_optimization_level", None),
+    }
+    return config, settings
+
+
+def _add_profile(
+    builder: Any, config: Any, network: Any, profile: TargetProfile, onnx_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Add the input's optimisation profile; return the inputs and outputs for the metadata."""
+    if network.num_inputs != 1:
+        names = ", ".join(network.get_input(i).name for i in range(network.num_inputs))
+        raise ModelError(
+            f"{onnx_path}: expected one image input, the graph has {network.num_inputs}: {names}"
+        )
+    tensor = network.get_input(0)
+    try:
+        ranges = profile_shapes(
+            tensor.name, tuple(tensor.shape), profile.input.shape, profile.input.batch
+        )
+    except ModelError as exc:
+        raise ModelError(f"{onnx_path}: {exc}") from None
+    opt = builder.create_optimization_profile()
+    opt.set_shape(tensor.name, ranges.min, ranges.opt, ranges.max)
+    config.add_optimization_profile(opt)
+    inputs = {tensor.name: {**ranges.to_dict(), "dtype": _enum_name(tensor.dtype)}}
+    outputs = {}
+    for i in range(network.num_outputs):
+        out = network.get_output(i)
+        outputs[out.name] = {"shape": list(out.shape), "dtype": _enum_name(out.dtype)}
+    return inputs, outputs
+
+
+def _enum_name(value: Any) -> str:
+    return str(getattr(value, "name", value))
+
+
+def _timing_cache_file(out_path: Path, timing_cache: Path | bool) -> Path | None:
+    if timing_cache is True:
+        return out_path.parent / TIMING_CACHE_NAME
+    return Path(timing_cache) if timing_cache else None
+
+
+def _use_timing_cache(config: Any, path: Path | None) -> bool:
+    """Give the builder the saved timing cache; True when a saved one was accepted."""
+    if path is None:
+        return False
+    saved = path.read_bytes() if path.is_file() else b""
+    # A cache from another device or version is refused (not ignored): tactics timed elsewhere
+    # would mislead the builder. An empty cache then collects this build's timings.
+    loaded = config.create_timing_cache(saved) if saved else None
+    if loaded is not None and config.set_timing_cache(loaded, False):
+        return True
+    if saved:
+        logger.warning("timing cache %s is unusable on this device; starting a new one", path)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return False
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if path.is_file() and hasattr(cache, "combine"):
+        # Another build may have saved timings meanwhile: keep theirs as well as ours.
+        other = config.create_timing_cache(path.read_bytes())
+        cache.combine(other, True)
+    atomic_write_bytes(path, _to_bytes(cache.serialize()))
+
+
+def _to_bytes(host_memory: Any) -> bytes:
+    """The bytes of a TensorRT IHostMemory (it exposes the buffer protocol)."""
+    return memoryview(host_memory).tobytes()
+
+
+def build_engine(
+    onnx_path: Path,
+    profile: TargetProfile,
+    out_path: Path,
+    *,
+    timing_cache: Path | bool = True,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> dict[str, Any]:
+    """Build a TensorRT engine for this GPU from an ONNX graph that carries its precisions.
+
+    Args:
+        onnx_path: The graph (FP32, FP16-typed or Q/DQ INT8, or a mix).
+        profile: Gives the input shape and batch of the optimisation profile, and its name.
+        out_path: Where the engine goes (`model.engine`); `model.engine.json` is written beside.
+            Both are written atomically, metadata last.
+        timing_cache: True: `timing.cache` beside the engine, loaded when present and saved
+            after the build, so later builds on this device skip re-timing tactics; a path:
+            that file; False: none.
+        workspace_bytes: Limit of the builder's scratch memory.
+
+    Returns:
+        The metadata written to `model.engine.json`.
+
+    Raises:
+        RuntimeNotAvailable: No TensorRT or no CUDA device here.
+        ModelError: The graph has nodes TensorRT does not support (listed), shapes that disagree
+            with the profile, or the build failed.
+    """
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise ModelError(f"ONNX graph not found: {onnx_path} (check the path)")
+    env = current_environment()
+    trt = import_tensorrt()
+    log = _make_logger(trt)
+    builder = trt.Builder(log)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, log)
+    _parse(parser, onnx_path.read_bytes(), onnx_path)
+    config, settings = _builder_config(trt, builder, workspace_bytes)
+    inputs, outputs = _add_profile(builder, config, network, profile, onnx_path)
+    cache_file = _timing_cache_file(out_path, timing_cache)
+    reused = _use_timing_cache(config, cache_file)
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    build_s = time.perf_counter() - start
+    if plan is None:
+        raise ModelError(f"{onnx_path}: TensorRT could not build an engine: {log.last_error()}")
+    engine_bytes = _to_bytes(plan)
+    atomic_write_bytes(out_path, engine_bytes)
+    if cache_file is not None:
+        _save_timing_cache(config, cache_file)
+    settings.update(
+        timing_cache=str(cache_file) if cache_file else None,
+        timing_cache_reused=reused,
+        build_s=round(build_s, 3),
+    )
+    meta = engine_metadata(
+        tensorrt_version=env["tensorrt_version"],
+        device=env["device"],
+        profile_name=profile.name,
+        onnx_sha256=sha256_file(onnx_path),
+        engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
+        inputs=inputs,
+        outputs=outputs,
+        builder=settings,
+    )
+    write_json(metadata_path(out_path), meta)
+    return meta
+
+
+@dataclass
+class LoadedEngine:
+    """A deserialised engine and what keeps it alive (its runtime and logger)."""
+
+    engine: Any
+    runtime: Any
+    log: Any
+    metadata: dict[str, Any]
+    path: Path
+
+
+def load_engine(path: Path) -> LoadedEngine:
+    """Deserialise an engine built by `build_engine`, only on a matching device and TensorRT.
+
+    Raises:
+        RuntimeNotAvailable: No TensorRT or no CUDA device here.
+        ModelError: No or malformed metadata, an engine file changed since it was built, or an
+            engine built for another GPU model, compute capability or TensorRT version (the
+            message says to rebuild it on this device).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"engine not found: {path} (check the path)")
+    meta = read_engine_metadata(path)
+    env = current_environment()
+    check_engine_metadata(meta, env["tensorrt_version"], env["device"], path)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["engine_sha256"]:
+        raise ModelError(
+            f"{path} does not match its metadata (the engine's sha256 differs): the file changed "
+            "after it was built; rebuild the engine"
+        )
+    trt = import_tensorrt()
+    log = _make_logger(trt)
+    runtime = trt.Runtime(log)
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise ModelError(
+            f"{path}: TensorRT could not load the engine ({log.last_error()}); rebuild it on this "
+            "device"
+        )
+    return LoadedEngine(engine=engine, runtime=runtime, log=log, metadata=meta, path=path)
+
+
+def engine_for_onnx(onnx_path: Path, profile: TargetProfile, cache_dir: Path | None = None) -> Path:
+    """An engine of `onnx_path` for this device and profile, built once and then reused.
+
+    Engines are kept under `cache_dir` (default `$PIPELINE_CACHE/tensorrt`), in a folder per
+    TensorRT version and GPU model, named by the graph's sha256 and the input shape, with one
+    timing cache per folder shared by every build there.
+
+    Raises:
+        Same as `build_engine`.
+    """
+    env = current_environment()
+    folder = Path(cache_dir or default_cache_dir()) / environment_dir_name(
+        env["tensorrt_version"], env["device"]
+    )
+    engine = folder / engine_cache_name(sha256_file(onnx_path), profile)
+    if engine.is_file() and _reusable(engine, env, profile):
+        return engine
+    build_engine(onnx_path, profile, engine, timing_cache=folder / TIMING_CACHE_NAME)
+    return engine
+
+
+def _reusable(engine: Path, env: dict[str, Any], profile: TargetProfile) -> bool:
+    try:
+        meta = read_engine_metadata(engine)
+        check_engine_metadata(meta, env["tensorrt_version"], env["device"], engine)
+        check_input_shape(meta, (profile.input.batch, *profile.input.shape), engine)
+    except ModelError as exc:
+        logger.info("rebuilding cached engine %s: %s", engine, exc)
+        return False
+    return sha256_file(engine) == meta["engine_sha256"]
