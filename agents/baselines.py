@@ -107,7 +107,8 @@ class UniformAgent(Agent):
             return None
         return (self.low + self.high) / 2.0
 
-    def _record(self, keep: float, latency: float | None) -> None:
+    def record(self, keep: float, latency: float | None) -> None:
+        """Narrow the bracket with a measured (or failed: None) keep ratio."""
         self.results.append((keep, latency))
         budget = self.space.budget_ms
         if budget is None:
@@ -124,7 +125,7 @@ class UniformAgent(Agent):
             if keep is None:
                 return
             result, _reward = self.evaluate(self.policy(keep), on_episode)
-            self._record(keep, result.latency_ms if result.ok else None)
+            self.record(keep, result.latency_ms if result.ok else None)
 
     def save(self, folder: Path) -> None:
         write_json(

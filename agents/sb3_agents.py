@@ -193,7 +193,7 @@ class TwoStagePPO(_SB3Agent):
                 break
             self._score(self.bisection.policy(keep))
             ok = self.last_result is not None and self.last_result.ok
-            self.bisection._record(keep, self.last_result.latency_ms if ok else None)
+            self.bisection.record(keep, self.last_result.latency_ms if ok else None)
         if self.warmup_end is None:
             self.warmup_end = self.episodes_done
 

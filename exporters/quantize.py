@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from exporters.fp16 import convert_to_fp16
 from exporters.inspect_precision import layer_precisions
 from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map, one_line
-from pipeline.artifacts import atomic_write_with
+from pipeline.artifacts import atomic_copy, atomic_write_with
 from pipeline.errors import DataError, ModelError, PolicyError
 from pipeline.policy import Precision
 from pipeline.profile import Int8Scheme
@@ -104,7 +103,7 @@ def quantize_onnx(
     raw = onnx.load(str(fp32_path))
     _node_map(raw, list(precisions))  # unknown layers are the policy's fault: say so first
     if not int8 and not fp16:
-        atomic_write_with(Path(out_path), lambda tmp: shutil.copyfile(fp32_path, tmp))
+        atomic_copy(fp32_path, Path(out_path))
         return report
     model = raw
     if int8:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,6 +73,11 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     """Let `writer` produce the file at a temporary path, then rename it to `path`."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a temporary name: `target` is whole or absent."""
+    atomic_write_with(Path(target), lambda tmp: shutil.copyfile(source, tmp))
 
 
 def sha256_file(path: Path) -> str:

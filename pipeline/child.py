@@ -22,3 +22,31 @@ def stop_child(proc: Any, conn: Connection | None, kill: bool = False) -> None:
         proc.join(timeout=5)
     if conn is not None:
         conn.close()
+
+
+class ChildTimeout(Exception):
+    """The child did not answer within its timeout."""
+
+
+class ChildDied(Exception):
+    """The child's pipe broke: it crashed or was killed."""
+
+    def __init__(self, exit_code: int | None) -> None:
+        super().__init__(f"exit code {exit_code}")
+        self.exit_code = exit_code
+
+
+def ask_child(proc: Any, conn: Connection, message: Any, timeout_s: float) -> Any:
+    """Send `message` and return the child's answer.
+
+    Raises:
+        ChildTimeout: No answer within `timeout_s` (the caller kills the child).
+        ChildDied: The child crashed before answering.
+    """
+    conn.send(message)
+    if not conn.poll(timeout_s):
+        raise ChildTimeout
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        raise ChildDied(proc.exitcode if proc is not None else None) from None

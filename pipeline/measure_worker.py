@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.child import stop_child
+from pipeline.child import ChildDied, ChildTimeout, ask_child, stop_child
 from pipeline.errors import MeasurementError
 from pipeline.profile import TargetProfile
 
@@ -61,16 +61,14 @@ class MeasureWorker:
         if self._proc is None or not self._proc.is_alive():
             self._start()
         assert self._conn is not None
-        self._conn.send(str(artifact))
-        if not self._conn.poll(self.timeout_s):
-            self.close(kill=True)
-            raise MeasurementError(f"measurement timed out after {self.timeout_s:.0f} s")
         try:
-            status, payload = self._conn.recv()
-        except (EOFError, ConnectionError):
-            code = self._proc.exitcode if self._proc else None
+            status, payload = ask_child(self._proc, self._conn, str(artifact), self.timeout_s)
+        except ChildTimeout:
             self.close(kill=True)
-            raise MeasurementError(f"the runner process died (exit code {code})") from None
+            raise MeasurementError(f"measurement timed out after {self.timeout_s:.0f} s") from None
+        except ChildDied as died:
+            self.close(kill=True)
+            raise MeasurementError(f"the runner process died ({died})") from None
         if status != "ok":
             raise MeasurementError(payload)
         return payload

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.artifacts import atomic_copy
 from pipeline.data import Splits
 from pipeline.evaluate import accuracy, stack, torch_logits
 from pipeline.fake_quant import SIDES, ActivationQuantizer, attach_fake_quant, detach_fake_quant
@@ -160,7 +161,7 @@ def recover_int8(
             if info["method"] == "qat":
                 recovery = Recovery(student, qat_report, info, qparams)
                 fp32, graph = qat_fp32, qat_graph
-        _copy(graph, Path(out_path))
+        atomic_copy(graph, Path(out_path))
         if fp32_path is not None:
             shutil.copyfile(fp32, fp32_path)
     return recovery
@@ -170,12 +171,6 @@ def _wants_qat(info: dict[str, Any]) -> bool:
     if info["method"] == "none" or info["mode"] == "never":
         return False
     return info["mode"] == "always" or info["ptq_drop"] > info["max_accuracy_drop"]
-
-
-def _copy(source: Path, target: Path) -> None:
-    from pipeline.artifacts import atomic_write_with
-
-    atomic_write_with(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _ptq_record(job: _Job, model: nn.Module, graph: Path) -> dict[str, Any]:

@@ -222,13 +222,11 @@ def _may_ship_fp32(ctx: RunContext) -> bool:
 
 def _ship_fp32(ctx: RunContext, pruned_fp32: Path) -> None:
     """model.onnx becomes the pruned model in FP32, and policy.json says so."""
-    import shutil
-
-    from pipeline.artifacts import atomic_write_with
+    from pipeline.artifacts import atomic_copy
     from pipeline.policy import LayerAction
 
     stage("the policy's precisions measured slower than FP32 here: shipping FP32")
-    atomic_write_with(ctx.run_dir / "model.onnx", lambda tmp: shutil.copyfile(pruned_fp32, tmp))
+    atomic_copy(pruned_fp32, ctx.run_dir / "model.onnx")
     p = ctx.policy
     layers = {n: LayerAction(a.keep_ratio, Precision.FP32) for n, a in p.layers.items()}
     ctx.policy = Policy(layers, p.removed, p.channel_scores)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import sha256_file, write_json
-from pipeline.child import stop_child
+from pipeline.child import ChildDied, ChildTimeout, ask_child, stop_child
 from pipeline.device import probe
 from pipeline.device.protocol import (
     ENGINE_NAME,
@@ -196,16 +196,16 @@ class JobWorker:
         """
         self.start()
         assert self._conn is not None
-        self._conn.send((kind, payload))
-        if not self._conn.poll(self.timeout_s):
-            self.close(kill=True)
-            raise JobTimeout(f"the job ran past the agent's job timeout of {self.timeout_s:g} s")
         try:
-            status, result = self._conn.recv()
-        except (EOFError, OSError):
-            code = self._proc.exitcode if self._proc else None
+            status, result = ask_child(self._proc, self._conn, (kind, payload), self.timeout_s)
+        except ChildTimeout:
             self.close(kill=True)
-            raise JobFailed("ProcessDied", f"the job process died (exit code {code})") from None
+            raise JobTimeout(
+                f"the job ran past the agent's job timeout of {self.timeout_s:g} s"
+            ) from None
+        except ChildDied as died:
+            self.close(kill=True)
+            raise JobFailed("ProcessDied", f"the job process died ({died})") from None
         if status != "ok":
             raise JobFailed(*result)
         return result

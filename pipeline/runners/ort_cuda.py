@@ -45,6 +45,7 @@ class OrtCudaRunner(Runner):
 
     suffixes = (".onnx",)
     provider: str = CUDA_EP
+    provider_label: str = "CUDA"
     device_type: str = "cuda"  # where io_binding places the timed input and output
 
     @classmethod
@@ -52,8 +53,11 @@ class OrtCudaRunner(Runner):
         reason = no_cuda_reason()
         if reason is not None:
             return reason
-        if CUDA_EP not in ort.get_available_providers():
-            return f"onnxruntime {ort.__version__} has no CUDA execution provider ({GPU_HINT})"
+        if cls.provider not in ort.get_available_providers():
+            return (
+                f"onnxruntime {ort.__version__} has no {cls.provider_label} execution provider "
+                f"({GPU_HINT})"
+            )
         return None
 
     def _providers(self) -> list[Any]:

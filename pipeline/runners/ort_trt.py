@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 
 from exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
@@ -23,12 +22,10 @@ from exporters.tensorrt import (
     tensorrt_unavailable_reason,
 )
 from pipeline.errors import ModelError
-from pipeline.runners.cuda_device import no_cuda_reason
 from pipeline.runners.ort_cuda import (
     CPU_EP,
     CUDA_EP,
     DEVICE_ID,
-    GPU_HINT,
     OrtCudaRunner,
     cuda_provider_options,
 )
@@ -112,15 +109,11 @@ class OrtTrtRunner(OrtCudaRunner):
 
     suffixes = (".onnx",)
     provider = TRT_EP
+    provider_label = "TensorRT"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        reason = no_cuda_reason()
-        if reason is not None:
-            return reason
-        if TRT_EP not in ort.get_available_providers():
-            return f"onnxruntime {ort.__version__} has no TensorRT execution provider ({GPU_HINT})"
-        return tensorrt_unavailable_reason()
+        return super().unavailable_reason() or tensorrt_unavailable_reason()
 
     @property
     def cache_dir(self) -> Path:
