@@ -7,7 +7,7 @@ The evaluator behind the `Evaluator` protocol prunes, fine-tunes, exports and me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,7 +87,12 @@ class ChannelGate(Protocol):
 
 
 class Evaluator(Protocol):
-    """Evaluates policies on the target. Implemented by `pipeline.search.CandidateEvaluator`."""
+    """Evaluates policies on the target. Implemented by `pipeline.search.CandidateEvaluator`.
+
+    An evaluator may also offer `workers` (candidates it evaluates at once; 1 when absent) and
+    `evaluate_iter(policies)`, yielding their results in submission order as each completes
+    (`pipeline.parallel.evaluator.RayEvaluator`); agents reach both through `Agent`.
+    """
 
     space: SearchSpace
 
@@ -128,6 +133,11 @@ class Agent(ABC):
         self.total_episodes = 1
 
     @property
+    def workers(self) -> int:
+        """Candidates the evaluator takes at once: agents propose up to this many together."""
+        return max(int(getattr(self.evaluator, "workers", 1) or 1), 1)
+
+    @property
     def progress(self) -> float:
         """Fraction of the search done, for rewards annealed over the search."""
         return min(self.episodes_done / max(self.total_episodes, 1), 1.0)
@@ -136,7 +146,25 @@ class Agent(ABC):
         self, policy: Policy, on_episode: EpisodeCallback
     ) -> tuple[CandidateResult, float]:
         """Evaluate one candidate, score it, report it; every agent goes through here."""
-        result = self.evaluator.evaluate(policy)
+        return self._report(self.evaluator.evaluate(policy), on_episode)
+
+    def evaluate_many(
+        self, policies: Iterable[Policy], on_episode: EpisodeCallback
+    ) -> list[tuple[CandidateResult, float]]:
+        """Evaluate candidates together (at once where the evaluator can), then score and
+        report each in submission order, as `evaluate` would have one after another.
+
+        `policies` may be a generator: it is read as the evaluator takes candidates, so an
+        agent can draw each one only when a worker is free.
+        """
+        evaluate_iter = getattr(self.evaluator, "evaluate_iter", None)
+        if evaluate_iter is None:
+            return [self.evaluate(policy, on_episode) for policy in policies]
+        return [self._report(result, on_episode) for result in evaluate_iter(policies)]
+
+    def _report(
+        self, result: CandidateResult, on_episode: EpisodeCallback
+    ) -> tuple[CandidateResult, float]:
         reward = float(self.reward(result, self.space, self.progress))
         if not np.isfinite(reward):  # NaN never reaches an agent
             reward = -1.0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, EpisodeCallback
+from agents.base import Agent, CandidateResult, EpisodeCallback
 from agents.env import (
     build_policy,
     decision_units,
@@ -147,7 +148,13 @@ class UniformAgent(Agent):
 
 class RandomAgent(Agent):
     """Random keep ratios (uniform in [min_keep, 1]) per coupling group and random allowed
-    precisions per unit, from a seeded NumPy generator whose state is saved for resume."""
+    precisions per unit, from a seeded NumPy generator whose state is saved for resume.
+
+    With several workers, a candidate is drawn whenever a worker is free; they are drawn in
+    the same order whatever the worker count, so every worker count evaluates the same
+    candidates. Those drawn but not yet reported are saved with the generator, so a resumed
+    search evaluates them next.
+    """
 
     name = "random"
 
@@ -156,6 +163,7 @@ class RandomAgent(Agent):
         self.units = decision_units(self.space)
         self.precisions = ordered_precisions(self.space)
         self.rng = np.random.default_rng(self.seed)
+        self.pending: list[Policy] = []  # drawn, not yet reported
 
     def sample(self) -> Policy:
         """One random policy (non-prunable units keep everything; build_policy sees to it)."""
@@ -165,14 +173,28 @@ class RandomAgent(Agent):
         return build_policy(self.space, self.units, keeps, [self.precisions[i] for i in picks])
 
     def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
-        while self.episodes_done < episodes:
-            self.evaluate(self.sample(), on_episode)
+        def report(result: CandidateResult, reward: float) -> None:
+            self.pending.pop(0)  # before on_episode: a checkpoint there must not hold it
+            on_episode(result, reward)
+
+        self.evaluate_many(self._candidates(episodes - self.episodes_done), report)
+
+    def _candidates(self, needed: int) -> Iterator[Policy]:
+        """Those drawn before a resume first, then new ones, each drawn when a worker is free
+        (one at a time locally: draw, evaluate, draw, as a search always did)."""
+        resumed = self.pending[:needed]
+        yield from resumed
+        for _ in range(needed - len(resumed)):
+            policy = self.sample()
+            self.pending.append(policy)
+            yield policy
 
     def save(self, folder: Path) -> None:
         state = {
             "agent": self.name,
             "episodes_done": self.episodes_done,
             "rng": self.rng.bit_generator.state,
+            "pending": [p.to_dict() for p in self.pending],
         }
         write_json(Path(folder) / STATE_FILE, state)
 
@@ -180,3 +202,4 @@ class RandomAgent(Agent):
         state = read_state(folder, self.name)
         self.episodes_done = int(state["episodes_done"])
         self.rng.bit_generator.state = state["rng"]
+        self.pending = [Policy.from_dict(p, "saved random agent") for p in state.get("pending", [])]

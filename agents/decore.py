@@ -92,10 +92,15 @@ class DecoreAgent(Agent):
     def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
         gate = self._ensure_gate()
         while self.episodes_done < episodes:
-            for _ in range(self.steps_per_episode):
-                self._reinforce_step(gate)
-            result, _ = self.evaluate(self.current_policy(), on_episode)
-            self._adapt_lambda(result)
+            # With several workers, `workers` snapshots of the agents, each `steps_per_episode`
+            # steps apart, are evaluated together; lambda then follows them a batch late.
+            batch = []
+            for _ in range(min(self.workers, episodes - self.episodes_done)):
+                for _ in range(self.steps_per_episode):
+                    self._reinforce_step(gate)
+                batch.append(self.current_policy())
+            for result, _ in self.evaluate_many(batch, on_episode):
+                self._adapt_lambda(result)
 
     def _ensure_gate(self) -> ChannelGate:
         """Open the masked-training session once; after a resume it restarts from the original.

@@ -253,10 +253,12 @@ class N2NAgent(Agent):
         while self.episodes_done < episodes:
             if self.stage == 1 and self.episodes_done >= split:
                 self._finish_stage1()
-            if self.stage == 1:
-                self._removal_episode(on_episode)
-            else:
-                self._shrink_episode(on_episode)
+            end = split if self.stage == 1 else episodes
+            # Rollouts of one policy are evaluated together (N2N's batch of students): with
+            # several workers, the policy is updated once per `workers` rollouts.
+            size = min(self.workers, end - self.episodes_done)
+            sample = self._removal_rollout if self.stage == 1 else self._shrink_rollout
+            self._run_batch(self.stage, [sample() for _ in range(size)], on_episode)
 
     def _finish_stage1(self) -> None:
         """Apply the removal policy's last partial batch, then freeze the removal for stage 2."""
@@ -268,25 +270,24 @@ class N2NAgent(Agent):
         """The blocks removed by the best stage-1 student (none before any)."""
         return self.best[1][1].removed if 1 in self.best else ()
 
-    def _removal_episode(self, on_episode: EpisodeCallback) -> None:
+    def _removal_rollout(self) -> tuple[list[int], Policy]:
         features = block_features(self.space)
         actions = self.removal.sample(features, self.generator)
         removed = tuple(b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a)
-        self._run(1, actions, self._policy(removed, {}), on_episode)
+        return actions, self._policy(removed, {})
 
-    def _shrink_episode(self, on_episode: EpisodeCallback) -> None:
+    def _shrink_rollout(self) -> tuple[list[int], Policy]:
         removed = self.best_removed
         groups = shrink_groups(self.space, removed)
         if not groups:  # nothing left to shrink: evaluate the removal alone
-            self._run(2, [], self._policy(removed, {}), on_episode)
-            return
+            return [], self._policy(removed, {})
         actions = self.shrink.sample(group_features(self.space, groups), self.generator)
         keep = {
             layer.name: self.ratios[a]
             for members, a in zip(groups, actions, strict=True)
             for layer in members
         }
-        self._run(2, actions, self._policy(removed, keep), on_episode)
+        return actions, self._policy(removed, keep)
 
     def _policy(self, removed: tuple[str, ...], keep: dict[str, float]) -> Policy:
         """Every layer outside the removed blocks, in the search precision."""
@@ -298,15 +299,19 @@ class N2NAgent(Agent):
         }
         return Policy(layers, removed=removed)
 
-    def _run(
-        self, stage: int, actions: list[int], policy: Policy, on_episode: EpisodeCallback
+    def _run_batch(
+        self,
+        stage: int,
+        rollouts: list[tuple[list[int], Policy]],
+        on_episode: EpisodeCallback,
     ) -> None:
-        result, reward = self.evaluate(policy, on_episode)
-        if stage not in self.best or reward > self.best[stage][0]:
-            self.best[stage] = (reward, result.policy)
-        if actions:
-            self.pending[stage].append((actions, reward))
-            self._update(stage)
+        scored = self.evaluate_many([policy for _, policy in rollouts], on_episode)
+        for (actions, _), (result, reward) in zip(rollouts, scored, strict=True):
+            if stage not in self.best or reward > self.best[stage][0]:
+                self.best[stage] = (reward, result.policy)
+            if actions:
+                self.pending[stage].append((actions, reward))
+        self._update(stage)
 
     # -------------------------------------------------------------------------------- learning
 

@@ -26,6 +26,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from agents.base import Agent, EpisodeCallback
 from agents.baselines import STATE_FILE, UniformAgent, read_state
 from agents.env import CompressionEnv, ordered_precisions, search_precision
+from agents.vec_env import BatchVecEnv, EnvFactory
 from pipeline.artifacts import atomic_write_with, write_json
 from pipeline.policy import LayerAction, Policy, Precision
 
@@ -67,6 +68,7 @@ class _SB3Agent(Agent):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_episode: EpisodeCallback | None = None
+        self._target = 0  # the episode count the current `learn` stops at
         self.last_result: Any = None
 
     def _score(self, policy: Policy) -> float:
@@ -74,7 +76,32 @@ class _SB3Agent(Agent):
         if self._on_episode is None:
             raise RuntimeError("the env stepped outside search(): no on_episode callback")
         self.last_result, reward = self.evaluate(policy, self._on_episode)
+        self._scored(policy, self.last_result, reward)
         return reward
+
+    def _score_many(self, policies: list[Policy]) -> list[float]:
+        """BatchVecEnv's `score_many`: the candidates of episodes that ended together.
+
+        Those past the search's total are not evaluated: learning stops on this very step,
+        before their transitions are stored, so their stand-in reward of 0 is never learnt.
+        """
+        if self._on_episode is None:
+            raise RuntimeError("the env stepped outside search(): no on_episode callback")
+        wanted = policies[: max(self._target - self.episodes_done, 0)]
+        scored = self.evaluate_many(wanted, self._on_episode)
+        for policy, (result, reward) in zip(wanted, scored, strict=True):
+            self.last_result = result
+            self._scored(policy, result, reward)
+        return [reward for _, reward in scored] + [0.0] * (len(policies) - len(scored))
+
+    def _scored(self, policy: Policy, result: Any, reward: float) -> None:
+        """Hook: a candidate of this agent was evaluated and rewarded."""
+
+    def _make_env(self, build: EnvFactory) -> CompressionEnv | BatchVecEnv:
+        """One env, or with several workers one per worker, stepped together."""
+        if self.workers == 1:
+            return build(self._score)
+        return BatchVecEnv(build, self.workers, self._score_many)
 
     def _tensorboard_dir(self) -> str | None:
         """TensorBoard logs under log_dir, only when tensorboard is installed (SB3 needs it)."""
@@ -82,21 +109,26 @@ class _SB3Agent(Agent):
             return None
         return str(Path(self.log_dir) / "tensorboard")
 
-    def _learn(self, model: BaseAlgorithm, env: CompressionEnv, target: int, tag: str) -> None:
+    def _learn(
+        self, model: BaseAlgorithm, env: CompressionEnv | BatchVecEnv, target: int, tag: str
+    ) -> None:
         """Learn until `episodes_done` reaches `target`; counters carry over between calls."""
         remaining = target - self.episodes_done
         if remaining <= 0:
             return
-        # Episodes have a fixed length, so this is exactly `remaining` episodes; the callback
-        # is what stops at the candidate count (PPO collects whole rollouts of n_steps).
+        self._target = target
+        # Episodes have a fixed length and end together in every env, so this is `remaining`
+        # episodes rounded up to whole rounds; the callback is what stops at the candidate
+        # count (PPO collects whole rollouts of n_steps).
+        rounds = math.ceil(remaining / self.workers)
         model.learn(
-            total_timesteps=remaining * env.episode_length,
+            total_timesteps=rounds * self.workers * env.episode_length,
             callback=_StopAfterEpisodes(self, target),
             reset_num_timesteps=False,
             tb_log_name=f"{self.name}{tag}",
         )
 
-    def _load_model(self, cls: type[BaseAlgorithm], path: Path, env: CompressionEnv):
+    def _load_model(self, cls: type[BaseAlgorithm], path: Path, env: CompressionEnv | BatchVecEnv):
         return cls.load(path, env=env, device="cpu", tensorboard_log=self._tensorboard_dir())
 
     def _write_state(self, folder: Path, extra: dict[str, Any]) -> None:
@@ -163,7 +195,7 @@ class TwoStagePPO(_SB3Agent):
         self.best_stage1_accuracy: float | None = None
         self.anchor_accuracy: float | None = None  # the best anchor's validation accuracy
         self.models: dict[int, PPO] = {}
-        self.envs: dict[int, CompressionEnv] = {}
+        self.envs: dict[int, CompressionEnv | BatchVecEnv] = {}
 
     def stage1_episodes(self, episodes: int) -> int:
         """How many of `episodes` go to stage 1 (the warm-up's included)."""
@@ -197,12 +229,10 @@ class TwoStagePPO(_SB3Agent):
         if self.warmup_end is None:
             self.warmup_end = self.episodes_done
 
-    def _score(self, policy: Policy) -> float:
-        reward = super()._score(policy)
+    def _scored(self, policy: Policy, result: Any, reward: float) -> None:
         if self._stage == 1 and (self.best_stage1 is None or reward > self.best_stage1[0]):
             self.best_stage1 = (reward, policy)
-            self.best_stage1_accuracy = float(self.last_result.accuracy)
-        return reward
+            self.best_stage1_accuracy = float(result.accuracy)
 
     def precision_matters(self) -> bool:
         """Whether stage 2 can gain anything: some anchor (the best stage-1 pruning in another
@@ -213,25 +243,30 @@ class TwoStagePPO(_SB3Agent):
             return True
         return self.anchor_accuracy > self.best_stage1_accuracy + self.PRECISION_MARGIN
 
-    def _env(self, stage: int) -> CompressionEnv:
+    def _env(self, stage: int) -> CompressionEnv | BatchVecEnv:
         if stage not in self.envs:
             if stage == 1:
-                precision = search_precision(self.space)
-                env = CompressionEnv(
-                    self.space, self._score, mode="prune", precision=precision, center=self.center
+                precision, center = search_precision(self.space), self.center
+                self.envs[stage] = self._make_env(
+                    lambda fn: CompressionEnv(
+                        self.space, fn, mode="prune", precision=precision, center=center
+                    )
                 )
             else:
                 base = self.best_stage1[1] if self.best_stage1 else Policy()
-                env = CompressionEnv(self.space, self._score, mode="precision", base_policy=base)
-            self.envs[stage] = env
+                self.envs[stage] = self._make_env(
+                    lambda fn: CompressionEnv(self.space, fn, mode="precision", base_policy=base)
+                )
         return self.envs[stage]
 
     def _model(self, stage: int) -> PPO:
         if stage not in self.models:
             env = self._env(stage)
-            steps = 2 * max(env.episode_length, 2)  # an update every two episodes
+            length = max(env.episode_length, 2)
+            # An update every two episodes; with several envs, every round of episodes.
+            steps = length * max(2 // self.workers, 1)
             self.models[stage] = PPO(
-                "MlpPolicy", env, n_steps=steps, batch_size=steps // 2, n_epochs=4,
+                "MlpPolicy", env, n_steps=steps, batch_size=length, n_epochs=4,
                 learning_rate=3e-4, gamma=0.99, ent_coef=0.01, policy_kwargs=dict(_NET),
                 seed=self.seed + stage, device="cpu", verbose=0,
                 tensorboard_log=self._tensorboard_dir(),
@@ -275,13 +310,15 @@ class TwoStagePPO(_SB3Agent):
         ]
 
     def _evaluate_anchors(self, episodes: int, on_episode: EpisodeCallback) -> None:
-        for policy in self.anchor_policies()[self._anchors_done :]:
-            if self.episodes_done >= episodes:
-                return
-            result, _reward = self.evaluate(policy, on_episode)
-            if result.ok:
-                self.anchor_accuracy = max(self.anchor_accuracy or 0.0, float(result.accuracy))
-            self._anchors_done += 1
+        todo = self.anchor_policies()[self._anchors_done :]
+        todo = todo[: max(episodes - self.episodes_done, 0)]
+        for start in range(0, len(todo), self.workers):  # anchors are independent: together
+            for result, _reward in self.evaluate_many(
+                todo[start : start + self.workers], on_episode
+            ):
+                if result.ok:
+                    self.anchor_accuracy = max(self.anchor_accuracy or 0.0, float(result.accuracy))
+                self._anchors_done += 1
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
@@ -332,9 +369,11 @@ class _OffPolicyAgent(_SB3Agent):
         super().__init__(*args, **kwargs)
         self.model: OffPolicyAlgorithm | None = None
         proxy = self.evaluator.proxy_accuracy if self.dense else None
-        self.env = CompressionEnv(
-            self.space, self._score, mode="joint", discrete=self.discrete, dense=self.dense,
-            proxy_fn=proxy,
+        self.env = self._make_env(
+            lambda fn: CompressionEnv(
+                self.space, fn, mode="joint", discrete=self.discrete, dense=self.dense,
+                proxy_fn=proxy,
+            )
         )  # fmt: skip
 
     def _new_model(self) -> OffPolicyAlgorithm:

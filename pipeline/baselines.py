@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.bench import bench_artifact
 from pipeline.evaluate import accuracy
 from pipeline.finetune import train
 from pipeline.policy import Precision, policy_layers, uniform_policy
@@ -25,15 +24,18 @@ from pipeline.prune import count_macs_params, prune_model
 if TYPE_CHECKING:
     from pipeline.run import RunContext
 
+BASELINES = "baselines"  # folder of the run directory holding the baselines' ONNX graphs
+
 
 def _export(ctx: RunContext, model, precision: Precision, path: Path) -> None:
     from exporters import export_onnx, quantize_onnx
     from pipeline.evaluate import stack
 
-    fp32 = path.with_name(path.stem + ".fp32.onnx")
-    export_onnx(model, ctx.input_shape, fp32, ctx.config.opset)
-    precisions = dict.fromkeys(policy_layers(model), precision)
-    quantize_onnx(fp32, path, precisions, ctx.profile.int8, stack(ctx.splits.calib)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, ctx.input_shape, fp32, ctx.config.opset)
+        precisions = dict.fromkeys(policy_layers(model), precision)
+        quantize_onnx(fp32, path, precisions, ctx.profile.int8, stack(ctx.splits.calib)[0])
 
 
 def _pruned(ctx: RunContext, keep: float):
@@ -46,7 +48,8 @@ def _pruned(ctx: RunContext, keep: float):
 
 
 def _latency(ctx: RunContext, path: Path) -> float:
-    return bench_artifact(ctx.profile, path)["latency_ms"][ctx.profile.measure.statistic]
+    """One round, enough to steer the bisection."""
+    return ctx.bench({"step": path}, rounds=1)["step"]["latency_ms"][ctx.profile.measure.statistic]
 
 
 def matched_keep_ratio(
@@ -76,7 +79,7 @@ def _side(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str
     from exporters import run_onnx
 
     inputs, labels, _ = ctx.results["_test"]
-    bench = bench_artifact(ctx.profile, path)
+    bench = ctx.bench({"side": path})["side"]  # measured like the deployed model
     macs, params = count_macs_params(model, ctx.input_shape)
     logits = run_onnx(path, inputs, threads=ctx.profile.threads)
     lat = bench["latency_ms"]
@@ -90,7 +93,7 @@ def _side(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str
     }
 
 
-def _uniform(ctx: RunContext, precision: Precision, tmp: Path) -> dict[str, Any]:
+def _uniform(ctx: RunContext, precision: Precision, tmp: Path, path: Path) -> dict[str, Any]:
     """Uniform pruning in `precision` at the deployed model's latency, fully fine-tuned."""
     from pipeline.run import stage
 
@@ -110,7 +113,6 @@ def _uniform(ctx: RunContext, precision: Precision, tmp: Path) -> dict[str, Any]
         f"uniform {precision.value} baseline",
         ctx.config.show_progress,
     )
-    path = tmp / f"uniform_{precision.value}.onnx"
     _export(ctx, uniform, precision, path)
     return _side(ctx, uniform, path, {"keep_ratio": keep, "precision": precision.value})
 
@@ -121,13 +123,17 @@ def run_baselines(ctx: RunContext) -> None:
 
     baselines: dict[str, Any] = {}
     searched = Precision(ctx.results.get("search", {}).get("search_precision", "fp32"))
+    kept = ctx.run_dir / BASELINES  # the baselines' graphs, to re-measure them anywhere
+    kept.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        baselines["uniform"] = _uniform(ctx, ctx.profile.default_precision, tmp)
-        if searched != ctx.profile.default_precision:
-            baselines[f"uniform_{searched.value}"] = _uniform(ctx, searched, tmp)
+        default = ctx.profile.default_precision
+        baselines["uniform"] = _uniform(ctx, default, tmp, kept / "uniform.onnx")
+        if searched != default:
+            name = f"uniform_{searched.value}"
+            baselines[name] = _uniform(ctx, searched, tmp, kept / f"{name}.onnx")
         if Precision.INT8 in ctx.profile.precisions:
             stage("baseline: the original with every layer in INT8")
-            _export(ctx, ctx.original, Precision.INT8, tmp / "int8.onnx")
-            baselines["int8"] = _side(ctx, ctx.original, tmp / "int8.onnx", {"keep_ratio": 1.0})
+            _export(ctx, ctx.original, Precision.INT8, kept / "int8.onnx")
+            baselines["int8"] = _side(ctx, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0})
     ctx.results["baselines"] = baselines

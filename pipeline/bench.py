@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from pipeline.profile import TargetProfile
@@ -84,6 +86,42 @@ def bench_artifact(
     }
 
 
+Measure = Callable[[Path], dict[str, Any]]
+"""A `bench_artifact`-like function of one artifact (in process, or in a `MeasureWorker`)."""
+
+
+def bench_interleaved(
+    measure: Measure, artifacts: Mapping[str, Path], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Measure each artifact once per round, in turn, for `rounds` rounds.
+
+    A slow spell of the machine then hits every side of a comparison alike instead of one,
+    and a single disturbed round cannot decide a gate: each side's statistics are their
+    medians over the rounds, and `rounds_ms` lists the per-round medians.
+
+    Returns:
+        For each key of `artifacts`, a `bench_artifact`-shaped result.
+    """
+    per_side: dict[str, list[dict[str, Any]]] = {key: [] for key in artifacts}
+    for _ in range(rounds):
+        for key, path in artifacts.items():
+            per_side[key].append(measure(path))
+    return {key: _over_rounds(results) for key, results in per_side.items()}
+
+
+def _over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    stats = results[0]["latency_ms"].keys()
+    latency = {k: float(np.median([r["latency_ms"][k] for r in results])) for k in stats}
+    floor_ms = results[0]["floor_ms"]
+    return {
+        **results[0],
+        "latency_ms": latency,
+        "floor_ratio": latency["median"] / floor_ms if floor_ms else None,
+        "noisy": 2 * sum(bool(r["noisy"]) for r in results) > len(results),
+        "rounds_ms": [r["latency_ms"]["median"] for r in results],
+    }
+
+
 def format_bench(result: dict[str, Any]) -> Table:
     """A rich table of a `bench_artifact` result (print it with `rich.console.Console`)."""
     lat = result["latency_ms"]
@@ -109,10 +147,11 @@ RUN_DIR_MODELS = {"original": "original.onnx", "deployed": "model.onnx"}
 
 
 def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
-    """Benchmark a run directory's original.onnx and deployed model.onnx with the same runner.
+    """Benchmark a run directory's original.onnx and deployed model.onnx with the same runner,
+    interleaved over the profile's `measure.rounds`.
 
     Returns:
-        `original` and `deployed` (each a `bench_artifact` result) and `speedup`, the
+        `original` and `deployed` (each a `bench_interleaved` result) and `speedup`, the
         original's median latency over the deployed model's.
 
     Raises:
@@ -127,9 +166,10 @@ def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{run_dir} has no {' or '.join(missing)}: give a finished run directory or a model"
         )
-    result: dict[str, Any] = {
-        key: bench_artifact(profile, run_dir / name) for key, name in RUN_DIR_MODELS.items()
-    }
+    paths = {key: run_dir / name for key, name in RUN_DIR_MODELS.items()}
+    result: dict[str, Any] = bench_interleaved(
+        lambda path: bench_artifact(profile, path), paths, profile.measure.rounds
+    )
     medians = [result[key]["latency_ms"]["median"] for key in RUN_DIR_MODELS]
     result["speedup"] = medians[0] / medians[1]
     return result

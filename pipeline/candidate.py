@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from agents.base import CandidateResult, SearchSpace
+from pipeline.choice import tied
 from pipeline.data import Splits
 from pipeline.evaluate import accuracy, stack, torch_logits
 from pipeline.finetune import TrainSpec, batch_stream, train
+from pipeline.latency_model import LatencyModel, should_measure
 from pipeline.measure_worker import MeasureWorker
 from pipeline.policy import Policy, Precision, policy_layers, uniform_policy
 from pipeline.profile import TargetProfile
@@ -97,10 +99,19 @@ class CandidateEvaluator:
         cache: MeasurementCache | None = None,
         timeout_s: float = 120.0,
         opset: int = 17,
+        latency_model: bool = True,
+        latency_source: str = "measured",
     ) -> None:
         self.model = model.eval()
+        # "flops": the search sees FLOPs scaled to milliseconds and measures nothing (AMC's
+        # proxy, kept for comparison benchmarks).
+        self.latency_source = latency_source
+        latency_model = latency_model and latency_source == "measured"
         self.splits = splits
         self.profile = profile
+        # Fitted from this search's real measurements; predicts the candidates that cannot
+        # matter so that they are not measured (pipeline.latency_model).
+        self.latency_model = LatencyModel(space) if latency_model else None
         self.space = space
         self.finetune = finetune
         self.cache = cache or MeasurementCache()
@@ -112,11 +123,45 @@ class CandidateEvaluator:
         self.calib_inputs = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
         self.real_measurements = 0
         self.cached_measurements = 0
+        self.predicted_measurements = 0
+        # (accuracy, latency) of the measured candidates within the budget: what a new one
+        # must beat to become the result (see `_could_win`).
+        self._within: list[tuple[float, float]] = []
         self._accuracy_memo: dict[str, tuple[float, int, int]] = {}
+        self._original_macs: int | None = None
+
+    @property
+    def space(self) -> SearchSpace:
+        return self._space
+
+    @space.setter
+    def space(self, space: SearchSpace) -> None:
+        """The budget and the precision latencies arrive after construction."""
+        self._space = space
+        if self.latency_model is not None:
+            self.latency_model.space = space
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.profile.input.shape)  # type: ignore[return-value]
+
+    def state(self) -> dict[str, Any]:
+        """Counters and latency model, for the search's checkpoints."""
+        return {
+            "real_measurements": self.real_measurements,
+            "cached_measurements": self.cached_measurements,
+            "predicted_measurements": self.predicted_measurements,
+            "within_budget": self._within,
+            "latency_model": self.latency_model.state() if self.latency_model else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.real_measurements = state["real_measurements"]
+        self.cached_measurements = state["cached_measurements"]
+        self.predicted_measurements = state.get("predicted_measurements", 0)
+        self._within = [tuple(pair) for pair in state.get("within_budget", [])]
+        if self.latency_model is not None and state.get("latency_model"):
+            self.latency_model.restore(state["latency_model"])
 
     def evaluate(self, policy: Policy) -> CandidateResult:
         """Prune, fine-tune briefly (distilled), export, measure on the target, score on val."""
@@ -135,6 +180,7 @@ class CandidateEvaluator:
             pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
         )
         key = candidate_key(pruned, policy, self.profile)
+        x = self._features(pruned, policy)
         # Keep ratios that round to the same channel counts give the same pruned model and, with
         # the seeded fine-tune, the same accuracy: such repeats are not trained again.
         policy_id = _model_id(key, policy)
@@ -150,9 +196,13 @@ class CandidateEvaluator:
                 acc = self._onnx_accuracy(onnx_path)
                 macs, params = count_macs_params(pruned, self.input_shape)
                 self._accuracy_memo[policy_id] = (acc, macs, params)
-            latency, source, stats = self._latency(key, onnx_path)
+            if self.latency_source == "flops":
+                latency, source, stats = self._flops_latency(macs)
+            else:
+                latency, source, stats = self._latency(key, onnx_path, x=x, accuracy=acc)
         if not np.isfinite(acc):
             raise ValueError("validation accuracy is not finite")
+        self._track_best(acc, latency, source)
         return CandidateResult(policy, acc, latency, macs, params, source, extra={"stats": stats})
 
     def _export(self, pruned: nn.Module, policy: Policy, path: Path) -> None:
@@ -171,19 +221,72 @@ class CandidateEvaluator:
             raise ValueError("the candidate outputs NaN or inf")
         return accuracy(logits, self.val_labels)
 
+    def _features(self, pruned: nn.Module, policy: Policy) -> list[float] | None:
+        if self.latency_model is None:
+            return None
+        sizes = {
+            n: m.weight.numel()
+            for n, m in pruned.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
+        precisions = {n: policy.action(n).precision.value for n in policy_layers(pruned)}
+        return self.latency_model.features(sizes, precisions)
+
     def _latency(
-        self, key: str, path: Path, count: bool = True
+        self,
+        key: str,
+        path: Path,
+        count: bool = True,
+        x: list[float] | None = None,
+        accuracy: float = 0.0,
     ) -> tuple[float, str, dict[str, Any]]:
         """The statistic, its source and every statistic; `count` False keeps measurements
-        that are not candidates (the original in each precision) out of the search's counts."""
+        that are not candidates (the original in each precision) out of the search's counts.
+        With features `x`, the latency model may stand in for a measurement that cannot
+        change the search's outcome, and learns from every real one."""
+        statistic = self.profile.measure.statistic
         cached = self.cache.get(key)
         if cached is not None:
             self.cached_measurements += int(count)
-            return cached[self.profile.measure.statistic], "cached", cached
+            return cached[statistic], "cached", cached
+        model = self.latency_model if x is not None else None
+        predicted = model.predict(x) if model is not None else None
+        if (
+            count
+            and model is not None
+            and not should_measure(model, predicted, lambda ms: self._could_win(accuracy, ms))
+        ):
+            self.predicted_measurements += 1
+            return predicted, "predicted", {"predicted": predicted}
         stats = self.worker.measure(path)["latency_ms"]
         self.real_measurements += int(count)
         self.cache.put(key, stats)
-        return stats[self.profile.measure.statistic], "measured", stats
+        if model is not None:
+            model.observe(x, stats[statistic], predicted if count else None)
+        return stats[statistic], "measured", stats
+
+    def _flops_latency(self, macs: int) -> tuple[float, str, dict[str, Any]]:
+        """The original's latency times the candidate's share of its multiply-adds."""
+        if self._original_macs is None:
+            self._original_macs = count_macs_params(self.model, self.input_shape)[0]
+        estimate = self.space.original_latency_ms * macs / max(self._original_macs, 1)
+        return estimate, "flops", {"flops_estimate": estimate}
+
+    def _could_win(self, acc: float, latency_ms: float) -> bool:
+        """Whether a candidate with this accuracy and latency would be the search's choice
+        among the measured ones (`pipeline.choice.choose_best`: the most accurate, and among
+        accuracies closer than one validation sample, the fastest)."""
+        resolution = 1.0 / max(len(self.val_labels), 1)
+        top = max([a for a, _ in self._within] + [acc])
+        if not tied(acc, top, resolution):
+            return False
+        rivals = [ms for a, ms in self._within if tied(a, top, resolution)]
+        return not rivals or latency_ms < min(rivals)
+
+    def _track_best(self, acc: float, latency: float, source: str) -> None:
+        budget = self.space.budget_ms
+        if source != "predicted" and (budget is None or latency <= budget):
+            self._within.append((acc, latency))
 
     def measure_uniform_precisions(self) -> dict[str, float]:
         """The original with every layer in each allowed precision, measured on the target.
@@ -194,17 +297,21 @@ class CandidateEvaluator:
         measured: dict[str, float] = {}
         if Precision.FP32 in self.profile.precisions:
             measured[Precision.FP32.value] = self.space.original_latency_ms
+            if self.latency_model is not None:
+                fp32 = self._features(self.model, uniform_policy(self.model, 1.0, Precision.FP32))
+                self.latency_model.observe(fp32, self.space.original_latency_ms, None)
         for precision in self.profile.precisions:
             if precision == Precision.FP32:
                 continue
             policy = uniform_policy(self.model, 1.0, precision)
             key = candidate_key(self.model, policy, self.profile)
+            x = self._features(self.model, policy)  # anchors of the latency model
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "uniform.onnx"
                     if self.cache.get(key) is None:
                         self._export(copy.deepcopy(self.model), policy, path)
-                    measured[precision.value] = self._latency(key, path, count=False)[0]
+                    measured[precision.value] = self._latency(key, path, False, x)[0]
             except Exception as exc:  # the search goes on without that precision
                 log.warning("the original in %s could not be measured: %s", precision.value, exc)
         return measured
@@ -300,9 +407,15 @@ def build_evaluator(
     budget_ms: float | None,
     cache: MeasurementCache | None = None,
     timeout_s: float = 120.0,
+    latency_model: bool = True,
+    latency_source: str = "measured",
 ) -> CandidateEvaluator:
     """Measure the original (latency on the target, validation accuracy), build the search
-    space around it, and return an evaluator ready for agents. `original_onnx` must exist."""
+    space around it, and return an evaluator ready for agents. `original_onnx` must exist.
+
+    With `latency_source="flops"` the search measures nothing more: it sees FLOPs scaled to
+    the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32.
+    """
     from pipeline.space import build_space
 
     worker = MeasureWorker(profile, timeout_s)
@@ -320,8 +433,23 @@ def build_evaluator(
         original_accuracy=original_accuracy,
         original_latency_ms=latency,
     )
-    evaluator = CandidateEvaluator(model, splits, profile, space, finetune, cache, timeout_s)
-    measured = evaluator.measure_uniform_precisions()
+    if latency_source == "flops":
+        space = dataclasses.replace(space, precisions=(Precision.FP32,))
+    evaluator = CandidateEvaluator(
+        model,
+        splits,
+        profile,
+        space,
+        finetune,
+        cache,
+        timeout_s,
+        latency_model=latency_model,
+        latency_source=latency_source,
+    )
+    if latency_source == "flops":
+        measured = {Precision.FP32.value: latency}
+    else:
+        measured = evaluator.measure_uniform_precisions()
     evaluator.space = dataclasses.replace(space, precision_latency_ms=measured)
     return evaluator
 

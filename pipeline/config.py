@@ -10,6 +10,7 @@ from pydantic import Field
 
 from pipeline.errors import ConfigError
 from pipeline.finetune import TrainSpec
+from pipeline.parallel.config import ParallelConfig
 from pipeline.schema import StrictModel, parse_model, read_yaml
 
 
@@ -66,6 +67,20 @@ class SearchConfig(StrictModel):
     timeout_s: float = Field(120, gt=0, description="per measurement; a hung runtime is killed")
     allow_over_budget: bool = False
     baselines: bool = True
+    parallel: ParallelConfig = Field(
+        ParallelConfig(), description="candidates in flight, here or on a Ray cluster"
+    )
+    latency_model: bool = Field(
+        True,
+        description="predict the latency of candidates that cannot change the outcome (clearly "
+        "over the budget, or under it and less accurate than the best) instead of measuring them",
+    )
+    latency_source: Literal["measured", "flops"] = Field(
+        "measured",
+        description="what the search's latency is: measured on the target, or (for comparison, "
+        "as AMC did) the original's latency scaled by the candidate's share of its FLOPs, with "
+        "nothing measured and every layer in FP32",
+    )
 
 
 class RunConfig(StrictModel):

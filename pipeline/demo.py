@@ -52,13 +52,13 @@ def demo_spec(splits: Splits, train_steps: int | None = None) -> TrainSpec:
     return replace(DEMO_SPEC, steps=steps)
 
 
-def demo_recipe(splits: Splits, spec: TrainSpec) -> dict[str, Any]:
+def demo_recipe(splits: Splits, spec: TrainSpec, arch: str = DEMO_ARCH) -> dict[str, Any]:
     """Everything the demo weights depend on; its hash names the cache entry."""
     import torchvision
 
     return {
         "recipe_version": DEMO_RECIPE_VERSION,
-        "arch": DEMO_ARCH,
+        "arch": arch,
         "num_classes": splits.num_classes,
         "input_shape": list(_input_shape(splits)),
         "train_spec": asdict(spec),
@@ -82,6 +82,7 @@ def demo_model(
     show_progress: bool = True,
     train_steps: int | None = None,
     min_accuracy: float = DEMO_MIN_ACCURACY,
+    arch: str = DEMO_ARCH,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The demo baseline: trained once on `splits.train`, then loaded from the cache.
 
@@ -92,6 +93,7 @@ def demo_model(
         train_steps: override the recipe's step count (tests use a few dozen steps).
         min_accuracy: the test accuracy the baseline must reach; pass 0 with a short
             `train_steps`, whose model is not meant to be good.
+        arch: the torchvision architecture (the benchmarks train others the same way).
 
     Returns:
         The model in eval mode, and info: arch, input_shape, test_accuracy, train_seconds,
@@ -101,20 +103,20 @@ def demo_model(
         RuntimeError: test accuracy below `min_accuracy` (the full recipe reaches ~99%).
     """
     spec = demo_spec(splits, train_steps)
-    key = recipe_hash(demo_recipe(splits, spec))
+    key = recipe_hash(demo_recipe(splits, spec, arch))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights, meta_path = folder / f"demo-{key}.safetensors", folder / f"demo-{key}.json"
-    model, meta = _load_cached(splits, weights, meta_path)
+    model, meta = _load_cached(splits, weights, meta_path, arch)
     cached = model is not None
     if model is None:
-        model, meta = _train_and_cache(splits, spec, weights, meta_path, show_progress)
+        model, meta = _train_and_cache(splits, spec, weights, meta_path, show_progress, arch)
     if meta["test_accuracy"] < min_accuracy:
         raise RuntimeError(
             f"demo baseline reached test accuracy {meta['test_accuracy']:.4f} < {min_accuracy}; "
             f"the recipe is broken (weights: {weights})"
         )
     info = {
-        "arch": DEMO_ARCH,
+        "arch": arch,
         "input_shape": _input_shape(splits),
         "test_accuracy": meta["test_accuracy"],
         "train_seconds": meta["train_seconds"],
@@ -129,15 +131,15 @@ def _input_shape(splits: Splits) -> tuple[int, int, int]:
     return tuple(int(d) for d in splits.train[0][0].shape)  # type: ignore[return-value]
 
 
-def _new_model(splits: Splits) -> nn.Module:
+def _new_model(splits: Splits, arch: str) -> nn.Module:
     # Seed the initialisation without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEMO_SPEC.seed)
-        return build_model(DEMO_ARCH, splits.num_classes)
+        return build_model(arch, splits.num_classes)
 
 
 def _load_cached(
-    splits: Splits, weights: Path, meta_path: Path
+    splits: Splits, weights: Path, meta_path: Path, arch: str
 ) -> tuple[nn.Module | None, dict[str, Any]]:
     """The cached model, or (None, {}) when the entry is absent, incomplete or corrupt."""
     if not (weights.is_file() and meta_path.is_file()):
@@ -146,7 +148,7 @@ def _load_cached(
         meta = json.loads(meta_path.read_text())
         if meta.get("weights_sha256") != sha256_file(weights):
             return None, {}
-        model = _new_model(splits)
+        model = _new_model(splits, arch)
         load_weights(model, weights)
     except (OSError, ValueError, KeyError, ModelError):  # a damaged entry is retrained
         return None, {}
@@ -154,17 +156,22 @@ def _load_cached(
 
 
 def _train_and_cache(
-    splits: Splits, spec: TrainSpec, weights: Path, meta_path: Path, show_progress: bool
+    splits: Splits,
+    spec: TrainSpec,
+    weights: Path,
+    meta_path: Path,
+    show_progress: bool,
+    arch: str,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    model = _new_model(splits)
+    model = _new_model(splits, arch)
     start = time.perf_counter()
-    train(model, splits.train, spec, description="demo baseline", show_progress=show_progress)
+    train(model, splits.train, spec, description=f"{arch} baseline", show_progress=show_progress)
     seconds = time.perf_counter() - start
     meta = {
-        "arch": DEMO_ARCH,
+        "arch": arch,
         "test_accuracy": model_accuracy(model, splits.test),
         "train_seconds": round(seconds, 2),
-        "recipe": demo_recipe(splits, spec),
+        "recipe": demo_recipe(splits, spec, arch),
     }
     save_safetensors(model, weights)
     # Written last and atomically: its presence says the weights are complete

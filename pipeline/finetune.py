@@ -33,6 +33,16 @@ class TrainSpec:
     schedule: str = "cosine"  # "cosine" decays lr to 0; "onecycle" warms up first (from scratch)
 
 
+_train_device = "cpu"  # a Ray worker given a GPU switches its whole process to "cuda"
+
+
+def set_train_device(device: str) -> None:
+    """Run every later `train` of this process on `device` ("cpu", "cuda"); models still come
+    back to where they were, so export and evaluation are unchanged."""
+    global _train_device
+    _train_device = device
+
+
 def batch_stream(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
     """An endless stream of shuffled training batches, reshuffled (seeded) every epoch."""
     epoch = 0
@@ -72,18 +82,21 @@ def train(
     if spec.steps <= 0:
         return model.eval()
     torch.manual_seed(spec.seed)
+    device = _train_device
+    home = next(model.parameters(), torch.empty(0)).device
+    model.to(device)  # before the optimizer, so that it holds the parameters it updates
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True
     )
     sched = _scheduler(opt, spec)
     if teacher is not None:
-        teacher = copy.deepcopy(teacher).eval()
+        teacher = copy.deepcopy(teacher).eval().to(device)
     model.train()
     batches = batch_stream(dataset, spec.batch_size, spec.seed)
     with _progress(show_progress) as progress:
         task = progress.add_task(description, total=spec.steps, loss=float("nan"))
         for _ in range(spec.steps):
-            x, y = next(batches)
+            x, y = (t.to(device) for t in next(batches))
             with torch.no_grad():
                 t_logits = teacher(x) if teacher is not None and spec.kd_weight > 0 else None
             loss = distillation_loss(model(x), y, t_logits, spec.kd_weight)
@@ -92,7 +105,7 @@ def train(
             opt.step()
             sched.step()
             progress.update(task, advance=1, loss=loss.item())
-    return model.eval()
+    return model.to(home).eval()  # export and evaluation run where the model came from
 
 
 def _progress(show: bool) -> Progress:

@@ -56,10 +56,14 @@ class MeasureWorker:
         child.close()
         self._conn = parent
 
-    def measure(self, artifact: Path) -> dict[str, Any]:
-        """bench_artifact's result for `artifact`, or MeasurementError on crash/timeout/error."""
+    def start(self) -> None:
+        """Start the measuring process now, else the first `measure` waits for it."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
+
+    def measure(self, artifact: Path) -> dict[str, Any]:
+        """bench_artifact's result for `artifact`, or MeasurementError on crash/timeout/error."""
+        self.start()
         assert self._conn is not None
         try:
             status, payload = ask_child(self._proc, self._conn, str(artifact), self.timeout_s)

@@ -34,6 +34,12 @@ class MeasureSpec(StrictModel):
     repeats: int = Field(50, ge=30)
     statistic: Literal["median", "p90", "mean"] = "median"
     max_cv: float = Field(0.25, gt=0, description="above this the report flags a noisy measure")
+    rounds: int = Field(
+        3,
+        ge=1,
+        description="rounds of the final comparisons: each round measures every side once, in "
+        "turn, and each side's figure is its median over rounds",
+    )
 
 
 class Int8Scheme(StrictModel):
@@ -90,6 +96,11 @@ class TargetProfile(StrictModel):
     description: str = ""
     runtime: Runtime
     device: Literal["local"] | RemoteDevice = "local"
+    devices: list[RemoteDevice] = Field(
+        default_factory=list,
+        description="several identical device agents that share a search's measurements "
+        "(pipeline.parallel); `device` is then the first of them",
+    )
     precisions: list[Precision] = Field(default_factory=lambda: [Precision.FP32])
     input: InputSpec = InputSpec()
     threads: int = Field(1, ge=1, description="intra-op threads of the runtime")
@@ -119,6 +130,39 @@ class TargetProfile(StrictModel):
                 data = {**data, "int8": {"activation_type": "int8", **int8}}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_of_the_devices(cls, data: Any) -> Any:
+        """With `devices:`, `device` is the first one: what measures one model at a time (the
+        original, the deployed model, validation) needs no change."""
+        if isinstance(data, dict) and data.get("devices"):
+            first = data["devices"][0]
+            given = data.get("device")
+            if given is None:
+                # A malformed first device is reported where it is written, under `devices`.
+                return {**data, "device": first} if _is_device(first) else data
+            if _as_dict(given) != _as_dict(first):
+                raise ValueError(
+                    "give one agent as `device:` or several identical ones as `devices:`; "
+                    "with both, `device` must be the first of `devices`"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _devices_are_distinct(self) -> TargetProfile:
+        urls = [d.url.rstrip("/") for d in self.devices]
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        if twice:
+            raise ValueError(f"devices lists {', '.join(twice)} more than once; list each once")
+        return self
+
+    @property
+    def fleet(self) -> list[RemoteDevice]:
+        """Every device agent that may measure for this profile (none when it runs locally)."""
+        if self.devices:
+            return list(self.devices)
+        return [self.device] if isinstance(self.device, RemoteDevice) else []
+
     @model_validator(mode="after")
     def _int8_scheme_fits_the_runtime(self) -> TargetProfile:
         scheme = (self.int8.format, self.int8.activation_type, self.int8.weight_type)
@@ -141,6 +185,19 @@ class TargetProfile(StrictModel):
             if p in precisions:
                 return getattr(self.tolerances, p.value)
         return self.tolerances.fp32
+
+
+def _is_device(data: Any) -> bool:
+    try:
+        RemoteDevice.model_validate(data)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return False
+    return True
+
+
+def _as_dict(device: Any) -> Any:
+    """A device as plain data, to compare what YAML and a dumped profile give."""
+    return device.model_dump() if isinstance(device, RemoteDevice) else device
 
 
 def resolve_profile_path(spec: str | Path) -> Path:

@@ -29,6 +29,7 @@ VERSIONED = (
     "pipeline",
 )
 LATENCY_KEYS = ("median", "p90", "cv")
+DRIFT = 1.05  # the original measuring this much slower at the end than at the search's start
 
 
 def versions() -> dict[str, str | None]:
@@ -78,7 +79,24 @@ def _side(ctx: RunContext, key: str) -> dict[str, Any]:
         "params": r.get("params", static.get("params")),
         "macs": r.get("macs", static.get("macs")),
         "size_bytes": r.get("size_bytes", static.get("size_bytes")),
+        "rounds_ms": r.get("rounds_ms"),
     }
+
+
+def _drift(ctx: RunContext) -> str:
+    """Why a budget met during the search can be missed at the end: the machine got slower.
+
+    The original is measured both when the search starts and in the final comparison; when it
+    too measures clearly slower at the end, the miss says so.
+    """
+    before = ctx.results.get("search_original_ms")
+    after = ctx.results.get("original", {}).get("latency_ms", {}).get(ctx.profile.measure.statistic)
+    if not before or not after or after < DRIFT * before:
+        return ""
+    return (
+        f" (the original also measured {after / before:.2f}x slower than when the search began:"
+        " the target was slower during the final measurement; re-measure with `pipeline bench`)"
+    )
 
 
 def _gates(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +108,7 @@ def _gates(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
             + "; ".join(summary["validation"].get("reasons", []))
         )
     if summary["met_budget"] is False:
-        failed.append(f"deployed latency misses the {summary['budget_ms']} ms budget")
+        failed.append(f"deployed latency misses the {summary['budget_ms']} ms budget" + _drift(ctx))
     if summary["accuracy_drop"] > ctx.profile.max_accuracy_drop:
         failed.append(
             f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
@@ -148,6 +166,7 @@ def _fixed_search(ctx: RunContext) -> dict[str, Any]:
         "episodes": 0,
         "real_measurements": 0,
         "cached_measurements": 0,
+        "predicted_measurements": 0,
         "wall_s": 0.0,
     }
 
@@ -227,6 +246,16 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _model_error(search: dict[str, Any]) -> str:
+    model = search.get("latency_model") or {}
+    if model.get("median_abs_error") is None:
+        return ""
+    return (
+        f" (latency model: median error {model['median_abs_error']:.1%} over "
+        f"{model['checked']} checks)"
+    )
+
+
 def _search_markdown(summary: dict[str, Any]) -> list[str]:
     s = summary["search"]
     if s.get("agent") == "fixed":
@@ -236,6 +265,7 @@ def _search_markdown(summary: dict[str, Any]) -> list[str]:
         "",
         f"Agent `{s['agent']}`: {s['episodes']} candidates, {s['real_measurements']} measured "
         f"on the target, {s['cached_measurements']} from the cache, "
+        f"{s.get('predicted_measurements', 0)} predicted{_model_error(s)}, "
         f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
         f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
         "",

@@ -24,6 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.data import Splits, load_data
 from pipeline.evaluate import accuracy, stack, torch_logits
 from pipeline.finetune import train
+from pipeline.measure_worker import MeasureWorker
 from pipeline.models import build_model, check_input, load_weights, save_safetensors
 from pipeline.policy import Policy, Precision, check_policy, parse_policy_arg, policy_layers
 from pipeline.profile import TargetProfile
@@ -46,10 +47,28 @@ class RunContext:
     policy: Policy | None = None
     results: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    measurer: MeasureWorker | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.profile.input.shape)  # type: ignore[return-value]
+
+    def bench(
+        self, artifacts: dict[str, Path], rounds: int | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Measure artifacts side by side for the final comparisons and gates.
+
+        Like the search's candidates, they are measured in a separate measuring process:
+        this one holds torch's thread pools and progress threads, which would slow the
+        runtime and make the gate disagree with the search. Sides are interleaved over the
+        profile's `measure.rounds` unless `rounds` is given (`bench_interleaved`).
+        """
+        from pipeline.bench import bench_interleaved
+
+        if self.measurer is None:
+            self.measurer = MeasureWorker(self.profile, self.config.search.timeout_s)
+        rounds = rounds or self.profile.measure.rounds
+        return bench_interleaved(self.measurer.measure, artifacts, rounds)
 
 
 def stage(message: str) -> None:
@@ -198,11 +217,9 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> nn.Module:
 
 def _precision_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
     """Measure the same pruned model in FP32 and in the policy's precisions, same runner."""
-    from pipeline.bench import bench_artifact
-
     stage("measuring the pruned model in FP32 against the policy's precisions")
-    fp32 = bench_artifact(ctx.profile, pruned_fp32)
-    mixed = bench_artifact(ctx.profile, ctx.run_dir / "model.onnx")
+    sides = ctx.bench({"fp32": pruned_fp32, "policy": ctx.run_dir / "model.onnx"})
+    fp32, mixed = sides["fp32"], sides["policy"]
     statistic = ctx.profile.measure.statistic
     ratio = fp32["latency_ms"][statistic] / mixed["latency_ms"][statistic]
     return {
@@ -248,12 +265,13 @@ def build_engine_stage(ctx: RunContext) -> None:
 
 def measure(ctx: RunContext) -> None:
     """Latency of original.onnx and model.onnx on the target, same runner and settings."""
-    from pipeline.bench import bench_artifact
-
-    stage(f"measuring latency on {ctx.profile.name} ({ctx.profile.runtime})")
-    for key, name in (("original", "original.onnx"), ("deployed", "model.onnx")):
-        bench = bench_artifact(ctx.profile, ctx.run_dir / name)
+    rounds = ctx.profile.measure.rounds
+    stage(f"measuring latency on {ctx.profile.name} ({ctx.profile.runtime}), {rounds} rounds")
+    names = {"original": "original.onnx", "deployed": "model.onnx"}
+    sides = ctx.bench({key: ctx.run_dir / name for key, name in names.items()})
+    for key, bench in sides.items():
         ctx.results.setdefault(key, {})["latency_ms"] = bench["latency_ms"]
+        ctx.results[key]["rounds_ms"] = bench["rounds_ms"]
         ctx.results[key]["floor"] = {k: bench.get(k) for k in ("floor_ms", "floor_ratio")}
         ctx.results[key]["noisy"] = bench.get("noisy", False)
 
@@ -319,6 +337,9 @@ def execute(
     except BaseException:
         report.write_manifest(ctx, status="failed")
         raise
+    finally:
+        if ctx.measurer is not None:
+            ctx.measurer.close()
     report.write_manifest(ctx, status="complete")
     report.print_summary(console, summary)
     return 0 if summary["gates"]["passed"] else 1

@@ -39,6 +39,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Walk a pydantic model along an error location to list the keys allowed there."""
     current: Any = model
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of models: the model is in `current`
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
         field = current.model_fields.get(str(part))

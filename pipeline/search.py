@@ -23,6 +23,7 @@ from agents import make_agent
 from agents.base import Agent, CandidateResult
 from pipeline.artifacts import write_json
 from pipeline.candidate import CandidateEvaluator
+from pipeline.choice import choose_best
 from pipeline.policy import Policy
 
 EPISODES = "episodes.jsonl"
@@ -40,6 +41,8 @@ class SearchOutcome:
     closest: dict[str, Any] | None = None  # lowest latency, for when nothing meets the budget
     real_measurements: int = 0
     cached_measurements: int = 0
+    predicted_measurements: int = 0
+    latency_model: dict[str, Any] | None = None  # its error against real measurements
     wall_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -48,6 +51,8 @@ class SearchOutcome:
             "episodes": self.episodes,
             "real_measurements": self.real_measurements,
             "cached_measurements": self.cached_measurements,
+            "predicted_measurements": self.predicted_measurements,
+            "latency_model": self.latency_model,
             "failed_candidates": sum(1 for r in self.records if r["error"]),
             "wall_s": round(self.wall_s, 1),
             "best_episode": self.best["episode"] if self.best else None,
@@ -73,20 +78,6 @@ def episode_record(
         "error": result.error,
         "time": time.time(),
     }
-
-
-def choose_best(records: list[dict[str, Any]], resolution: float) -> dict[str, Any] | None:
-    """The candidate meeting the budget with the highest validation accuracy.
-
-    Accuracies closer than `resolution` (one validation sample) are not told apart: among
-    them the fastest wins, so noise in a short fine-tune never buys a slower model.
-    """
-    within = [r for r in records if r["meets_budget"] and r["error"] is None]
-    if not within:
-        return None
-    top = max(r["accuracy"] for r in within)
-    tied = [r for r in within if r["accuracy"] >= top - resolution]
-    return min(tied, key=lambda r: (r["latency_ms"], -r["accuracy"]))
 
 
 class SearchLog:
@@ -136,11 +127,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         agent.save(tmp / "agent")
-        state = {
-            "episodes_done": agent.episodes_done,
-            "real_measurements": evaluator.real_measurements,
-            "cached_measurements": evaluator.cached_measurements,
-        }
+        state = {"episodes_done": agent.episodes_done, "evaluator": evaluator.state()}
         write_json(tmp / "state.json", state)
         old = self.dir.with_name(CHECKPOINT + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -163,8 +150,7 @@ class Checkpointer:
         state = json.loads((folder / "state.json").read_text())
         agent.load(folder / "agent")
         agent.episodes_done = state["episodes_done"]
-        evaluator.real_measurements = state["real_measurements"]
-        evaluator.cached_measurements = state["cached_measurements"]
+        evaluator.restore(state["evaluator"])
         return state["episodes_done"]
 
 
@@ -233,6 +219,8 @@ def run_search(
         closest=log.closest,
         real_measurements=evaluator.real_measurements,
         cached_measurements=evaluator.cached_measurements,
+        predicted_measurements=evaluator.predicted_measurements,
+        latency_model=evaluator.latency_model.summary() if evaluator.latency_model else None,
         wall_s=time.time() - started,
     )
 

@@ -49,6 +49,7 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
     """The best policy under the budget, the closest one if allowed, else None."""
     from agents.env import search_precision
     from pipeline.candidate import MeasurementCache, build_evaluator
+    from pipeline.parallel import describe, parallel_evaluator
     from pipeline.run import stage
     from pipeline.search import policy_of, run_search
 
@@ -63,10 +64,13 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         None,
         MeasurementCache(ctx.run_dir / "measurements.jsonl"),
         sc.timeout_s,
+        latency_model=sc.latency_model,
+        latency_source=sc.latency_source,
     )
     budget = _budget(ctx, evaluator.space.original_latency_ms, resume)
     evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
     ctx.results["budget_ms"] = budget
+    ctx.results["search_original_ms"] = evaluator.space.original_latency_ms
     measured = evaluator.space.precision_latency_ms
     prune_in = search_precision(evaluator.space).value
     stage(
@@ -78,7 +82,8 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
         f"({ctx.profile.measure.statistic})"
     )
-    try:
+    try:  # several candidates in flight, here or on a Ray cluster (search.parallel)
+        evaluator = parallel_evaluator(evaluator, sc.parallel)
         outcome = run_search(
             evaluator,
             agent_name=sc.agent,
@@ -90,12 +95,15 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
             resume=resume,
             show_progress=ctx.config.show_progress,
         )
+        parallel = describe(evaluator)
     finally:
         evaluator.close()
     ctx.results["search"] = {
         **outcome.summary(),
         "precision_latency_ms": measured,
         "search_precision": prune_in,
+        "latency_source": sc.latency_source,
+        "parallel": parallel,
     }
     ctx.results["candidates"] = [r for r in outcome.records if r["error"] is None]
     chosen = outcome.best or (outcome.closest if sc.allow_over_budget else None)

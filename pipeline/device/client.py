@@ -280,6 +280,17 @@ def device_info(profile: TargetProfile) -> dict[str, Any]:
     return _INFO[key]
 
 
+def remember_device_info(profile: TargetProfile, info: dict[str, Any]) -> None:
+    """Give this process the agent's GET /info answer another process already has.
+
+    Search workers key candidates by the device's identity; a worker restarted while the agent
+    is unreachable must still key them as the search began, not fail.
+    """
+    device = profile.device
+    if isinstance(device, RemoteDevice):
+        _INFO[(device.url, device_token(device))] = info
+
+
 def device_identity(profile: TargetProfile) -> dict[str, Any]:
     """What the agent says it is: board, GPU, power mode and runtime versions ({} if local).
 

@@ -36,8 +36,10 @@ def is_job_id(text: str) -> bool:
 
 
 def encode_profile(profile: TargetProfile) -> str:
-    """The profile as compact JSON in base64url, fit for one HTTP header."""
-    text = json.dumps(profile.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
+    """The profile as compact JSON in base64url, fit for one HTTP header. A device needs no
+    list of the other devices (and an agent of an earlier version would refuse the key)."""
+    data = profile.model_dump(mode="json", exclude={"devices"})
+    text = json.dumps(data, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(text.encode()).decode("ascii")
 
 
@@ -57,6 +59,7 @@ def decode_profile(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{PROFILE_HEADER} must hold a JSON object (a target profile)")
     data["device"] = "local"
+    data.pop("devices", None)  # the device measures here, not across a fleet
     return data
 
 

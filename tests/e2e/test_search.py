@@ -75,8 +75,9 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     assert {"model.onnx", "policy.json", "validation.json", "pareto.png"} <= {
         p.name for p in run_dir.iterdir()
     }
-    counts = report["search"]["real_measurements"] + report["search"]["cached_measurements"]
-    assert counts == 3 - report["search"]["failed_candidates"]
+    search = report["search"]
+    counts = sum(search[f"{k}_measurements"] for k in ("real", "cached", "predicted"))
+    assert counts == 3 - search["failed_candidates"]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     if agent in {"ppo", "dqn", "sac", "td3"}:  # SB3's TensorBoard logs land in the run dir
         assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
@@ -91,6 +92,8 @@ def test_search_with_baselines_on_the_same_runner(tmp_path, trained_tiny_resnet)
     searched = report["search"]["search_precision"]
     extra = set() if searched == "fp32" else {f"uniform_{searched}"}
     assert set(report["baselines"]) == {"uniform", "int8", *extra}
+    kept = {p.name for p in (run_dir_of(workdir) / "baselines").iterdir()}
+    assert kept == {f"{name}.onnx" for name in report["baselines"]}  # to re-measure elsewhere
     uniform = report["baselines"]["uniform"]
     assert 0.25 <= uniform["keep_ratio"] <= 1.0 and uniform["latency_ms"]["median"] > 0
     assert report["baselines"]["int8"]["params"] == report["original"]["params"]

@@ -76,3 +76,39 @@ def test_channel_gate_trains_with_masks(tiny_evaluator):
     masks = {g: torch.zeros(n) for g, n in gate.groups.items()}
     dead = gate.step(masks)  # every channel dropped: the net cannot classify
     assert dead.mean() < 0.5
+
+
+def test_a_flops_driven_evaluator_measures_nothing(
+    tmp_path, trained_tiny_resnet, digits_splits, tiny_profile
+):
+    """AMC's proxy, for comparison: latency is the original's scaled by the share of MACs, every
+    layer stays FP32, and no candidate is measured on the target."""
+    from conftest import TEST_INPUT
+
+    from exporters import export_onnx
+    from pipeline.candidate import build_evaluator
+    from pipeline.finetune import TrainSpec
+    from pipeline.prune import count_macs_params
+
+    onnx_path = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
+    spec = TrainSpec(steps=2, lr=0.01, batch_size=32, kd_weight=1.0)
+    evaluator = build_evaluator(
+        trained_tiny_resnet,
+        digits_splits,
+        tiny_profile,
+        onnx_path,
+        spec,
+        budget_ms=1.0,
+        latency_source="flops",
+    )
+    try:
+        assert evaluator.space.precisions == (Precision.FP32,)
+        assert evaluator.latency_model is None
+        result = evaluator.evaluate(uniform_policy(evaluator.model, 0.5, Precision.FP32))
+        assert result.ok and result.source == "flops", result.error
+        original_macs = count_macs_params(trained_tiny_resnet, TEST_INPUT)[0]
+        expected = evaluator.space.original_latency_ms * result.macs / original_macs
+        assert result.latency_ms == expected < evaluator.space.original_latency_ms
+        assert (evaluator.real_measurements, evaluator.cached_measurements) == (0, 0)
+    finally:
+        evaluator.close()

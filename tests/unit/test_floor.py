@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from torch import nn
 
-from pipeline.bench import bench_artifact, format_bench, measure_artifact
+from pipeline.bench import bench_artifact, bench_interleaved, format_bench, measure_artifact
 from pipeline.errors import MeasurementError, ModelError
 from pipeline.profile import InputSpec, MeasureSpec, Peaks, TargetProfile
 from pipeline.runners import LatencyStats
@@ -254,3 +254,33 @@ def test_bench_artifact_and_table(conv_onnx: Path) -> None:
     console.print(format_bench(result))
     text = console.export_text()
     assert "median ms" in text and "physical floor" in text and "conv.onnx" in text
+
+
+def test_bench_interleaved_alternates_sides_and_takes_medians_over_rounds(
+    conv_onnx: Path, tmp_path: Path
+) -> None:
+    profile = make_profile(input=InputSpec(shape=SHAPE, batch=1), threads=1)
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(conv_onnx.read_bytes())
+    order: list[str] = []
+    per_side: dict[str, list[dict]] = {"a": [], "b": []}
+
+    def measure(path: Path) -> dict:
+        side = "a" if path == conv_onnx else "b"
+        order.append(side)
+        result = bench_artifact(profile, path)
+        per_side[side].append(result)
+        return result
+
+    sides = bench_interleaved(measure, {"a": conv_onnx, "b": copy}, rounds=3)
+    assert order == ["a", "b", "a", "b", "a", "b"]  # a slow spell hits both sides alike
+    for side, results in per_side.items():
+        medians = [r["latency_ms"]["median"] for r in results]
+        assert sides[side]["rounds_ms"] == medians
+        assert sides[side]["latency_ms"]["median"] == pytest.approx(float(np.median(medians)))
+        p90s = [r["latency_ms"]["p90"] for r in results]
+        assert sides[side]["latency_ms"]["p90"] == pytest.approx(float(np.median(p90s)))
+        floor = sides[side]["floor_ms"]
+        assert sides[side]["floor_ratio"] == pytest.approx(
+            sides[side]["latency_ms"]["median"] / floor
+        )
