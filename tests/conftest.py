@@ -147,27 +147,45 @@ def tiny_profile():
     return TargetProfile.model_validate(TINY_PROFILE)
 
 
-@pytest.fixture
-def tiny_evaluator(tmp_path: Path, trained_tiny_resnet, digits_splits, tiny_profile):
-    """A real CandidateEvaluator over the trained ResNet-10 on 32x32 digits: each candidate is
-    pruned with torch-pruning, fine-tuned 5 steps, exported, measured with ONNX Runtime in a
-    worker process. The budget is 70% of the original's measured latency."""
+def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path, **options):
+    """A real CandidateEvaluator for `model` on 32x32 digits: each candidate is pruned with
+    torch-pruning, fine-tuned 5 steps, exported, measured with ONNX Runtime in a worker
+    process. The budget is 70% of the original's measured latency. `options` go to
+    `build_evaluator` (latency_model, latency_source)."""
     from exporters import export_onnx
     from pipeline.candidate import MeasurementCache, build_evaluator
     from pipeline.finetune import TrainSpec
 
-    onnx_path = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(model, TEST_INPUT, folder / "original.onnx")
     spec = TrainSpec(steps=5, lr=0.01, batch_size=32, kd_weight=1.0)
     evaluator = build_evaluator(
-        trained_tiny_resnet,
-        digits_splits,
-        tiny_profile,
+        model,
+        splits,
+        profile,
         onnx_path,
         spec,
         budget_ms=None,
-        cache=MeasurementCache(tmp_path / "measurements.jsonl"),
+        cache=MeasurementCache(folder / "measurements.jsonl"),
+        **options,
     )
     budget = 0.7 * evaluator.space.original_latency_ms
     evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
+    return evaluator
+
+
+@pytest.fixture
+def tiny_evaluator(tmp_path: Path, trained_tiny_resnet, digits_splits, tiny_profile):
+    """`make_tiny_evaluator` over the trained ResNet-10."""
+    evaluator = make_tiny_evaluator(trained_tiny_resnet, digits_splits, tiny_profile, tmp_path)
     yield evaluator
     evaluator.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the scale-out tests (skipped without Ray)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Collect
+from conftest import Collect, make_tiny_evaluator
 from conftest import run_cli as cli
 from device_agent import TESTS_DIR, TOKEN_ENV, Agent
-from parallel_helpers import quick_evaluator
 
 from agents.decore import DecoreAgent
 from agents.rewards import budget_reward
@@ -59,14 +58,6 @@ search:
   allow_over_budget: true
   parallel: {backend: ray, address: auto, workers: 2}
 """
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -121,11 +112,11 @@ def test_a_worker_killed_mid_search_is_retried_and_results_match_a_local_search(
     """Local and Ray searches with the same seed and worker count evaluate the same candidates
     with the same accuracies, even when a Ray worker is killed mid-search: its candidate is
     retried on a worker that is up, and every episode is logged in order."""
-    local_base = quick_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "local")
+    local_base = make_tiny_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "local")
     local = parallel_evaluator(local_base, ParallelConfig(workers=2))
     local_run = search(local, tmp_path / "local")
 
-    base = quick_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "ray")
+    base = make_tiny_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "ray")
     remote = parallel_evaluator(base, ParallelConfig(backend="ray", workers=2))
     try:
         started_pids = remote.worker_pids()

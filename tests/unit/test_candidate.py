@@ -83,23 +83,12 @@ def test_a_flops_driven_evaluator_measures_nothing(
 ):
     """AMC's proxy, for comparison: latency is the original's scaled by the share of MACs, every
     layer stays FP32, and no candidate is measured on the target."""
-    from conftest import TEST_INPUT
+    from conftest import TEST_INPUT, make_tiny_evaluator
 
-    from exporters import export_onnx
-    from pipeline.candidate import build_evaluator
-    from pipeline.finetune import TrainSpec
     from pipeline.prune import count_macs_params
 
-    onnx_path = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
-    spec = TrainSpec(steps=2, lr=0.01, batch_size=32, kd_weight=1.0)
-    evaluator = build_evaluator(
-        trained_tiny_resnet,
-        digits_splits,
-        tiny_profile,
-        onnx_path,
-        spec,
-        budget_ms=1.0,
-        latency_source="flops",
+    evaluator = make_tiny_evaluator(
+        trained_tiny_resnet, digits_splits, tiny_profile, tmp_path, latency_source="flops"
     )
     try:
         assert evaluator.space.precisions == (Precision.FP32,)

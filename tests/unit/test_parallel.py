@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Collect
+from conftest import Collect, make_tiny_evaluator
 from device_agent import Agent, free_port, small_onnx
-from parallel_helpers import quick_evaluator
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, MeasurementError
@@ -23,14 +22,6 @@ from pipeline.schema import parse_model
 
 TOKEN_VAR = "PIPELINE_TEST_FLEET_TOKEN"
 TOKEN = "fleet-token-" + "x" * 24
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +265,7 @@ def test_sb3_agents_step_one_env_per_worker_and_stop_exactly(
     from agents.rewards import budget_reward
     from agents.vec_env import BatchVecEnv
 
-    base = quick_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "search")
+    base = make_tiny_evaluator(tiny_resnet, digits_splits, tiny_profile, tmp_path / "search")
     evaluator = parallel_evaluator(base, ParallelConfig(workers=2))
     agent = make_agent("td3", evaluator, budget_reward, seed=0)
     seen: list[int] = []
