@@ -1,7 +1,8 @@
 """Latency measurement backends behind one interface, picked by the profile's `runtime:`.
 
-Runner modules (`ort_cpu`, later `ort_cuda` and `trt`) are imported on first use by the
-registry, so importing this package never needs CUDA, TensorRT or a device.
+Runner modules (`ort_cpu`, `ort_cuda`, `ort_trt`, `trt`, and `remote` for a device agent) are
+imported on first use by the registry, so importing this package never needs CUDA, TensorRT or
+a device.
 """
 
 from pipeline.runners.base import LatencyStats, Runner, profile_input
