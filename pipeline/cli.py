@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import MeasurementError, PipelineError
+from pipeline.errors import MeasurementError, PipelineError, first_line
 
 app = typer.Typer(
     help="Prune and quantize a PyTorch model against latency measured on the target device.",
@@ -229,7 +229,7 @@ def main() -> None:
 
 
 def _fail(kind: str, exc: BaseException, code: int, hint: str = "") -> None:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = first_line(exc)
     err_console.print(f"[red]{kind}:[/] {escape(message)}{hint}", highlight=False, soft_wrap=True)
     sys.exit(code)
 

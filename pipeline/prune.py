@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.artifacts import atomic_write_text
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.policy import Policy, head_layer
 
 HISTORY_VERSION = 1
@@ -59,8 +59,7 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as exc:  # tracing failures come in many types; report them as one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"torch-pruning could not trace the model: {first}") from None
+        raise ModelError(f"torch-pruning could not trace the model: {first_line(exc)}") from None
 
 
 def group_layers(dg: tp.DependencyGraph, group: Any) -> list[str]:

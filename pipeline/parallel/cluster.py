@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.errors import first_line as one_line
 from pipeline.parallel.config import ParallelConfig, require_ray
 from pipeline.profile import TargetProfile
 
@@ -46,7 +47,7 @@ def connect(config: ParallelConfig) -> bool:
                 logging_level=logging.WARNING,
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc)
         raise ConfigError(
             f"search.parallel.address {config.address!r}: no Ray cluster answers ({reason}); "
             "start one with `ray start --head`, or leave address unset to start a local one"
@@ -115,5 +116,4 @@ def first_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         exc = cause
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(exc)

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.runners.base import Runner
 from pipeline.runners.registry import register_runner
 
@@ -49,7 +49,7 @@ class OrtCpuRunner(Runner):
             )
         except _ORT_ERRORS as exc:
             raise ModelError(
-                f"{self.artifact}: onnxruntime cannot load it: {_first_line(exc)}"
+                f"{self.artifact}: onnxruntime cannot load it: {first_line(exc)}"
             ) from exc
         inputs = session.get_inputs()
         if len(inputs) != 1:
@@ -77,7 +77,7 @@ class OrtCpuRunner(Runner):
         except _ORT_ERRORS as exc:
             raise ModelError(
                 f"{self.artifact}: onnxruntime cannot run it on an input of shape "
-                f"{tuple(feed.shape)}: {_first_line(exc)}"
+                f"{tuple(feed.shape)}: {first_line(exc)}"
             ) from exc
         return out
 
@@ -89,8 +89,3 @@ class OrtCpuRunner(Runner):
         """The live session (for inspection, e.g. of its options); only while active."""
         self._require_active("session")
         return self._session
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.errors import ModelError, RuntimeNotAvailable
+from pipeline.errors import ModelError, RuntimeNotAvailable, first_line
 from pipeline.runners.base import Runner
 from pipeline.runners.cuda_device import no_cuda_reason
-from pipeline.runners.ort_cpu import _ORT_ERRORS, _first_line
+from pipeline.runners.ort_cpu import _ORT_ERRORS
 from pipeline.runners.registry import register_runner
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -72,7 +72,7 @@ class OrtCudaRunner(Runner):
             )
         except _ORT_ERRORS as exc:
             raise ModelError(
-                f"{self.artifact}: onnxruntime cannot load it: {_first_line(exc)}"
+                f"{self.artifact}: onnxruntime cannot load it: {first_line(exc)}"
             ) from exc
         self._check_provider(session)
         inputs = session.get_inputs()
@@ -118,7 +118,7 @@ class OrtCudaRunner(Runner):
         except _ORT_ERRORS as exc:
             raise ModelError(
                 f"{self.artifact}: onnxruntime cannot run it on an input of shape "
-                f"{tuple(feed.shape)}: {_first_line(exc)}"
+                f"{tuple(feed.shape)}: {first_line(exc)}"
             ) from exc
         return np.asarray(out, dtype=np.float32)
 
@@ -145,7 +145,7 @@ class OrtCudaRunner(Runner):
             self._session.run_with_iobinding(self._binding)
         except _ORT_ERRORS as exc:
             raise ModelError(
-                f"{self.artifact}: onnxruntime failed on the GPU: {_first_line(exc)}"
+                f"{self.artifact}: onnxruntime failed on the GPU: {first_line(exc)}"
             ) from exc
         self._binding.synchronize_outputs()
 
