@@ -20,6 +20,7 @@ import torch
 from stable_baselines3 import DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
@@ -121,6 +122,9 @@ class _SB3Agent(Agent):
         # episodes rounded up to whole rounds; the callback is what stops at the candidate
         # count (PPO collects whole rollouts of n_steps).
         rounds = math.ceil(remaining / self.workers)
+        if self._tensorboard_dir() is None:
+            # SB3's default logger would create an empty SB3-<date> folder in /tmp per call
+            model.set_logger(Logger(folder=None, output_formats=[]))
         model.learn(
             total_timesteps=rounds * self.workers * env.episode_length,
             callback=_StopAfterEpisodes(self, target),

@@ -6,16 +6,27 @@
 - `uniform_int8` (or `uniform_fp16`): the same in the precision the search pruned in, when that
   is not FP32 (the precision in which the whole original measured fastest): a hand-picked
   `uniform:R:int8` at matched latency, the harder baseline.
+- `uniform_at_accuracy` (and `uniform_int8_at_accuracy`): uniform pruning at the least keep
+  ratio whose test accuracy, after the same full fine-tune, is at least the deployed model's:
+  how much faster the deployed model is at equal accuracy. Found by bisection between the
+  matched-latency ratio and the unpruned original; `reached` is false when even the unpruned
+  original in that precision is less accurate than the deployed model.
 - `int8`: the unpruned original with every layer in INT8.
+
+Once built, every baseline is measured together with the deployed model, interleaved in one
+measuring session, so that each side's `deployed_speedup` (its latency over the deployed
+model's) is a ratio from one session.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.choice import ROUNDING
 from pipeline.evaluate import accuracy
 from pipeline.finetune import train
 from pipeline.policy import Precision, policy_layers, uniform_policy
@@ -75,22 +86,41 @@ def matched_keep_ratio(
     return min(tried)[1]
 
 
-def _side(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    from exporters import run_onnx
-
-    inputs, labels, _ = ctx.results["_test"]
-    bench = ctx.bench({"side": path})["side"]  # measured like the deployed model
+def _describe(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy, size and work of a baseline's graph; latency comes later, measured
+    together with the deployed model."""
     macs, params = count_macs_params(model, ctx.input_shape)
-    logits = run_onnx(path, inputs, threads=ctx.profile.threads)
-    lat = bench["latency_ms"]
     return {
-        "accuracy": accuracy(logits, labels),
-        "latency_ms": {"median": lat["median"], "p90": lat["p90"], "cv": lat["cv"]},
+        "accuracy": _test_accuracy(ctx, path),
         "params": params,
         "macs": macs,
         "size_bytes": path.stat().st_size,
         **extra,
     }
+
+
+def _test_accuracy(ctx: RunContext, path: Path) -> float:
+    from exporters import run_onnx
+
+    inputs, labels, _ = ctx.results["_test"]
+    return accuracy(run_onnx(path, inputs, threads=ctx.profile.threads), labels)
+
+
+def _recovered(ctx: RunContext, keep: float, precision: Precision, path: Path):
+    """Uniformly pruned at `keep`, given the deployed model's full recovery fine-tune,
+    exported to `path` in `precision`."""
+    model = _pruned(ctx, keep)
+    label = f"uniform {precision.value} keep {keep:.3f}"
+    train(
+        model,
+        ctx.splits.train,
+        ctx.config.finetune.spec(ctx.config.seed),
+        ctx.original,
+        label,
+        ctx.config.show_progress,
+    )
+    _export(ctx, model, precision, path)
+    return model
 
 
 def _uniform(ctx: RunContext, precision: Precision, tmp: Path, path: Path) -> dict[str, Any]:
@@ -103,18 +133,73 @@ def _uniform(ctx: RunContext, precision: Precision, tmp: Path, path: Path) -> di
         "latency (bisection)"
     )
     keep = matched_keep_ratio(ctx, target, precision, tmp)
-    uniform = _pruned(ctx, keep)
-    ft = ctx.config.finetune
-    train(
-        uniform,
-        ctx.splits.train,
-        ft.spec(ctx.config.seed),
-        ctx.original,
-        f"uniform {precision.value} baseline",
-        ctx.config.show_progress,
+    model = _recovered(ctx, keep, precision, path)
+    return _describe(ctx, model, path, {"keep_ratio": keep, "precision": precision.value})
+
+
+def _at_accuracy(
+    ctx: RunContext,
+    precision: Precision,
+    matched: tuple[dict[str, Any], Path],
+    unpruned: Path,
+    tmp: Path,
+    path: Path,
+) -> dict[str, Any]:
+    """Uniform pruning in `precision` at the least keep ratio as accurate as the deployed model.
+
+    Bisection on test accuracy between two points already known: the matched-latency ratio
+    and the unpruned original (`unpruned`, in `precision`). Of the ratios tried, the least
+    one that reached the deployed model's accuracy is kept: with accuracy noisy in the keep
+    ratio this errs towards a faster baseline, never a slower one.
+    """
+    from pipeline.run import stage
+
+    target = ctx.results["deployed"]["accuracy"]
+    extra = {"precision": precision.value, "target_accuracy": target}
+    unpruned_accuracy = _test_accuracy(ctx, unpruned)
+    side, matched_path = matched
+    best: tuple[float, Path, Any]
+    if side["accuracy"] >= target - ROUNDING:
+        low, high = ctx.profile.min_keep_ratio, side["keep_ratio"]
+        best = (high, matched_path, None)
+    elif unpruned_accuracy >= target - ROUNDING:
+        low, high = side["keep_ratio"], 1.0
+        best = (1.0, unpruned, ctx.original)
+    else:
+        shutil.copyfile(unpruned, path)
+        return _describe(ctx, ctx.original, path, {**extra, "keep_ratio": 1.0, "reached": False})
+    steps = ctx.config.search.matched_accuracy_steps
+    stage(
+        f"baseline: uniform pruning in {precision.value} at the deployed model's test accuracy "
+        f"({steps} bisection steps, each fully fine-tuned)"
     )
-    _export(ctx, uniform, precision, path)
-    return _side(ctx, uniform, path, {"keep_ratio": keep, "precision": precision.value})
+    for i in range(steps):
+        mid = (low + high) / 2
+        step = tmp / f"accuracy{i}.onnx"
+        model = _recovered(ctx, mid, precision, step)
+        if _test_accuracy(ctx, step) >= target - ROUNDING:
+            high, best = mid, (mid, step, model)
+        else:
+            low = mid
+    keep, source, model = best
+    if model is None:  # the matched-latency baseline itself
+        model = _pruned(ctx, keep)
+    shutil.copyfile(source, path)
+    return _describe(ctx, model, path, {**extra, "keep_ratio": keep, "reached": True})
+
+
+def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Path) -> None:
+    """Every baseline and the deployed model in one interleaved measuring session."""
+    from pipeline.run import stage
+
+    stage(f"measuring the baselines with the deployed model, {ctx.profile.measure.rounds} rounds")
+    sides = {name: kept / f"{name}.onnx" for name in baselines}
+    measured = ctx.bench({"_deployed": ctx.run_dir / "model.onnx", **sides})
+    deployed_ms = measured["_deployed"]["latency_ms"]["median"]
+    for name, side in baselines.items():
+        lat = measured[name]["latency_ms"]
+        side["latency_ms"] = {"median": lat["median"], "p90": lat["p90"], "cv": lat["cv"]}
+        side["deployed_speedup"] = lat["median"] / deployed_ms
 
 
 def run_baselines(ctx: RunContext) -> None:
@@ -123,17 +208,35 @@ def run_baselines(ctx: RunContext) -> None:
 
     baselines: dict[str, Any] = {}
     searched = Precision(ctx.results.get("search", {}).get("search_precision", "fp32"))
+    default = ctx.profile.default_precision
     kept = ctx.run_dir / BASELINES  # the baselines' graphs, to re-measure them anywhere
     kept.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        default = ctx.profile.default_precision
-        baselines["uniform"] = _uniform(ctx, default, tmp, kept / "uniform.onnx")
-        if searched != default:
-            name = f"uniform_{searched.value}"
-            baselines[name] = _uniform(ctx, searched, tmp, kept / f"{name}.onnx")
         if Precision.INT8 in ctx.profile.precisions:
             stage("baseline: the original with every layer in INT8")
             _export(ctx, ctx.original, Precision.INT8, kept / "int8.onnx")
-            baselines["int8"] = _side(ctx, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0})
+            baselines["int8"] = _describe(
+                ctx, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0}
+            )
+        # the unpruned original in each precision: the top of the matched-accuracy bisection
+        unpruned = {
+            Precision.FP32: ctx.run_dir / "original.onnx",
+            Precision.INT8: kept / "int8.onnx",
+        }
+        for precision in dict.fromkeys([default, searched]):
+            name = "uniform" if precision == default else f"uniform_{precision.value}"
+            path = kept / f"{name}.onnx"
+            baselines[name] = _uniform(ctx, precision, tmp, path)
+            top = unpruned.get(precision)
+            if ctx.config.search.matched_accuracy_steps and top is not None and top.is_file():
+                baselines[f"{name}_at_accuracy"] = _at_accuracy(
+                    ctx,
+                    precision,
+                    (baselines[name], path),
+                    top,
+                    tmp,
+                    kept / f"{name}_at_accuracy.onnx",
+                )
+        _measure_with_deployed(ctx, baselines, kept)
     ctx.results["baselines"] = baselines

@@ -67,6 +67,12 @@ class SearchConfig(StrictModel):
     timeout_s: float = Field(120, gt=0, description="per measurement; a hung runtime is killed")
     allow_over_budget: bool = False
     baselines: bool = True
+    matched_accuracy_steps: int = Field(
+        4,
+        ge=0,
+        description="bisection steps (each a full fine-tune) for the uniform baselines at the "
+        "deployed model's accuracy; 0 skips them",
+    )
     parallel: ParallelConfig = Field(
         ParallelConfig(), description="candidates in flight, here or on a Ray cluster"
     )

@@ -39,7 +39,9 @@ weights: tiny.safetensors
 out: runs
 show_progress: false
 finetune: {{steps: 10}}
-search: {{candidate_steps: 3, checkpoint_every: 1, baselines: {baselines}, episodes: {episodes}}}
+search:
+  {{candidate_steps: 3, checkpoint_every: 1, baselines: {baselines}, episodes: {episodes},
+   matched_accuracy_steps: 2}}
 """
 
 
@@ -90,13 +92,27 @@ def test_search_with_baselines_on_the_same_runner(tmp_path, trained_tiny_resnet)
     assert result.returncode in (0, 1), result.stderr
     report = json.loads((run_dir_of(workdir) / "report.json").read_text())
     searched = report["search"]["search_precision"]
-    extra = set() if searched == "fp32" else {f"uniform_{searched}"}
-    assert set(report["baselines"]) == {"uniform", "int8", *extra}
+    uniforms = {"uniform"} | (set() if searched == "fp32" else {f"uniform_{searched}"})
+    at_accuracy = {f"{name}_at_accuracy" for name in uniforms}
+    baselines = report["baselines"]
+    assert set(baselines) == {"int8", *uniforms, *at_accuracy}
     kept = {p.name for p in (run_dir_of(workdir) / "baselines").iterdir()}
-    assert kept == {f"{name}.onnx" for name in report["baselines"]}  # to re-measure elsewhere
-    uniform = report["baselines"]["uniform"]
+    assert kept == {f"{name}.onnx" for name in baselines}  # to re-measure elsewhere
+    uniform = baselines["uniform"]
     assert 0.25 <= uniform["keep_ratio"] <= 1.0 and uniform["latency_ms"]["median"] > 0
-    assert report["baselines"]["int8"]["params"] == report["original"]["params"]
+    assert baselines["int8"]["params"] == report["original"]["params"]
+    deployed = report["deployed"]["accuracy"]
+    for name in at_accuracy:  # as accurate as the deployed model, unless even unpruned is not
+        side = baselines[name]
+        assert side["target_accuracy"] == deployed
+        assert (side["accuracy"] >= deployed) == side["reached"], side
+        assert 0.25 <= side["keep_ratio"] <= 1.0
+        # never less pruned than needed: a baseline already accurate enough at matched
+        # latency is only ever pruned further
+        matched = baselines[name.removesuffix("_at_accuracy")]
+        if matched["accuracy"] >= deployed:
+            assert side["keep_ratio"] <= matched["keep_ratio"]
+    assert all(side["deployed_speedup"] > 0 for side in baselines.values())
     assert "Baselines" in (run_dir_of(workdir) / "report.md").read_text()
 
 
