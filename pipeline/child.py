@@ -4,8 +4,28 @@ process uses it too."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+
+def answer_requests(
+    conn: Connection, handle: Callable[[Any], Any], describe: Callable[[Exception], Any]
+) -> None:
+    """Child side: answer each request with ("ok", handle(request)), or ("error",
+    describe(exc)) when it raises, until the parent sends None or goes away. A failed request
+    is reported and the child lives on for the next."""
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        try:
+            conn.send(("ok", handle(request)))
+        except Exception as exc:
+            conn.send(("error", describe(exc)))
 
 
 def stop_child(proc: Any, conn: Connection | None, kill: bool = False) -> None:

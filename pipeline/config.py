@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
@@ -40,13 +41,7 @@ class FinetuneConfig(StrictModel):
 
     def qat_spec(self, seed: int) -> TrainSpec:
         """The QAT fine-tune: same batch size and distillation, its own steps and rate."""
-        return TrainSpec(
-            steps=self.qat_steps,
-            lr=self.qat_lr,
-            batch_size=self.batch_size,
-            kd_weight=self.kd_weight,
-            seed=seed,
-        )
+        return dataclasses.replace(self.spec(seed), steps=self.qat_steps, lr=self.qat_lr)
 
 
 class SearchConfig(StrictModel):

@@ -12,8 +12,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.child import ChildDied, ChildTimeout, ask_child, stop_child
-from pipeline.errors import MeasurementError
+from pipeline.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
+from pipeline.errors import MeasurementError, first_line
 from pipeline.profile import TargetProfile
 
 
@@ -22,19 +22,11 @@ def _serve(conn: Connection, profile_data: dict[str, Any]) -> None:
     from pipeline.bench import bench_artifact
 
     profile = TargetProfile.model_validate(profile_data)
-    while True:
-        try:
-            path = conn.recv()
-        except EOFError:
-            return
-        if path is None:
-            return
-        try:
-            conn.send(("ok", bench_artifact(profile, Path(path))))
-        except Exception as exc:  # any runner failure is reported, the worker lives on
-            conn.send(
-                ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            )
+    answer_requests(
+        conn,
+        lambda path: bench_artifact(profile, Path(path)),
+        lambda exc: f"{type(exc).__name__}: {first_line(exc)}",
+    )
 
 
 class MeasureWorker:

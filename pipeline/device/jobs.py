@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import sha256_file, write_json
-from pipeline.child import ChildDied, ChildTimeout, ask_child, stop_child
+from pipeline.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
 from pipeline.device import probe
 from pipeline.device.protocol import (
     ENGINE_NAME,
@@ -34,6 +34,7 @@ from pipeline.device.protocol import (
     is_job_id,
     load_profile_data,
 )
+from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 300.0
@@ -69,6 +70,11 @@ class _Handlers:
     def __init__(self) -> None:
         self._runner: Any = None
         self._runner_job: str | None = None
+
+    def __call__(self, message: tuple[str, dict[str, Any]]) -> Any:
+        """Answer one (kind, payload) request."""
+        kind, payload = message
+        return {"measure": self.measure, "infer": self.infer}[kind](payload)
 
     def measure(self, payload: dict[str, Any]) -> dict[str, Any]:
         from pipeline.bench import measure_artifact
@@ -133,21 +139,7 @@ def _serve(conn: Connection, parent_pid: int) -> None:
         "job_pid": os.getpid(),
     }
     conn.send(("ready", ready))
-    handlers = _Handlers()
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        kind, payload = message
-        handle = {"measure": handlers.measure, "infer": handlers.infer}[kind]
-        try:
-            conn.send(("ok", handle(payload)))
-        except Exception as exc:  # every job failure is reported; the child lives on
-            text = str(exc).strip()
-            conn.send(("error", (type(exc).__name__, text.splitlines()[0] if text else "")))
+    answer_requests(conn, _Handlers(), lambda exc: (type(exc).__name__, first_line(exc)))
 
 
 # --------------------------------------------------------------------------- parent side
