@@ -11,6 +11,7 @@ is comparable and ratios come from one measurement session.
     python benchmarks/suite.py                      # the full suite (hours on 2 cores)
     python benchmarks/suite.py --models resnet18 --agents ppo n2n --budgets 0.4
     python benchmarks/suite.py --runs RUN_DIR...    # tables from finished runs of one model
+    python benchmarks/suite.py --merge A.json B.json --name suite   # one table of earlier results
 
 Writes `benchmarks/results/suite.json`, `suite.md` and `suite.png`.
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PROFILE = ROOT / "profiles" / "cpu.yaml"
 AGENTS = ["ppo", "dqn", "sac", "td3", "decore", "n2n", "uniform", "random"]
-MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"]
+MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0"]
 
 
 def trained_weights(arch: str) -> Path | None:
@@ -66,14 +67,15 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
     run_dir = runs[-1]
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        tail = proc.stdout.strip().splitlines()[-3:] + proc.stderr.strip().splitlines()[-3:]
+        # the CLI's one-line error is the last line of stderr
+        lines = proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"]
         return {
             "model": arch,
             "agent": agent,
             "budget": budget,
             "source": source,
             "exit_code": proc.returncode,
-            "error": " | ".join(tail),
+            "error": lines[-1],
             "run_dir": str(run_dir),
         }
     report = json.loads(report_path.read_text())
@@ -294,9 +296,15 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", type=Path, help="finished run directories instead")
     parser.add_argument("--budget-label", type=float, help="the budget fraction of --runs")
     parser.add_argument("--name", default="suite", help="file name of the results")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="result JSON files (each already re-measured)"
+    )
     args = parser.parse_args()
-    rows = rows_from_runs(args.runs, args.budget_label) if args.runs else run_suite(args)
-    remeasure(rows, args.rounds)
+    if args.merge:  # groups were each measured in one process; they are not measured again
+        rows = [row for path in args.merge for row in json.loads(path.read_text())]
+    else:
+        rows = rows_from_runs(args.runs, args.budget_label) if args.runs else run_suite(args)
+        remeasure(rows, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(rows))
