@@ -22,10 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from independent_latency import check
 
 ROOT = Path(__file__).resolve().parents[1]
+MATCHED_ACCURACY_STEPS = 4
 
 
 def one_run(seed: int, out: Path, extra: list[str]) -> dict:
     start = time.time()
+    config = out / "config.yaml"  # the uniform baselines at the deployed model's accuracy, too
+    config.write_text(f"search: {{matched_accuracy_steps: {MATCHED_ACCURACY_STEPS}}}\n")
     cmd = [
         sys.executable,
         "-m",
@@ -38,10 +41,12 @@ def one_run(seed: int, out: Path, extra: list[str]) -> dict:
         "--out",
         str(out),
         "--no-progress",
+        "--config",
+        str(config),
         *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    (run_dir,) = list(out.iterdir())
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     if not (run_dir / "report.json").is_file():
         raise RuntimeError(f"seed {seed}: the run wrote no report: {proc.stderr.strip()[-2000:]}")
     report = json.loads((run_dir / "report.json").read_text())
