@@ -32,7 +32,8 @@ PROFILE = ROOT / "profiles" / "cpu.yaml"
 AGENTS = ["ppo", "dqn", "sac", "td3", "decore", "n2n", "uniform", "random"]
 # Tried as a third and left out: ShuffleNetV2 (torch-pruning cannot trace its channel shuffle),
 # EfficientNet-B0 and MNASNet (the demo's 8-epoch recipe trains them to 27% and 10%), RegNetX
-# (torch-pruning mis-prunes its group convolutions). `--models` takes any torchvision name.
+# (torch-pruning mis-prunes its group convolutions), ResNet-34 (87%). `--models` takes any
+# torchvision name.
 MODELS = ["resnet18", "mobilenet_v2"]
 
 
