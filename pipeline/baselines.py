@@ -182,9 +182,9 @@ def _at_accuracy(
         else:
             low = mid
     keep, source, model = best
-    if model is None:  # the matched-latency baseline itself
-        model = _pruned(ctx, keep)
     shutil.copyfile(source, path)
+    if model is None:  # the matched-latency baseline itself: already described
+        return {**side, **extra, "reached": True}
     return _describe(ctx, model, path, {**extra, "keep_ratio": keep, "reached": True})
 
 

@@ -232,9 +232,10 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
     lines = [
         "## Baselines (same runner, same run)",
         "",
-        "Uniform pruning at the deployed model's latency (`uniform`), and at its test accuracy "
-        "(`*_at_accuracy`), each fully fine-tuned like it. The last column comes from one "
-        "session measuring every baseline with the deployed model.",
+        "Uniform pruning at the deployed model's latency (`uniform*`) and, when "
+        "`search.matched_accuracy_steps` is set, at its test accuracy (`*_at_accuracy`), each "
+        "fully fine-tuned like it. The last column comes from one session measuring every "
+        "baseline with the deployed model.",
         "",
         "| model | test accuracy | median ms | p90 ms | speedup vs original | params | "
         "deployed is faster |",
