@@ -30,7 +30,7 @@ class LayerInfo:
     macs: int  # multiply-accumulates of this layer at batch 1
     params: int
     latency_share: float  # measured share of the original model's latency (0 when unknown)
-    prunable: bool  # False for the classifier head: it only gets a precision
+    prunable: bool  # False for the head and grouped-conv groups: they only get a precision
     group: str  # first layer of its coupling group; a group keeps one channel count
 
 

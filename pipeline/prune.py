@@ -62,8 +62,20 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.
         raise ModelError(f"torch-pruning could not trace the model: {first_line(exc)}") from None
 
 
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (RegNet, ResNeXt): 1 < groups < in_channels."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+
+
 def group_layers(dg: tp.DependencyGraph, group: Any) -> list[str]:
-    """Names of the Conv2d/Linear layers whose output channels this group prunes."""
+    """Names of the Conv2d/Linear layers whose output channels this group prunes.
+
+    A group that holds a grouped convolution is left whole (no names): torch-pruning's
+    dependency-graph pruning removes channels without keeping them spread evenly over the
+    convolution's groups, so the pruned weights would not fit the layer.
+    """
+    if any(is_grouped_conv(dep.target.module) for dep, _ in group):
+        return []
     names = []
     for dep, _ in group:
         module = dep.target.module

@@ -176,13 +176,14 @@ def build_space(
     """The SearchSpace agents see for `model` on `profile`."""
     shape = tuple(profile.input.shape)
     names = policy_layers(model)
-    head = head_layer(model)
     costs = layer_costs(model, shape)
     groups = coupling_groups(model, shape)
     shares = latency_shares(original_onnx, names, profile.threads)
     modules = dict(model.named_modules())
     layers = tuple(
-        _layer_info(n, modules[n], costs[n], shares.get(n, 0.0), n != head, groups.get(n, n))
+        # a layer in no coupling group (the head, one beside a grouped convolution) keeps its
+        # channels; only its precision is searched
+        _layer_info(n, modules[n], costs[n], shares.get(n, 0.0), n in groups, groups.get(n, n))
         for n in names
         if n in costs
     )

@@ -13,6 +13,7 @@ from pipeline.prune import (
     replay_history,
     save_history,
 )
+from pipeline.space import coupling_groups
 
 SHAPE = (3, 32, 32)
 
@@ -66,6 +67,23 @@ def test_depthwise_layers_stay_consistent():
         for conv in convs:
             if conv.groups > 1:
                 assert conv.groups == conv.in_channels == conv.out_channels
+
+
+def test_grouped_convolutions_are_left_whole_and_the_rest_prunes():
+    """RegNetX's grouped 3x3 convolutions (and the 1x1 before each) keep their channels; the
+    residual stream still prunes and the model still runs. Without this torch-pruning picks
+    channels unevenly over the groups and the pruned weights no longer fit the layer."""
+    model = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+    grouped = model.trunk_output.block1[0].f.b[0]
+    assert 1 < grouped.groups < grouped.in_channels
+    groups = coupling_groups(model, SHAPE)
+    assert "trunk_output.block1.block1-0.f.b.0" not in groups
+    assert "trunk_output.block1.block1-0.proj.0" in groups
+    result = prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE, 8, 0.1)
+    assert grouped.out_channels == grouped.in_channels == 32
+    assert result.channels["trunk_output.block1.block1-0.proj.0"] == (32, 16)
+    out = model(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(
