@@ -33,6 +33,13 @@ class PruneResult:
     history: list[list[Any]]
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # fqn -> (before, after)
     group_ratios: dict[str, float] = field(default_factory=dict)  # group root -> kept fraction
+    removed: tuple[str, ...] = ()  # blocks replaced by identity
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing was removed: the model is still the trained original, which a recovery
+        fine-tune can only move away from its optimum."""
+        return not self.removed and all(b == a for b, a in self.channels.values())
 
 
 def count_macs_params(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, int]:
@@ -98,7 +105,7 @@ def prune_model(
         remove_block(model, name)
     dg = dependency_graph(model, input_shape)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
-    result = PruneResult(model=model, history=[])
+    result = PruneResult(model=model, history=[], removed=tuple(policy.removed))
     roots = (nn.Conv2d, nn.Linear)
     for group in list(dg.get_all_groups(ignored_layers=[head], root_module_types=roots)):
         _prune_group(dg, group, policy, importance, multiple, min_keep, result)

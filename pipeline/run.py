@@ -142,6 +142,10 @@ def compress(ctx: RunContext) -> nn.Module:
     save_history(ctx.run_dir / "pruning_history.json", result.history, arch)
     ctx.results["channels"] = {n: list(c) for n, c in result.channels.items()}
     ft = ctx.config.finetune
+    if result.unchanged:  # the policy only sets precisions: the original needs no recovery
+        stage("nothing pruned: no recovery fine-tune")
+        save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
+        return pruned
     stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
     teacher = ctx.original if ft.kd_weight > 0 else None
     train(

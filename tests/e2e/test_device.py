@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pipeline.bench import bench_artifact, format_bench_run
 from pipeline.profile import load_profile
 
 RUN_FILES = {"original.onnx", "model.onnx", "validation.json", "report.json", "manifest.json"}
-ROUNDS = 3
+ROUNDS = 5
 AGREEMENT = 0.10
 
 
@@ -93,8 +94,9 @@ def assert_remote_latency_agrees_with_local(profile_path: Path, model: Path) -> 
     """Median latency on the agent and here, same model, runtime and threads, within 10%.
 
     The agent times inference in its job process, so HTTP is not in its figure. Rounds
-    alternate local and remote, and each side keeps its best median, so a burst of load from
-    other processes on the shared cores does not decide the comparison.
+    alternate local and remote, and each side is judged by the median over its rounds, so a
+    burst of load from other processes on the shared cores (or one unusually quiet round, as
+    a best-of would keep) does not decide the comparison.
     """
     remote = load_profile(profile_path)
     spec = remote.measure.model_copy(update={"warmup": 20, "repeats": 200})
@@ -104,8 +106,8 @@ def assert_remote_latency_agrees_with_local(profile_path: Path, model: Path) -> 
     for _ in range(ROUNDS):
         for name, profile in (("local", local), ("remote", remote)):
             medians[name].append(bench_artifact(profile, model)["latency_ms"]["median"])
-    best_local, best_remote = min(medians["local"]), min(medians["remote"])
-    assert abs(best_remote / best_local - 1) < AGREEMENT, medians
+    local_ms, remote_ms = statistics.median(medians["local"]), statistics.median(medians["remote"])
+    assert abs(remote_ms / local_ms - 1) < AGREEMENT, medians
 
 
 def test_an_agent_killed_mid_job_fails_the_run_and_resume_completes_it(tmp_path, monkeypatch):

@@ -32,6 +32,14 @@ def test_uniform_pruning_removes_channels_and_still_runs(arch):
         assert after <= before
 
 
+def test_only_a_policy_that_removes_something_changes_the_model():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    assert prune_model(model, uniform_policy(model, 1.0, Precision.INT8), SHAPE).unchanged
+    assert not prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE).unchanged
+    removal = Policy(removed=("layer1.0",))
+    assert not prune_model(torchvision.models.resnet18(num_classes=10), removal, SHAPE).unchanged
+
+
 def test_head_outputs_are_untouched():
     model = torchvision.models.resnet18(num_classes=10).eval()
     prune_model(model, uniform_policy(model, 0.25, Precision.FP32), SHAPE, 8, 0.1)
