@@ -71,8 +71,8 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - start
-    runs = sorted((out / "runs").iterdir())
-    run_dir = runs[-1]
+    runs = sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []
+    run_dir = runs[-1] if runs else out / "runs"  # a run killed early leaves no directory
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         # the CLI's one-line error is the last line of stderr
