@@ -44,11 +44,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline"
 
 
-def demo_spec(splits: Splits, train_steps: int | None = None) -> TrainSpec:
-    """The demo's training recipe: `DEMO_EPOCHS` epochs of the train split unless overridden."""
+def demo_spec(
+    splits: Splits, train_steps: int | None = None, epochs: int = DEMO_EPOCHS
+) -> TrainSpec:
+    """The demo's training recipe: `epochs` epochs of the train split unless overridden."""
     if train_steps is not None:
         return replace(DEMO_SPEC, steps=train_steps)
-    steps = math.ceil(DEMO_EPOCHS * len(splits.train) / DEMO_SPEC.batch_size)
+    steps = math.ceil(epochs * len(splits.train) / DEMO_SPEC.batch_size)
     return replace(DEMO_SPEC, steps=steps)
 
 
@@ -83,6 +85,7 @@ def demo_model(
     train_steps: int | None = None,
     min_accuracy: float = DEMO_MIN_ACCURACY,
     arch: str = DEMO_ARCH,
+    epochs: int = DEMO_EPOCHS,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The demo baseline: trained once on `splits.train`, then loaded from the cache.
 
@@ -94,6 +97,7 @@ def demo_model(
         min_accuracy: the test accuracy the baseline must reach; pass 0 with a short
             `train_steps`, whose model is not meant to be good.
         arch: the torchvision architecture (the benchmarks train others the same way).
+        epochs: passes over the train split (deeper architectures need more than the demo's).
 
     Returns:
         The model in eval mode, and info: arch, input_shape, test_accuracy, train_seconds,
@@ -102,7 +106,7 @@ def demo_model(
     Raises:
         RuntimeError: test accuracy below `min_accuracy` (the full recipe reaches ~99%).
     """
-    spec = demo_spec(splits, train_steps)
+    spec = demo_spec(splits, train_steps, epochs)
     key = recipe_hash(demo_recipe(splits, spec, arch))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights, meta_path = folder / f"demo-{key}.safetensors", folder / f"demo-{key}.json"

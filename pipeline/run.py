@@ -144,18 +144,17 @@ def compress(ctx: RunContext) -> nn.Module:
     ft = ctx.config.finetune
     if result.unchanged:  # the policy only sets precisions: the original needs no recovery
         stage("nothing pruned: no recovery fine-tune")
-        save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
-        return pruned
-    stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
-    teacher = ctx.original if ft.kd_weight > 0 else None
-    train(
-        pruned,
-        ctx.splits.train,
-        ft.spec(ctx.config.seed),
-        teacher,
-        "recovery",
-        ctx.config.show_progress,
-    )
+    else:
+        stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
+        teacher = ctx.original if ft.kd_weight > 0 else None
+        train(
+            pruned,
+            ctx.splits.train,
+            ft.spec(ctx.config.seed),
+            teacher,
+            "recovery",
+            ctx.config.show_progress,
+        )
     save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
     return pruned
 
