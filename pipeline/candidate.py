@@ -30,7 +30,7 @@ from pipeline.latency_model import LatencyModel, should_measure
 from pipeline.measure_worker import MeasureWorker
 from pipeline.policy import Policy, Precision, policy_layers, uniform_policy
 from pipeline.profile import TargetProfile
-from pipeline.prune import count_macs_params, prune_model
+from pipeline.prune import PruneResult, count_macs_params, prune_model
 
 log = logging.getLogger(__name__)
 CANDIDATE_CALIB_SAMPLES = 64
@@ -175,10 +175,8 @@ class CandidateEvaluator:
             )
 
     def _evaluate(self, policy: Policy) -> CandidateResult:
-        pruned = copy.deepcopy(self.model)
-        pruning = prune_model(
-            pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
-        )
+        pruning = self._pruned_copy(policy)
+        pruned = pruning.model
         key = candidate_key(pruned, policy, self.profile)
         x = self._features(pruned, policy)
         # Keep ratios that round to the same channel counts give the same pruned model and, with
@@ -207,6 +205,16 @@ class CandidateEvaluator:
             raise ValueError("validation accuracy is not finite")
         self._track_best(acc, latency, source)
         return CandidateResult(policy, acc, latency, macs, params, source, extra={"stats": stats})
+
+    def _pruned_copy(self, policy: Policy) -> PruneResult:
+        pruned = copy.deepcopy(self.model)
+        return prune_model(
+            pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
+        )
+
+    def export_untrained(self, policy: Policy, path: Path) -> None:
+        """The candidate's graph without its fine-tune: the same latency, for re-measuring it."""
+        self._export(self._pruned_copy(policy).model, policy, path)
 
     def _export(self, pruned: nn.Module, policy: Policy, path: Path) -> None:
         from exporters import export_onnx, quantize_onnx
@@ -322,10 +330,7 @@ class CandidateEvaluator:
     def proxy_accuracy(self, policy: Policy) -> float:
         """Validation accuracy of the policy pruned without fine-tuning (PuRL's dense signal)."""
         try:
-            pruned = copy.deepcopy(self.model)
-            prune_model(
-                pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
-            )
+            pruned = self._pruned_copy(policy).model
             return accuracy(torch_logits(pruned, self.val_inputs), self.val_labels)
         except Exception:  # a policy that cannot be applied retains nothing
             log.debug("proxy accuracy failed", exc_info=True)

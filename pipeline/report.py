@@ -279,11 +279,23 @@ def _search_markdown(summary: dict[str, Any]) -> list[str]:
         f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
         f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
         "",
-        *_precision_markdown(s),
+        *_confirmation_markdown(s),
+        *_search_precision_markdown(s),
     ]
 
 
-def _precision_markdown(search: dict[str, Any]) -> list[str]:
+def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
+    """The pick's second measurement, and any pick it turned down."""
+    tries = search.get("confirmation") or []
+    lines = [
+        f"- Episode {t['episode']} measured again: {t['confirmed_ms']:.3f} ms (search "
+        f"{t['search_ms']:.3f} ms), {'meets' if t['meets_budget'] else 'MISSES'} the budget"
+        for t in tries
+    ]
+    return [*lines, ""] if lines else []
+
+
+def _search_precision_markdown(search: dict[str, Any]) -> list[str]:
     """Which precision the channel search ran in, and the measurements that decided it."""
     measured = search.get("precision_latency_ms")
     if not measured:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import write_json
 from pipeline.finetune import TrainSpec
 from pipeline.policy import Policy
 
 if TYPE_CHECKING:
+    from pipeline.candidate import CandidateEvaluator
     from pipeline.run import RunContext
+    from pipeline.search import SearchOutcome
 
 SETUP = "search_setup.json"
 
@@ -82,8 +84,9 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
         f"({ctx.profile.measure.statistic})"
     )
+    base = evaluator
     try:  # several candidates in flight, here or on a Ray cluster (search.parallel)
-        evaluator = parallel_evaluator(evaluator, sc.parallel)
+        evaluator = parallel_evaluator(base, sc.parallel)
         outcome = run_search(
             evaluator,
             agent_name=sc.agent,
@@ -106,8 +109,35 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         "parallel": parallel,
     }
     ctx.results["candidates"] = [r for r in outcome.records if r["error"] is None]
-    chosen = outcome.best or (outcome.closest if sc.allow_over_budget else None)
+    best = _confirmed_best(ctx, base, outcome)
+    chosen = best or (outcome.closest if sc.allow_over_budget else None)
     ctx.results["search"]["shipped"] = (
-        "best under budget" if outcome.best else ("closest (over budget)" if chosen else None)
+        "best under budget" if best else ("closest (over budget)" if chosen else None)
     )
     return policy_of(chosen) if chosen else None
+
+
+def _confirmed_best(
+    ctx: RunContext, base: CandidateEvaluator, outcome: SearchOutcome
+) -> dict[str, Any] | None:
+    """The search's best, re-measured (`pipeline.confirm`); a FLOPs-driven search measures
+    nothing, by design, so its pick stands as it is."""
+    from pipeline.confirm import confirm_pick
+    from pipeline.run import stage
+
+    if outcome.best is None or ctx.config.search.latency_source == "flops":
+        return outcome.best
+    stage(f"measuring the search's pick again ({ctx.profile.measure.rounds} rounds)")
+    resolution = 1.0 / max(len(base.val_labels), 1)
+    statistic = ctx.profile.measure.statistic
+    best, tries = confirm_pick(base, outcome.records, resolution, ctx.bench, statistic)
+    for t in tries:
+        verdict = "meets" if t["meets_budget"] else "misses"
+        stage(
+            f"episode {t['episode']}: {t['confirmed_ms']:.3f} ms again (search measured "
+            f"{t['search_ms']:.3f} ms), {verdict} the {base.space.budget_ms:.3f} ms budget"
+        )
+    ctx.results["search"]["confirmation"] = tries
+    if best is not outcome.best:
+        ctx.results["search"]["best_episode"] = best["episode"]
+    return best

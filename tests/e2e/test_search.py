@@ -81,6 +81,10 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     counts = sum(search[f"{k}_measurements"] for k in ("real", "cached", "predicted"))
     assert counts == 3 - search["failed_candidates"]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    if search["shipped"] == "best under budget":  # measured again before it shipped
+        tries = search["confirmation"]
+        assert 1 <= len(tries) <= 3 and all(t["confirmed_ms"] > 0 for t in tries)
+        assert all(not t["meets_budget"] for t in tries[:-1])
     if agent in {"ppo", "dqn", "sac", "td3"}:  # SB3's TensorBoard logs land in the run dir
         assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 

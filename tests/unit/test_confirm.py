@@ -1,0 +1,72 @@
+"""The search's pick is measured again before it ships; a pick that misses gives way."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import bench_interleaved
+from pipeline.confirm import confirm_pick
+from pipeline.policy import Precision, uniform_policy
+from pipeline.search import episode_record
+
+
+def _bench(evaluator):
+    def bench(artifacts: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
+        return bench_interleaved(evaluator.worker.measure, artifacts, rounds=3)
+
+    return bench
+
+
+def _records(evaluator, search_ms: float) -> list[dict[str, Any]]:
+    """The unpruned model (the more accurate) and a quarter of its channels, both as if the
+    search had measured them at `search_ms`, under the budget."""
+    records = []
+    for index, keep in enumerate((1.0, 0.25)):
+        result = evaluator.evaluate(uniform_policy(evaluator.model, keep, Precision.FP32))
+        assert result.ok, result.error
+        record = episode_record(index, result, 0.0, evaluator.space.budget_ms)
+        records.append({**record, "latency_ms": search_ms, "meets_budget": True})
+    assert records[0]["accuracy"] > records[1]["accuracy"]
+    return records
+
+
+def test_a_pick_that_misses_when_measured_again_gives_way_to_the_next(tiny_evaluator):
+    """The unpruned model, measured low once by the search, runs at the original's latency:
+    over the 70% budget. A quarter of the channels measures under it and ships."""
+    original = tiny_evaluator.space.original_latency_ms
+    records = _records(tiny_evaluator, 0.1 * original)
+    resolution = 1 / len(tiny_evaluator.val_labels)
+    pick, tries = confirm_pick(
+        tiny_evaluator, records, resolution, _bench(tiny_evaluator), "median"
+    )
+    assert [t["episode"] for t in tries] == [0, 1]
+    assert [t["meets_budget"] for t in tries] == [False, True]
+    assert tries[0]["confirmed_ms"] > tiny_evaluator.space.budget_ms >= tries[1]["confirmed_ms"]
+    assert all(t["search_ms"] == 0.1 * original for t in tries)
+    assert pick is records[1]
+
+
+def test_when_no_pick_confirms_the_search_pick_ships_and_every_try_is_reported(tiny_evaluator):
+    """Nothing runs in a microsecond: each distinct policy is tried once, none meets, and the
+    search's own pick ships for the final gate to report the miss."""
+    budget = 1e-6
+    tiny_evaluator.space = dataclasses.replace(tiny_evaluator.space, budget_ms=budget)
+    records = _records(tiny_evaluator, budget)
+    records.append({**records[1], "episode": 2})  # the same policy again: not measured twice
+    resolution = 1 / len(tiny_evaluator.val_labels)
+    pick, tries = confirm_pick(
+        tiny_evaluator, records, resolution, _bench(tiny_evaluator), "median"
+    )
+    assert pick is records[0]
+    assert [t["episode"] for t in tries] == [0, 1]
+    assert all(not t["meets_budget"] and t["confirmed_ms"] > budget for t in tries)
+
+
+def test_nothing_under_the_budget_means_nothing_to_confirm(tiny_evaluator):
+    records = _records(tiny_evaluator, 1.0)
+    records = [{**r, "meets_budget": False} for r in records]
+    pick, tries = confirm_pick(tiny_evaluator, records, 0.01, _bench(tiny_evaluator), "median")
+    assert pick is None and tries == []
