@@ -124,6 +124,7 @@ def row_of(report, run_dir, arch, agent, budget, source, code, wall) -> dict[str
         "cached": search["cached_measurements"],
         "predicted": search.get("predicted_measurements", 0),
         "latency_model": search.get("latency_model"),
+        "confirmation": search.get("confirmation", []),
         "wall_s": round(wall, 1),
         "baselines": report.get("baselines", {}),
         "run_dir": str(run_dir),
@@ -282,7 +283,8 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for arch in args.models:
         for budget in args.budgets:
-            plan = [(a, "measured") for a in args.agents] + [(args.flops_agent, "flops")]
+            plan = [(a, "measured") for a in args.agents]
+            plan += [(args.flops_agent, "flops")] if args.flops_agent != "none" else []
             for agent, source in plan:
                 out = args.work / arch / f"{budget}" / f"{agent}-{source}"
                 rows.append(run_one(arch, agent, budget, source, out, args))
@@ -295,7 +297,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--agents", nargs="+", default=AGENTS)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.4, 0.6])
-    parser.add_argument("--flops-agent", default="ppo", help="agent of the FLOPs-driven row")
+    parser.add_argument(
+        "--flops-agent", default="ppo", help="agent of the FLOPs-driven row ('none': no such row)"
+    )
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("/tmp/pipeline-suite"))

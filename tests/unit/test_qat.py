@@ -82,7 +82,7 @@ def _model(state: dict[str, torch.Tensor]) -> SmallNet:
     return model.eval()
 
 
-def with_outlier(model: SmallNet, alpha: float = 30.0) -> SmallNet:
+def with_outlier(model: SmallNet, alpha: float = 100.0) -> SmallNet:
     """The same function with one channel of conv1's folded weight `alpha` times larger.
 
     bn1's channel 0 is scaled by alpha and conv2 reads that channel divided by alpha (ReLU is
@@ -155,10 +155,12 @@ def test_qat_recovers_what_post_training_int8_loses(trained_state, splits, tmp_p
     deployed = run_onnx(out, inputs)
     assert accuracy(deployed, labels) == pytest.approx(info["qat_accuracy"])
     # Validation's reference for a QAT graph: the model fake-quantized with the learned steps
-    # (read back from the run directory's JSON), which the graph follows.
+    # (read back from the run directory's JSON), which the graph follows within the INT8
+    # tolerance validation applies (rounding ties split a few samples either way).
     (tmp_path / QAT_SCALES).write_text(json.dumps(result.qparams))
     reference = source_logits(result.model, inputs, tmp_path, profile.int8)
-    assert (reference.argmax(1) == deployed.argmax(1)).mean() >= 0.99
+    agreement = (reference.argmax(1) == deployed.argmax(1)).mean()
+    assert agreement >= profile.tolerances.int8.min_top1_agreement
     # The written graph carries the learned steps, not the ones calibration gives its weights.
     calibrated = tmp_path / "calibrated.onnx"
     calib = stack(splits.calib)[0]
