@@ -101,6 +101,7 @@ class CandidateEvaluator:
         opset: int = 17,
         latency_model: bool = True,
         latency_source: str = "measured",
+        worker: MeasureWorker | None = None,
     ) -> None:
         self.model = model.eval()
         # "flops": the search sees FLOPs scaled to milliseconds and measures nothing (AMC's
@@ -115,7 +116,7 @@ class CandidateEvaluator:
         self.space = space
         self.finetune = finetune
         self.cache = cache or MeasurementCache()
-        self.worker = MeasureWorker(profile, timeout_s)
+        self.worker = worker or MeasureWorker(profile, timeout_s)
         self.opset = opset
         self.val_inputs, self.val_labels = stack(splits.val)
         # Candidates calibrate INT8 on a subset: enough to rank them, and several times faster
@@ -426,38 +427,41 @@ def build_evaluator(
     """
     from pipeline.space import build_space
 
+    # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
         latency = worker.measure(original_onnx)["latency_ms"][profile.measure.statistic]
-    finally:
-        worker.close()
-    val_inputs, val_labels = stack(splits.val)
-    original_accuracy = accuracy(torch_logits(model, val_inputs), val_labels)
-    space = build_space(
-        model,
-        profile,
-        original_onnx,
-        budget_ms=budget_ms,
-        original_accuracy=original_accuracy,
-        original_latency_ms=latency,
-    )
-    if latency_source == "flops":
-        space = dataclasses.replace(space, precisions=(Precision.FP32,))
-    evaluator = CandidateEvaluator(
-        model,
-        splits,
-        profile,
-        space,
-        finetune,
-        cache,
-        timeout_s,
-        latency_model=latency_model,
-        latency_source=latency_source,
-    )
-    if latency_source == "flops":
-        measured = {Precision.FP32.value: latency}
-    else:
-        measured = evaluator.measure_uniform_precisions()
+        val_inputs, val_labels = stack(splits.val)
+        original_accuracy = accuracy(torch_logits(model, val_inputs), val_labels)
+        space = build_space(
+            model,
+            profile,
+            original_onnx,
+            budget_ms=budget_ms,
+            original_accuracy=original_accuracy,
+            original_latency_ms=latency,
+        )
+        if latency_source == "flops":
+            space = dataclasses.replace(space, precisions=(Precision.FP32,))
+        evaluator = CandidateEvaluator(
+            model,
+            splits,
+            profile,
+            space,
+            finetune,
+            cache,
+            timeout_s,
+            latency_model=latency_model,
+            latency_source=latency_source,
+            worker=worker,
+        )
+        if latency_source == "flops":
+            measured = {Precision.FP32.value: latency}
+        else:
+            measured = evaluator.measure_uniform_precisions()
+    except BaseException:
+        worker.close(kill=True)
+        raise
     evaluator.space = dataclasses.replace(space, precision_latency_ms=measured)
     return evaluator
 

@@ -10,11 +10,12 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PolicyError
+
+if TYPE_CHECKING:  # torch is imported where a model is walked: the measuring process needs none
+    from torch import nn
 
 
 class Precision(str, Enum):
@@ -122,11 +123,15 @@ def _parse_action(raw: Any, where: str) -> LayerAction:
 
 def policy_layers(model: nn.Module) -> list[str]:
     """Fully qualified names of the layers a policy can address (Conv2d and Linear), in order."""
+    from torch import nn
+
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def head_layer(model: nn.Module) -> str:
     """The classifier head: the last Linear (or last Conv2d when there is no Linear)."""
+    from torch import nn
+
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layers = linears or policy_layers(model)
     if not layers:
