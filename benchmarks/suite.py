@@ -73,9 +73,11 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
     runs = sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []
     run_dir = runs[-1] if runs else out / "runs"  # a run killed early leaves no directory
     report_path = run_dir / "report.json"
-    if not report_path.is_file():
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if "deployed" not in report:  # killed early, or nothing shipped (the gate says why)
         # the CLI's one-line error is the last line of stderr
         lines = proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"]
+        lines += report.get("gates", {}).get("failed", [])
         return {
             "model": arch,
             "agent": agent,
@@ -85,7 +87,6 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
             "error": lines[-1],
             "run_dir": str(run_dir),
         }
-    report = json.loads(report_path.read_text())
     return row_of(report, run_dir, arch, agent, budget, source, proc.returncode, wall)
 
 
