@@ -101,3 +101,9 @@ def new_run_dir(root: Path, profile_name: str) -> Path:
         candidate = base.with_name(f"{base.name}-{n}")
     candidate.mkdir(parents=True)
     return candidate
+
+
+def default_cache_dir() -> Path:
+    """`$PIPELINE_CACHE`, or `~/.cache/pipeline`: trained demo baselines, rendered data sets."""
+    env = os.environ.get("PIPELINE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline"

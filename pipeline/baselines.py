@@ -26,11 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pipeline.choice import ROUNDING
-from pipeline.evaluate import accuracy
 from pipeline.finetune import train
 from pipeline.policy import Precision, policy_layers, uniform_policy
 from pipeline.prune import count_macs_params, prune_model
+from pipeline.stats import correct_of, ratio_interval
 
 if TYPE_CHECKING:
     from pipeline.run import RunContext
@@ -87,11 +89,14 @@ def matched_keep_ratio(
 
 
 def _describe(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy, size and work of a baseline's graph; latency comes later, measured
-    together with the deployed model."""
+    """Test accuracy, size and work of a baseline's graph (named by its file); latency comes
+    later, measured together with the deployed model. Its per-image correctness is kept for
+    the report's paired intervals."""
     macs, params = count_macs_params(model, ctx.input_shape)
+    correct = _test_correct(ctx, path)
+    ctx.results["test_correct"][path.stem] = correct
     return {
-        "accuracy": _test_accuracy(ctx, path),
+        "accuracy": float(correct.mean()),
         "params": params,
         "macs": macs,
         "size_bytes": path.stat().st_size,
@@ -99,11 +104,16 @@ def _describe(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict
     }
 
 
-def _test_accuracy(ctx: RunContext, path: Path) -> float:
+def _test_correct(ctx: RunContext, path: Path) -> np.ndarray:
+    """(N,) bool: the test images the graph at `path` classifies right."""
     from exporters import run_onnx
 
     inputs, labels, _ = ctx.results["_test"]
-    return accuracy(run_onnx(path, inputs, threads=ctx.profile.threads), labels)
+    return correct_of(run_onnx(path, inputs, threads=ctx.profile.threads), labels)
+
+
+def _test_accuracy(ctx: RunContext, path: Path) -> float:
+    return float(_test_correct(ctx, path).mean())
 
 
 def _recovered(ctx: RunContext, keep: float, precision: Precision, path: Path):
@@ -184,6 +194,8 @@ def _at_accuracy(
     keep, source, model = best
     shutil.copyfile(source, path)
     if model is None:  # the matched-latency baseline itself: already described
+        correct = ctx.results["test_correct"]
+        correct[path.stem] = correct[matched_path.stem]
         return {**side, **extra, "reached": True}
     return _describe(ctx, model, path, {**extra, "keep_ratio": keep, "reached": True})
 
@@ -195,11 +207,13 @@ def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Pat
     stage(f"measuring the baselines with the deployed model, {ctx.profile.measure.rounds} rounds")
     sides = {name: kept / f"{name}.onnx" for name in baselines}
     measured = ctx.bench({"_deployed": ctx.run_dir / "model.onnx", **sides})
-    deployed_ms = measured["_deployed"]["latency_ms"]["median"]
+    deployed = measured["_deployed"]
     for name, side in baselines.items():
         lat = measured[name]["latency_ms"]
         side["latency_ms"] = {"median": lat["median"], "p90": lat["p90"], "cv": lat["cv"]}
-        side["deployed_speedup"] = lat["median"] / deployed_ms
+        side["deployed_speedup"] = lat["median"] / deployed["latency_ms"]["median"]
+        ratio = ratio_interval(measured[name]["rounds_ms"], deployed["rounds_ms"])
+        side["deployed_speedup_ci95"] = ratio.as_list() if ratio else None
 
 
 def run_baselines(ctx: RunContext) -> None:

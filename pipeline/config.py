@@ -58,6 +58,13 @@ class SearchConfig(StrictModel):
         "budget_ms is given by the flag, the config or the profile",
     )
     candidate_steps: int = Field(30, ge=0, description="fine-tune steps of each candidate")
+    candidate_bn_batches: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="training batches on which each pruned candidate's BatchNorm statistics are "
+        "re-estimated after its fine-tune, before it is scored (0: none)",
+    )
     checkpoint_every: int = Field(2, ge=1)
     timeout_s: float = Field(120, gt=0, description="per measurement; a hung runtime is killed")
     allow_over_budget: bool = False

@@ -28,6 +28,7 @@ SPLIT_NAMES = ("train", "calib", "val", "test")
 # Fractions of the whole data set; train gets the rest (70%)
 SPLIT_FRACTIONS = {"test": 0.2, "val": 0.1, "calib": 0.1}
 DIGITS = "digits"
+DIGITS_HARD = "digits-hard"
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +37,8 @@ IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = (0.458,), (0.226,)
 # An image folder is decoded once into memory when its tensors fit in this many bytes
 IN_MEMORY_LIMIT_BYTES = 256 << 20
 _FORMS = (
-    "'digits' (embedded demo set), 'imagefolder:DIR' (DIR/<class>/<image>) or 'module:function'"
+    "'digits' (embedded demo set), 'digits-hard' (embedded benchmark set), "
+    "'imagefolder:DIR' (DIR/<class>/<image>) or 'module:function'"
 )
 
 
@@ -74,7 +76,8 @@ def load_data(spec: str | None, input_shape: tuple[int, int, int], seed: int = 0
     """Load a data source and split it into train / calib / val / test.
 
     Args:
-        spec: None or "digits" for the embedded set; "imagefolder:DIR"; or "module:function"
+        spec: None or "digits" for the embedded set; "digits-hard" for the embedded benchmark
+            set (`pipeline.digits_hard`); "imagefolder:DIR"; or "module:function"
             returning a Dataset (split here) or a dict of the four splits. The function gets
             `input_shape=` when its signature accepts it.
         input_shape: (C, H, W) the model takes; images are resized and converted to it.
@@ -89,6 +92,8 @@ def load_data(spec: str | None, input_shape: tuple[int, int, int], seed: int = 0
     shape = _check_shape(input_shape)
     if spec is None or spec == DIGITS:
         return _load_digits(shape, seed)
+    if spec == DIGITS_HARD:
+        return _load_digits_hard(shape, seed)
     if spec.startswith("imagefolder:"):
         return _load_imagefolder(spec.partition(":")[2], shape, seed)
     if is_callable_spec(spec):
@@ -202,6 +207,15 @@ def _load_digits(shape: tuple[int, int, int], seed: int) -> Splits:
         },
     }
     return _subset_splits(TensorDataset(images, labels), indices, 10, record)
+
+
+def _load_digits_hard(shape: tuple[int, int, int], seed: int) -> Splits:
+    from pipeline import digits_hard
+    from pipeline.artifacts import default_cache_dir
+
+    _check_channels(shape[0], DIGITS_HARD)
+    parts, record = digits_hard.load_cached(shape, seed, default_cache_dir())
+    return Splits(**parts, num_classes=10, record=record)
 
 
 # --- image folder ------------------------------------------------------------------------------

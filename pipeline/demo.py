@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.artifacts import sha256_file, write_json
-from pipeline.data import Splits
+from pipeline.artifacts import default_cache_dir, sha256_file, write_json
+from pipeline.data import DIGITS_HARD, Splits
 from pipeline.errors import ModelError
 from pipeline.evaluate import model_accuracy
 from pipeline.finetune import TrainSpec, train
@@ -34,18 +33,16 @@ DEMO_EPOCHS = 8
 # SGD with a one-cycle schedule; the step count is set from DEMO_EPOCHS and the train size
 DEMO_SPEC = TrainSpec(steps=0, lr=0.1, batch_size=64, seed=0, schedule="onecycle")
 DEMO_MIN_ACCURACY = 0.97
+# The demo model on the benchmark set (`--data digits-hard`): its train split is 16x larger,
+# so fewer passes fit the ~6 minutes the baseline may take; it is meant to land near 90-97%
+HARD_EPOCHS = 4.5
+HARD_MIN_ACCURACY = 0.88
 # Bump when anything that changes the trained weights changes but is not in the hash below
 DEMO_RECIPE_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    """`$PIPELINE_CACHE`, or `~/.cache/pipeline`."""
-    env = os.environ.get("PIPELINE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline"
-
-
 def demo_spec(
-    splits: Splits, train_steps: int | None = None, epochs: int = DEMO_EPOCHS
+    splits: Splits, train_steps: int | None = None, epochs: float = DEMO_EPOCHS
 ) -> TrainSpec:
     """The demo's training recipe: `epochs` epochs of the train split unless overridden."""
     if train_steps is not None:
@@ -67,9 +64,16 @@ def demo_recipe(splits: Splits, spec: TrainSpec, arch: str = DEMO_ARCH) -> dict[
         "data_source": splits.record.get("source"),
         "preprocessing": splits.record.get("preprocessing"),
         "train_indices": splits.record.get("indices", {}).get("train"),
+        **_generated(splits),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }
+
+
+def _generated(splits: Splits) -> dict[str, Any]:
+    """A rendered data set's cache key (its images are not indexed from a fixed source)."""
+    generator = splits.record.get("generator")
+    return {"data_generator": generator["cache_key"]} if generator else {}
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -83,9 +87,9 @@ def demo_model(
     cache_dir: Path | None = None,
     show_progress: bool = True,
     train_steps: int | None = None,
-    min_accuracy: float = DEMO_MIN_ACCURACY,
+    min_accuracy: float | None = None,
     arch: str = DEMO_ARCH,
-    epochs: int = DEMO_EPOCHS,
+    epochs: float | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The demo baseline: trained once on `splits.train`, then loaded from the cache.
 
@@ -94,10 +98,11 @@ def demo_model(
         cache_dir: where weights are cached; default `default_cache_dir()`.
         show_progress: show the training progress bar.
         train_steps: override the recipe's step count (tests use a few dozen steps).
-        min_accuracy: the test accuracy the baseline must reach; pass 0 with a short
-            `train_steps`, whose model is not meant to be good.
+        min_accuracy: the test accuracy the baseline must reach (default per data set); pass
+            0 with a short `train_steps`, whose model is not meant to be good.
         arch: the torchvision architecture (the benchmarks train others the same way).
-        epochs: passes over the train split (deeper architectures need more than the demo's).
+        epochs: passes over the train split (default per data set; deeper architectures need
+            more than the demo's).
 
     Returns:
         The model in eval mode, and info: arch, input_shape, test_accuracy, train_seconds,
@@ -106,6 +111,11 @@ def demo_model(
     Raises:
         RuntimeError: test accuracy below `min_accuracy` (the full recipe reaches ~99%).
     """
+    hard = splits.record.get("source") == DIGITS_HARD
+    if epochs is None:
+        epochs = HARD_EPOCHS if hard else DEMO_EPOCHS
+    if min_accuracy is None:
+        min_accuracy = HARD_MIN_ACCURACY if hard else DEMO_MIN_ACCURACY
     spec = demo_spec(splits, train_steps, epochs)
     key = recipe_hash(demo_recipe(splits, spec, arch))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -167,7 +167,7 @@ def fake_quantized_logits(
         for fqn, sides in qparams.items()
         for side in SIDES
     }
-    _install(copy_, list(qparams), quantizers, folded_norms(copy_), scheme.per_channel)
+    _install(copy_, list(qparams), quantizers, folded_norms(copy_), scheme.per_channel, True)
     return torch_logits(copy_, inputs)
 
 
@@ -177,16 +177,26 @@ def _install(
     quantizers: dict[tuple[str, str], ActivationQuantizer],
     norms: dict[str, nn.Module],
     per_channel: bool,
+    as_graph: bool = False,
 ) -> None:
+    """Swap the forwards of `layers` (and their folded BatchNorms) for fake-quantized ones.
+
+    `as_graph` (inference only) computes what the Q/DQ graph computes: the BatchNorm folded
+    into the weight and bias, and the bias quantized to int32 with step input step x weight
+    step. With coarse steps (an outlier channel) the float bias alone moves activations across
+    rounding boundaries, so the training forward, which keeps the BatchNorm, would disagree
+    with the graph on whole steps.
+    """
     modules = dict(model.named_modules())
+    make = _graph_forward if as_graph else _layer_forward
     for fqn in layers:
         module, norm = modules[fqn], norms.get(fqn)
         out_q = quantizers[(fqn, "output")]
-        module.forward = _layer_forward(
+        module.forward = make(
             module, quantizers[(fqn, "input")], None if norm else out_q, norm, per_channel
         )
         if norm is not None:
-            norm.forward = _quantized_output(norm, out_q)
+            norm.forward = _quantize_only(out_q) if as_graph else _quantized_output(norm, out_q)
 
 
 def detach_fake_quant(model: nn.Module, layers: list[str]) -> None:
@@ -214,6 +224,54 @@ def _layer_forward(
         else:
             y = F.linear(x, weight, module.bias)
         return out_q(y) if out_q is not None else y
+
+    forward.fake_quant = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _graph_forward(
+    module: nn.Module,
+    in_q: ActivationQuantizer,
+    out_q: ActivationQuantizer | None,
+    norm: nn.Module | None,
+    per_channel: bool,
+):
+    """The layer as the Q/DQ graph runs it: folded int8 weight, int32 bias, float accumulate."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight, bias = _folded(module, norm)  # (out, ...), (out,)
+        dims = tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
+        step = (weight.abs().amax(dim=dims, keepdim=True) / _WEIGHT_QMAX).clamp(min=1e-12)
+        weight = torch.clamp(torch.round(weight / step), -_WEIGHT_QMAX, _WEIGHT_QMAX) * step
+        bias_step = torch.exp(in_q.log_scale) * step.reshape(-1)  # (out,) or (1,)
+        bias = torch.round(bias / bias_step) * bias_step
+        x = in_q(x)
+        if isinstance(module, nn.Conv2d):
+            y = module._conv_forward(x, weight, None) + bias.view(1, -1, 1, 1)
+        else:
+            y = F.linear(x, weight, bias)
+        return out_q(y) if out_q is not None else y
+
+    forward.fake_quant = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _folded(module: nn.Module, norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias with the following BatchNorm folded in, as the exporter writes them."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
+    if norm is None:
+        return weight, bias
+    fold = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * fold.view(view), (bias - norm.running_mean) * fold + norm.bias.detach()
+
+
+def _quantize_only(out_q: ActivationQuantizer):
+    """A folded BatchNorm: the layer already applied it; only its output is quantized."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return out_q(x)
 
     forward.fake_quant = True  # type: ignore[attr-defined]
     return forward

@@ -31,6 +31,9 @@ class TrainSpec:
     kd_weight: float = 0.0
     seed: int = 0
     schedule: str = "cosine"  # "cosine" decays lr to 0; "onecycle" warms up first (from scratch)
+    # Training batches to re-estimate BatchNorm statistics on after the steps (0: none); see
+    # `recalibrate_batchnorm`
+    bn_batches: int = 0
 
 
 _train_device = "cpu"  # a Ray worker given a GPU switches its whole process to "cuda"
@@ -80,7 +83,7 @@ def train(
 ) -> nn.Module:
     """Train `model` in place for `spec.steps` SGD steps and return it in eval mode."""
     if spec.steps <= 0:
-        return model.eval()
+        return recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
     torch.manual_seed(spec.seed)
     device = _train_device
     home = next(model.parameters(), torch.empty(0)).device
@@ -105,6 +108,7 @@ def train(
             opt.step()
             sched.step()
             progress.update(task, advance=1, loss=loss.item())
+    recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
     return model.to(home).eval()  # export and evaluation run where the model came from
 
 
@@ -119,3 +123,31 @@ def _progress(show: bool) -> Progress:
         disable=not show,
         transient=False,
     )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: Dataset, batches: int, batch_size: int = 64, seed: int = 0
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on `batches` training batches.
+
+    Pruning removes channels that fed each BatchNorm, so the statistics the original learned
+    describe inputs the pruned network no longer produces; a few forward passes in train mode
+    (no gradients, cumulative averages) fix that (EagleEye's adaptive BatchNorm, ECCV 2020).
+    Returns the model in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    device = next(model.parameters()).device
+    stream = batch_stream(dataset, batch_size, seed)
+    for _ in range(batches):
+        model(next(stream)[0].to(device))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    return model.eval()

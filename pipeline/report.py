@@ -13,6 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.artifacts import atomic_write_text, atomic_write_with, sha256_file, write_json
+from pipeline.stats import (
+    PairedDifference,
+    accuracy_interval,
+    difference_words,
+    interval_text,
+    paired_difference,
+    ratio_interval,
+)
 
 if TYPE_CHECKING:
     from pipeline.run import RunContext
@@ -154,8 +162,34 @@ def build_summary(ctx: RunContext, comparison: dict[str, Any]) -> dict[str, Any]
         "floor": {k: ctx.results[k].get("floor") for k in ("original", "deployed")},
         "noisy_measurements": [k for k in ("original", "deployed") if ctx.results[k].get("noisy")],
     }
+    _add_intervals(ctx, summary)
     summary["gates"] = _gates(ctx, summary)
     return summary
+
+
+def _add_intervals(ctx: RunContext, summary: dict[str, Any]) -> None:
+    """95% intervals on every accuracy and paired difference the report states, computed on
+    the same test images, and on the speedup from the interleaved rounds (`pipeline.stats`)."""
+    correct = ctx.results.get("test_correct") or {}
+    if "original" not in correct or "deployed" not in correct:
+        return
+    n = len(correct["original"])
+    summary["test_images"] = n
+    for key in ("original", "deployed"):
+        summary[key]["accuracy_ci95"] = _accuracy_ci(correct[key])
+    drop = paired_difference(correct["original"], correct["deployed"])
+    summary["accuracy_drop_ci95"] = [drop.low, drop.high]
+    summary["accuracy_drop_within_noise"] = drop.within_noise
+    speedup = ratio_interval(summary["original"]["rounds_ms"], summary["deployed"]["rounds_ms"])
+    summary["speedup_ci95"] = speedup.as_list() if speedup else None
+    for name, side in summary["baselines"].items():
+        if name in correct:
+            side["accuracy_ci95"] = _accuracy_ci(correct[name])
+            side["vs_deployed"] = paired_difference(correct["deployed"], correct[name]).as_dict()
+
+
+def _accuracy_ci(correct: Any) -> list[float]:
+    return accuracy_interval(int(correct.sum()), len(correct)).as_list()
 
 
 def _fixed_search(ctx: RunContext) -> dict[str, Any]:
@@ -187,7 +221,7 @@ def _fmt(value: Any, spec: str) -> str:
 def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     o, d = summary["original"], summary["deployed"]
     return [
-        ("test accuracy", _fmt(o["accuracy"], ".2%"), _fmt(d["accuracy"], ".2%")),
+        ("test accuracy", _accuracy_cell(o), _accuracy_cell(d)),
         (
             "latency median (ms)",
             _fmt(o["latency_ms"]["median"], ".3f"),
@@ -205,14 +239,35 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def _accuracy_cell(side: dict[str, Any]) -> str:
+    """'97.12% [96.80, 97.43]': the accuracy and its 95% interval in points."""
+    text = _fmt(side["accuracy"], ".2%")
+    ci = interval_text(side.get("accuracy_ci95"))
+    return f"{text} {ci}" if ci else text
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """Speedup and accuracy drop with their 95% intervals, in words."""
+    speedup = f"Speedup {summary['speedup']:.2f}x"
+    if summary.get("speedup_ci95"):
+        speedup += f" {interval_text(summary['speedup_ci95'], 1.0)}"
+    drop = f"accuracy drop {summary['accuracy_drop'] * 100:.2f} points"
+    if summary.get("accuracy_drop_ci95"):
+        drop += f" {interval_text(summary['accuracy_drop_ci95'])}"
+        if summary.get("accuracy_drop_within_noise"):
+            drop += ", within noise"
+    n = summary.get("test_images")
+    images = f" on {n:,} test images" if n else ""
+    return f"{speedup} (median latency, same runner), {drop}{images} (95% intervals)."
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     """A report a person can read: verdict, original vs deployed table, checks."""
     verdict = "deployable" if summary["gates"]["passed"] else "NOT deployable"
     lines = [
         f"# Run report: {summary['profile']} ({summary['runtime']})",
         "",
-        f"**Verdict: {verdict}.** Speedup {summary['speedup']:.2f}x (median latency, same runner), "
-        f"accuracy drop {summary['accuracy_drop'] * 100:.2f} points.",
+        f"**Verdict: {verdict}.** {headline(summary)}",
         "",
         "| | original | deployed |",
         "|---|---:|---:|",
@@ -237,9 +292,9 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
         "fully fine-tuned like it. The last column comes from one session measuring every "
         "baseline with the deployed model.",
         "",
-        "| model | test accuracy | median ms | p90 ms | speedup vs original | params | "
-        "deployed is faster |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | test accuracy [95%] | median ms | p90 ms | speedup vs original | params | "
+        "deployed is faster | deployed minus model, test accuracy [95%] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     original_ms = summary["original"]["latency_ms"]["median"]
     for name, side in [("deployed", summary["deployed"]), *baselines.items()]:
@@ -248,12 +303,19 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
         if side.get("reached") is False:
             label += ", less accurate even unpruned"
         ratio = side.get("deployed_speedup")
+        vs = side.get("vs_deployed")
+        versus = difference_words(PairedDifference(**_paired_fields(vs))) if vs else ""
         lines.append(
-            f"| {label} | {side['accuracy']:.2%} | {lat['median']:.3f} | "
+            f"| {label} | {_accuracy_cell(side)} | {lat['median']:.3f} | "
             f"{lat['p90']:.3f} | {original_ms / lat['median']:.2f}x | {side['params']:,} | "
-            f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+            f"{'' if ratio is None else f'{ratio:.2f}x'} | {versus} |"
         )
     return [*lines, ""]
+
+
+def _paired_fields(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("difference", "low", "high", "n", "a_only", "b_only")
+    return {k: record[k] for k in keys}
 
 
 def _model_error(search: dict[str, Any]) -> str:
@@ -401,23 +463,32 @@ def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | N
             alpha=0.6,
             label="candidates (val, short fine-tune)",
         )
-    for name, side in list(summary.get("baselines", {}).items()):
-        ax.scatter(side["latency_ms"]["median"], side["accuracy"] * 100, marker="s", label=name)
-    for key, marker in (("original", "o"), ("deployed", "*")):
-        side = summary[key]
-        ax.scatter(
-            side["latency_ms"]["median"], side["accuracy"] * 100, marker=marker, s=120, label=key
-        )
+    sides = [(name, side, "s", 6) for name, side in summary.get("baselines", {}).items()]
+    sides += [
+        ("original", summary["original"], "o", 10),
+        ("deployed", summary["deployed"], "*", 14),
+    ]
+    for name, side, marker, size in sides:
+        _point(ax, side, marker, size, name)
     if summary.get("budget_ms"):
         ax.axvline(summary["budget_ms"], ls="--", c="tab:red", label="budget")
     ax.set_xlabel(f"median latency (ms), {summary['runtime']}")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), 95% interval")
     ax.set_title(f"{summary['profile']}: latency vs accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
+
+
+def _point(ax: Any, side: dict[str, Any], marker: str, size: float, label: str) -> None:
+    """One model at (median latency, test accuracy), with its 95% interval as an error bar."""
+    acc, ci = side["accuracy"] * 100, side.get("accuracy_ci95")
+    yerr = [[acc - ci[0] * 100], [ci[1] * 100 - acc]] if ci else None
+    ax.errorbar(
+        side["latency_ms"]["median"], acc, yerr=yerr, fmt=marker, ms=size, capsize=3, label=label
+    )
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
@@ -428,9 +499,8 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(
-        f"speedup [bold]{summary['speedup']:.2f}x[/], accuracy drop "
-        f"[bold]{summary['accuracy_drop'] * 100:.2f}[/] points, validation "
-        f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}"
+        f"{headline(summary)} Validation "
+        f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}."
     )
     for reason in summary["gates"]["failed"]:
         console.print(f"[red]gate failed:[/] {reason}")

@@ -29,6 +29,7 @@ from pipeline.models import build_model, check_input, load_weights, save_safeten
 from pipeline.policy import Policy, Precision, check_policy, parse_policy_arg, policy_layers
 from pipeline.profile import TargetProfile
 from pipeline.prune import count_macs_params, prune_model, save_history
+from pipeline.stats import correct_of
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -100,7 +101,7 @@ def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.model is None:
         from pipeline.demo import demo_model
 
-        stage("demo: training (or loading the cached) resnet18 baseline on digits")
+        stage(f"demo: training (or loading the cached) resnet18 baseline on {cfg.data or 'digits'}")
         return demo_model(splits, show_progress=cfg.show_progress)
     model = build_model(cfg.model, cfg.num_classes or splits.num_classes)
     if cfg.weights is not None:
@@ -125,6 +126,8 @@ def baseline(ctx: RunContext) -> None:
         "size_bytes": (ctx.run_dir / "original.onnx").stat().st_size,
     }
     ctx.results["_test"] = (inputs, labels, logits)
+    # Per-image correctness on test: the paired intervals of the report compare these
+    ctx.results["test_correct"] = {"original": correct_of(logits, labels)}
 
 
 def compress(ctx: RunContext) -> nn.Module:
@@ -296,6 +299,7 @@ def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
     )
     write_json(ctx.run_dir / "validation.json", result)
     ctx.results.setdefault("deployed", {})["accuracy"] = result["candidate_accuracy"]
+    ctx.results["test_correct"]["deployed"] = correct_of(deployed, labels)
     return result
 
 

@@ -27,6 +27,7 @@ def candidate_spec(ctx: RunContext) -> TrainSpec:
         batch_size=ft.batch_size,
         kd_weight=ft.kd_weight,
         seed=ctx.config.seed,
+        bn_batches=sc.candidate_bn_batches,
     )
 
 

@@ -98,6 +98,17 @@ def test_run_validate_bench(workdir: Path):
     assert report["speedup"] == pytest.approx(expected)
     assert report["validation"]["passed"] and report["gates"]["passed"]
     assert report["precision_check"]["speedup"] > 0
+    # Every accuracy and the paired drop carry a 95% interval around the point figure
+    for side in ("original", "deployed"):
+        low, high = report[side]["accuracy_ci95"]
+        assert low <= report[side]["accuracy"] <= high and high - low > 0
+    low, high = report["accuracy_drop_ci95"]
+    assert low <= report["accuracy_drop"] <= high
+    assert report["accuracy_drop_within_noise"] == (low <= 0 <= high)
+    if report["speedup_ci95"] is not None:  # two or more measuring rounds
+        assert report["speedup_ci95"][0] <= report["speedup_ci95"][1]
+    text = (run_dir / "report.md").read_text()
+    assert f"on {report['test_images']:,} test images (95% intervals)" in text
     assert {"agent", "episodes", "real_measurements", "cached_measurements", "wall_s"} <= set(
         report["search"]
     )
@@ -114,6 +125,7 @@ def test_run_validate_bench(workdir: Path):
         assert sha256_file(run_dir / name) == digest, name
     splits = manifest["data"]
     assert splits is not None and "preprocessing" in json.dumps(splits)
+    assert report["test_images"] == splits["sizes"]["test"]
 
     # `validate` rebuilds the pruned model from history + safetensors and re-compares.
     again = cli("validate", "--target", "tiny.yaml", str(run_dir), cwd=workdir)

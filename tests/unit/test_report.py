@@ -44,3 +44,46 @@ def test_the_search_section_names_the_precisions_and_the_pick_measured_again() -
     assert "fp32 1.200 ms, int8 0.600 ms; channel searches ran in int8" in text
     assert "Episode 3 measured again: 0.810 ms (search 0.500 ms), MISSES the budget" in text
     assert "Episode 1 measured again: 0.560 ms (search 0.550 ms), meets the budget" in text
+
+
+def _summary(drop_ci: list[float], within: bool) -> dict:
+    side = {
+        "accuracy": 0.93,
+        "accuracy_ci95": [0.925, 0.935],
+        "latency_ms": {"median": 1.0, "p90": 1.1, "cv": 0.01},
+        "params": 10,
+        "macs": 10,
+        "size_bytes": 10,
+    }
+    return {
+        "profile": "cpu",
+        "runtime": "onnxruntime-cpu",
+        "original": side,
+        "deployed": {**side, "accuracy": 0.925},
+        "speedup": 2.0,
+        "speedup_ci95": [1.9, 2.1],
+        "accuracy_drop": 0.005,
+        "accuracy_drop_ci95": drop_ci,
+        "accuracy_drop_within_noise": within,
+        "test_images": 10000,
+        "budget_ms": None,
+        "baselines": {},
+        "search": {"agent": "fixed", "policy": "uniform:0.5"},
+        "validation": {
+            "passed": True,
+            "top1_agreement": 0.99,
+            "max_abs_error": 0.1,
+            "nan_or_inf": False,
+        },
+        "gates": {"passed": True, "failed": []},
+    }
+
+
+def test_the_report_gives_intervals_and_says_within_noise_when_one_covers_zero() -> None:
+    tie = report.render_markdown(_summary([-0.001, 0.011], True))
+    assert "accuracy drop 0.50 points [-0.10, 1.10], within noise on 10,000 test images" in tie
+    assert "Speedup 2.00x [1.90, 2.10]" in tie
+    assert "| test accuracy | 93.00% [92.50, 93.50] | 92.50% [92.50, 93.50] |" in tie
+    real = report.render_markdown(_summary([0.002, 0.008], False))
+    assert "accuracy drop 0.50 points [0.20, 0.80] on 10,000" in real
+    assert "within noise" not in real

@@ -1,0 +1,48 @@
+"""BatchNorm re-estimation: statistics that no longer fit the network are measured again."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pipeline.evaluate import model_accuracy
+from pipeline.finetune import TrainSpec, recalibrate_batchnorm, train
+
+
+def _scramble_batchnorm(model: torch.nn.Module) -> None:
+    """Running statistics far from what the layers produce, as after heavy pruning."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=gen) * 3)
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=gen) * 0.1 + 0.05)
+
+
+def test_recalibration_restores_accuracy_lost_to_stale_statistics(
+    trained_tiny_resnet, digits_splits
+) -> None:
+    before = model_accuracy(trained_tiny_resnet, digits_splits.val)
+    _scramble_batchnorm(trained_tiny_resnet)
+    broken = model_accuracy(trained_tiny_resnet, digits_splits.val)
+    weights = [p.detach().clone() for p in trained_tiny_resnet.parameters()]
+    recalibrate_batchnorm(trained_tiny_resnet, digits_splits.train, batches=10)
+    after = model_accuracy(trained_tiny_resnet, digits_splits.val)
+    assert broken < before - 0.2  # the scramble really broke it
+    assert after >= before - 0.05
+    # only statistics move: no weight is trained, and the momentum is restored
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights, trained_tiny_resnet.parameters(), strict=True)
+    )
+    norms = [m for m in trained_tiny_resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in norms) and not trained_tiny_resnet.training
+
+
+def test_a_spec_with_bn_batches_recalibrates_even_without_steps(
+    trained_tiny_resnet, digits_splits
+) -> None:
+    _scramble_batchnorm(trained_tiny_resnet)
+    broken = model_accuracy(trained_tiny_resnet, digits_splits.val)
+    spec = dataclasses.replace(TrainSpec(), steps=0, bn_batches=10)
+    train(trained_tiny_resnet, digits_splits.train, spec, show_progress=False)
+    assert model_accuracy(trained_tiny_resnet, digits_splits.val) > broken + 0.2
