@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from agents.base import Agent, CandidateResult, Evaluator, LayerInfo, RewardFn, SearchSpace
+from agents.base import Agent
+from pipeline.core.space import CandidateResult, Evaluator, LayerInfo, RewardFn, SearchSpace
 
 AGENTS: dict[str, str] = {
     "ppo": "agents.sb3_agents:TwoStagePPO",
@@ -26,7 +27,7 @@ DEFAULT_AGENT = "ppo"
 
 def agent_class(name: str) -> type[Agent]:
     """The Agent class registered under `name`."""
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     if name not in AGENTS:
         raise ConfigError(f"unknown agent '{name}'; choose one of: {', '.join(AGENTS)}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, CandidateResult, EpisodeCallback
+from agents.base import Agent
 from agents.env import (
     build_policy,
     decision_units,
@@ -24,9 +24,10 @@ from agents.env import (
     precision_factor,
     search_precision,
 )
-from pipeline.artifacts import write_json
-from pipeline.errors import ConfigError
-from pipeline.policy import Policy
+from pipeline.core.artifacts import write_json
+from pipeline.core.errors import ConfigError
+from pipeline.core.policy import Policy
+from pipeline.core.space import CandidateResult, EpisodeCallback
 
 STATE_FILE = "agent.json"
 

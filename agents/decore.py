@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.base import Agent, CandidateResult, ChannelGate, EpisodeCallback, Evaluator, RewardFn
+from agents.base import Agent
 from agents.env import search_precision
-from pipeline.artifacts import atomic_write_with, write_json
-from pipeline.errors import ModelError
-from pipeline.policy import LayerAction, Policy
+from pipeline.core.artifacts import atomic_write_with, write_json
+from pipeline.core.errors import ModelError
+from pipeline.core.policy import LayerAction, Policy
+from pipeline.core.space import CandidateResult, ChannelGate, EpisodeCallback, Evaluator, RewardFn
 
 STATE_VERSION = 1
 LAMBDA_RANGE = (0.05, 1000.0)  # keeps lambda positive and finite however long the search runs

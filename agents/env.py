@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from agents.base import LayerInfo, SearchSpace
 from agents.rewards import dense_layer_reward
-from pipeline.policy import LayerAction, Policy, Precision
+from pipeline.core.policy import LayerAction, Policy, Precision
+from pipeline.core.space import LayerInfo, SearchSpace
 
 MODES = ("prune", "precision", "joint")
 N_BINS = 8  # discrete keep ratios, as PuRL's stepped action set

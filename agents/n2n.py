@@ -8,7 +8,7 @@ and, autoregressively (each step sees the previous action), picks a keep ratio a
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
-between student and teacher logits, `pipeline.finetune.distillation_loss`), so nothing here
+between student and teacher logits, `pipeline.model.finetune.distillation_loss`), so nothing here
 trains a model. The reward is whatever the run passes in; N2N's C(2-C) * A / A_teacher with the
 gradually introduced constraint penalty is the default one.
 """
@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.base import Agent, EpisodeCallback, Evaluator, LayerInfo, RewardFn, SearchSpace
+from agents.base import Agent
 from agents.env import search_precision
-from pipeline.artifacts import atomic_write_with, write_json
-from pipeline.errors import ModelError
-from pipeline.policy import LayerAction, Policy
+from pipeline.core.artifacts import atomic_write_with, write_json
+from pipeline.core.errors import ModelError
+from pipeline.core.policy import LayerAction, Policy
+from pipeline.core.space import EpisodeCallback, Evaluator, LayerInfo, RewardFn, SearchSpace
 
 STATE_VERSION = 1
 BLOCK_FEATURES = 8

@@ -1,16 +1,17 @@
 """Rewards: a candidate's measured accuracy and latency turned into one finite number.
 
-Every episode reward has the signature `(result, space, progress) -> float` (`agents.base.RewardFn`)
-and is finite for any input, NaN included: failures are data, and NaN never reaches an agent.
-`REWARDS` maps the names a RunConfig uses to the functions. `dense_layer_reward` is PuRL's
-per-layer signal, used by the env between the episode's terminal rewards.
+Every episode reward has the signature `(result, space, progress) -> float`
+(`pipeline.core.space.RewardFn`) and is finite for any input, NaN included: failures are data,
+and NaN never reaches an agent. `REWARDS` maps the names a RunConfig uses to the functions.
+`dense_layer_reward` is PuRL's per-layer signal, used by the env between the episode's terminal
+rewards.
 """
 
 from __future__ import annotations
 
 import math
 
-from agents.base import CandidateResult, LayerInfo, RewardFn, SearchSpace
+from pipeline.core.space import CandidateResult, LayerInfo, RewardFn, SearchSpace
 
 FAILED_REWARD = -1.0
 """What a failed candidate (and a degenerate one, accuracy 0) earns: N2N's -1."""

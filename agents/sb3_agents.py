@@ -24,12 +24,13 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
-from agents.base import Agent, EpisodeCallback
+from agents.base import Agent
 from agents.baselines import STATE_FILE, UniformAgent, read_state
 from agents.env import CompressionEnv, ordered_precisions, search_precision
 from agents.vec_env import BatchVecEnv, EnvFactory
-from pipeline.artifacts import atomic_write_with, write_json
-from pipeline.policy import LayerAction, Policy, Precision
+from pipeline.core.artifacts import atomic_write_with, write_json
+from pipeline.core.policy import LayerAction, Policy, Precision
+from pipeline.core.space import EpisodeCallback
 
 _NET = {"net_arch": [64, 64]}  # the observation is 16 numbers: a small MLP is plenty
 

@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from agents.env import CompressionEnv
-from pipeline.policy import Policy
+from pipeline.core.policy import Policy
 
 EnvFactory = Callable[[Callable[[Policy], float]], CompressionEnv]
 """Builds one CompressionEnv around the `evaluate_fn` it is given."""

@@ -31,17 +31,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from pipeline.config import FinetuneConfig
-from pipeline.data import load_data
-from pipeline.demo import DEMO_INPUT, demo_model
-from pipeline.evaluate import stack
-from pipeline.finetune import TrainSpec, recalibrate_batchnorm, train
-from pipeline.policy import Policy, Precision, policy_layers
-from pipeline.profile import load_profile
-from pipeline.prune import prune_model
-from pipeline.stats import accuracy_interval, correct_of
+from pipeline.core.config import FinetuneConfig
+from pipeline.core.policy import Policy, Precision, policy_layers
+from pipeline.core.profile import load_profile
+from pipeline.core.stats import accuracy_interval, correct_of
+from pipeline.core.train_spec import TrainSpec
+from pipeline.model.data import load_data
+from pipeline.model.demo import DEMO_INPUT, demo_model
+from pipeline.model.evaluate import stack
+from pipeline.model.finetune import recalibrate_batchnorm, train
+from pipeline.model.prune import prune_model
 
-CANDIDATE_CALIB = 64  # as pipeline.candidate.CANDIDATE_CALIB_SAMPLES
+CANDIDATE_CALIB = 64  # as pipeline.search.candidate.CANDIDATE_CALIB_SAMPLES
 BN_BATCHES = 20
 PRECISIONS = (Precision.FP32, Precision.INT8)
 
@@ -83,7 +84,7 @@ def channel_policies(original: nn.Module, groups: dict[str, list[str]], count: i
 
 
 def to_policy(ratios: dict[str, float], groups: dict[str, list[str]], precision) -> Policy:
-    from pipeline.policy import LayerAction
+    from pipeline.core.policy import LayerAction
 
     layers = {
         layer: LayerAction(ratios[g], precision)
@@ -187,7 +188,7 @@ def spearman_with_interval(x: list[float], y: list[float], draws: int = 2000) ->
 
 
 def run(count: int, profile: str) -> dict[str, Any]:
-    from pipeline.space import coupling_groups
+    from pipeline.search.space import coupling_groups
 
     study = Study(profile)
     groups: dict[str, list[str]] = {}

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from pipeline.data import load_data
-from pipeline.demo import demo_model
-from pipeline.latency_model import LatencyModel
-from pipeline.policy import Policy, Precision, policy_layers, uniform_policy
-from pipeline.profile import TargetProfile
-from pipeline.prune import prune_model
-from pipeline.space import build_space
+from pipeline.core.policy import Policy, Precision, policy_layers, uniform_policy
+from pipeline.core.profile import TargetProfile
+from pipeline.measure.latency_model import LatencyModel
+from pipeline.model.data import load_data
+from pipeline.model.demo import demo_model
+from pipeline.model.prune import prune_model
+from pipeline.search.space import build_space
 
 
 def _features(model: LatencyModel, pruned: nn.Module, policy: Policy) -> list[float]:

@@ -41,7 +41,7 @@ def tiny_resnet():
 
 
 def fleet_profile(urls: list[str], repeats: int):
-    from pipeline.profile import TargetProfile
+    from pipeline.core.profile import TargetProfile
 
     device = {"token_env": TOKEN_ENV, "timeout_s": 300, "retries": 2}
     return TargetProfile.model_validate(
@@ -61,9 +61,9 @@ def fleet_profile(urls: list[str], repeats: int):
 def evaluator(profile, work: Path, steps: int):
     """A fresh evaluator (empty cache) around the original, measured on the first device."""
     from exporters import export_onnx
-    from pipeline.candidate import MeasurementCache, build_evaluator
-    from pipeline.data import load_data
-    from pipeline.finetune import TrainSpec
+    from pipeline.core.train_spec import TrainSpec
+    from pipeline.model.data import load_data
+    from pipeline.search.candidate import MeasurementCache, build_evaluator
 
     model = tiny_resnet()
     splits = load_data("digits", INPUT, seed=0)
@@ -80,8 +80,8 @@ def evaluator(profile, work: Path, steps: int):
 
 
 def one_search(profile, backend: str, workers: int, args, work: Path) -> dict[str, Any]:
-    from pipeline.parallel import ParallelConfig, describe, parallel_evaluator
     from pipeline.search import run_search
+    from pipeline.search.parallel import ParallelConfig, describe, parallel_evaluator
 
     base = evaluator(profile, work, args.candidate_steps)
     started = time.time()
@@ -118,8 +118,8 @@ def one_search(profile, backend: str, workers: int, args, work: Path) -> dict[st
 
 def warm_up(profile, work: Path) -> None:
     """One measurement on each device: its job process and the floor's peaks are ready."""
-    from pipeline.bench import bench_artifact
-    from pipeline.parallel.fleet import device_name
+    from pipeline.measure.bench import bench_artifact
+    from pipeline.search.parallel.fleet import device_name
 
     original = work / "original.onnx"
     for device in profile.fleet:

@@ -43,8 +43,8 @@ def trained_weights(arch: str) -> Path | None:
     """The model trained on digits with the demo's recipe (None for the demo itself)."""
     if arch == "resnet18":
         return None  # the demo: `pipeline run` trains and caches it
-    from pipeline.data import load_data
-    from pipeline.demo import DEMO_EPOCHS, DEMO_INPUT, demo_model
+    from pipeline.model.data import load_data
+    from pipeline.model.demo import DEMO_EPOCHS, DEMO_INPUT, demo_model
 
     splits = load_data(None, DEMO_INPUT, seed=0)
     epochs = EPOCHS.get(arch, DEMO_EPOCHS)
@@ -152,8 +152,8 @@ def rows_from_runs(run_dirs: list[Path], budget: float | None) -> list[dict[str,
 
 def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
     """Every model of one (model, budget) group measured in one process, interleaved."""
-    from pipeline.bench import bench_artifact, bench_interleaved
-    from pipeline.profile import load_profile
+    from pipeline.core.profile import load_profile
+    from pipeline.measure.bench import bench_artifact, bench_interleaved
 
     profile = load_profile(str(PROFILE))
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError, ModelError
-from pipeline.evaluate import batched_logits
-from pipeline.profile import Tolerance
+from pipeline.core.errors import DataError, ModelError
+from pipeline.core.profile import Tolerance
+from pipeline.model.evaluate import batched_logits
 
 _TINY = 1e-12  # floor of a sample's logit scale, so an all-zero reference cannot divide by zero
 

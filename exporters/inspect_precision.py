@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map
-from pipeline.policy import Precision
+from pipeline.core.policy import Precision
 
 _FLOAT16 = onnx.TensorProto.FLOAT16
 

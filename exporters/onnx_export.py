@@ -16,8 +16,8 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.artifacts import atomic_path
-from pipeline.errors import ModelError
+from pipeline.core.artifacts import atomic_path
+from pipeline.core.errors import ModelError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

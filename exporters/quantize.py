@@ -31,10 +31,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from exporters.fp16 import convert_to_fp16
 from exporters.inspect_precision import layer_precisions
 from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map, one_line
-from pipeline.artifacts import atomic_copy, atomic_write_with
-from pipeline.errors import DataError, ModelError, PolicyError
-from pipeline.policy import Precision
-from pipeline.profile import Int8Scheme
+from pipeline.core.artifacts import atomic_copy, atomic_write_with
+from pipeline.core.errors import DataError, ModelError, PolicyError
+from pipeline.core.policy import Precision
+from pipeline.core.profile import Int8Scheme
 
 logger = logging.getLogger(__name__)
 

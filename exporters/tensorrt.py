@@ -40,9 +40,9 @@ from exporters.tensorrt_meta import (
     read_engine_metadata,
     squash,
 )
-from pipeline.artifacts import atomic_write_bytes, sha256_file, write_json
-from pipeline.errors import ModelError, RuntimeNotAvailable
-from pipeline.profile import TargetProfile
+from pipeline.core.artifacts import atomic_write_bytes, sha256_file, write_json
+from pipeline.core.errors import ModelError, RuntimeNotAvailable
+from pipeline.core.profile import TargetProfile
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def current_environment() -> dict[str, Any]:
     Raises:
         RuntimeNotAvailable: No TensorRT or no CUDA device here.
     """
-    from pipeline.runners.cuda_device import device_info
+    from pipeline.core.cuda_device import device_info
 
     trt = import_tensorrt()
     return {"tensorrt_version": trt.__version__, "device": device_info()}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import utc_stamp
-from pipeline.errors import ModelError
-from pipeline.profile import TargetProfile
+from pipeline.core.artifacts import utc_stamp
+from pipeline.core.errors import ModelError
+from pipeline.core.profile import TargetProfile
 
 ENGINE_FORMAT = 1
 CACHE_ENV = "PIPELINE_CACHE"

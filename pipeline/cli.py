@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import MeasurementError, PipelineError, first_line
+from pipeline.core.errors import MeasurementError, PipelineError, first_line
 
 app = typer.Typer(
     help="Prune and quantize a PyTorch model against latency measured on the target device.",
@@ -81,8 +81,8 @@ def run(
     Without --policy, an agent searches per-layer keep ratios and precisions against latency
     measured on the target, under --budget-ms (default: 0.4 x the original's latency).
     """
-    from pipeline.config import load_config, resume_config
-    from pipeline.profile import load_profile
+    from pipeline.core.config import load_config, resume_config
+    from pipeline.core.profile import load_profile
     from pipeline.run import execute
 
     prof = load_profile(target)
@@ -121,11 +121,11 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs."""
-    from pipeline.bench import bench_artifact, format_bench
-    from pipeline.profile import load_profile
+    from pipeline.core.profile import load_profile
+    from pipeline.measure.bench import bench_artifact, format_bench
 
     if artifact.is_dir():  # a run directory: original.onnx and model.onnx side by side
-        from pipeline.bench import bench_run_dir, format_bench_run
+        from pipeline.measure.bench import bench_run_dir, format_bench_run
 
         pair = bench_run_dir(load_profile(target), artifact)
         if as_json:
@@ -146,8 +146,8 @@ def validate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
 ) -> None:
     """Re-run the comparator on a run's model.onnx against its original.onnx."""
-    from pipeline.profile import load_profile
-    from pipeline.validate import validate_run
+    from pipeline.core.profile import load_profile
+    from pipeline.run.validate import validate_run
 
     result = validate_run(load_profile(target), run_dir)
     verdict = "passed" if result["passed"] else "FAILED"
@@ -165,7 +165,7 @@ def profiles() -> None:
     """List the shipped target profiles."""
     from rich.table import Table
 
-    from pipeline.profile import load_profile, shipped_profiles
+    from pipeline.core.profile import load_profile, shipped_profiles
 
     table = Table(title="shipped target profiles")
     for col in ("name", "runtime", "device", "precisions"):

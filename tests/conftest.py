@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.base import CandidateResult
-from pipeline.data import Splits, load_data
+from pipeline.core.space import CandidateResult
+from pipeline.model.data import Splits, load_data
 
 
 class Collect:
@@ -110,7 +110,8 @@ def tiny_resnet() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def _trained_tiny_resnet_state(digits_splits: Splits) -> dict[str, torch.Tensor]:
-    from pipeline.finetune import TrainSpec, train
+    from pipeline.core.train_spec import TrainSpec
+    from pipeline.model.finetune import train
 
     model = make_tiny_resnet()
     spec = TrainSpec(steps=60, lr=0.05, batch_size=64, schedule="onecycle", seed=0)
@@ -142,7 +143,7 @@ TINY_PROFILE = {
 
 @pytest.fixture
 def tiny_profile():
-    from pipeline.profile import TargetProfile
+    from pipeline.core.profile import TargetProfile
 
     return TargetProfile.model_validate(TINY_PROFILE)
 
@@ -153,8 +154,8 @@ def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path,
     process. The budget is 70% of the original's measured latency. `options` go to
     `build_evaluator` (latency_model, latency_source)."""
     from exporters import export_onnx
-    from pipeline.candidate import MeasurementCache, build_evaluator
-    from pipeline.finetune import TrainSpec
+    from pipeline.core.train_spec import TrainSpec
+    from pipeline.search.candidate import MeasurementCache, build_evaluator
 
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, TEST_INPUT, folder / "original.onnx")

@@ -1,10 +1,10 @@
 """The agent's jobs: one at a time, in a separate process, killed when they overrun.
 
-Like `pipeline.measure_worker`, the runtime lives in a persistent child process (spawned, never
-forked): a runtime that hangs or crashes costs one job, not the agent. The child imports the
-runtimes and announces itself ready before any job is sent, so a job's timeout counts the job
-only, not the start-up of a fresh child. A lock serialises every job, so two measurements never
-share the device.
+Like `pipeline.measure.measure_worker`, the runtime lives in a persistent child process
+(spawned, never forked): a runtime that hangs or crashes costs one job, not the agent. The child
+imports the runtimes and announces itself ready before any job is sent, so a job's timeout counts
+the job only, not the start-up of a fresh child. A lock serialises every job, so two measurements
+never share the device.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import sha256_file, write_json
-from pipeline.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
+from pipeline.core.artifacts import sha256_file, write_json
+from pipeline.core.errors import first_line
 from pipeline.device import probe
-from pipeline.device.protocol import (
+from pipeline.measure.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
+from pipeline.measure.device_protocol import (
     ENGINE_NAME,
     JOB_ID_BYTES,
     MODEL_NAME,
     is_job_id,
     load_profile_data,
 )
-from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 300.0
@@ -77,7 +77,7 @@ class _Handlers:
         return {"measure": self.measure, "infer": self.infer}[kind](payload)
 
     def measure(self, payload: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.bench import measure_artifact
+        from pipeline.measure.bench import measure_artifact
 
         self.close()  # an idle inference session must not share the device with the timing
         artifact = Path(payload["artifact"])
@@ -87,7 +87,7 @@ class _Handlers:
         return {"stats": stats, "engine": str(engine) if engine else None}
 
     def infer(self, payload: dict[str, Any]) -> np.ndarray:
-        from pipeline.runners.registry import get_runner
+        from pipeline.measure.runners.registry import get_runner
 
         if self._runner_job != payload["job_id"]:
             self.close()
@@ -110,7 +110,7 @@ def _keep_built_engine(profile: Any, artifact: Path) -> Path | None:
     this activation finds the engine just measured instead of building another. Its metadata
     (`<engine>.json`) comes along. None for runtimes that run the graph as it is.
     """
-    from pipeline.runners.registry import get_runner
+    from pipeline.measure.runners.registry import get_runner
 
     runner = get_runner(profile, artifact)
     if ".engine" not in runner.suffixes:
@@ -131,7 +131,7 @@ def _serve(conn: Connection, parent_pid: int) -> None:
     """Child process: announce the runtimes, then answer each (kind, payload) in turn."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the agent, which stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    import pipeline.bench  # noqa: F401  (import the runtimes before saying ready)
+    import pipeline.measure.bench  # noqa: F401  (import the runtimes before saying ready)
 
     ready = {
         "versions": probe.runtime_versions(),

@@ -184,8 +184,8 @@ def runtime_versions() -> dict[str, Any]:
 
 def usable_runtimes() -> dict[str, str | None]:
     """Each pipeline runtime name -> None when its runner works here, else why not."""
-    from pipeline.errors import RuntimeNotAvailable
-    from pipeline.runners.registry import available_runtimes, runner_class
+    from pipeline.core.errors import RuntimeNotAvailable
+    from pipeline.measure.runners.registry import available_runtimes, runner_class
 
     usable: dict[str, str | None] = {}
     for runtime in available_runtimes():

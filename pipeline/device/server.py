@@ -33,17 +33,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.artifacts import sha256_file
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.errors import ConfigError
 from pipeline.device import probe
 from pipeline.device.jobs import PROFILE_FILE, JobFailed, JobRunner, JobTimeout
-from pipeline.device.protocol import (
+from pipeline.measure.device_protocol import (
     PROFILE_HEADER,
     SHA256_HEADER,
     array_to_npy,
     decode_profile,
     npy_to_array,
 )
-from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MIN_TOKEN_CHARS = 16

@@ -16,8 +16,8 @@ from conftest import run_cli as cli
 from device_agent import TESTS_DIR, TOKEN_ENV, Agent, profile_yaml
 from rich.console import Console
 
-from pipeline.bench import bench_artifact, format_bench_run
-from pipeline.profile import load_profile
+from pipeline.core.profile import load_profile
+from pipeline.measure.bench import bench_artifact, format_bench_run
 
 RUN_FILES = {"original.onnx", "model.onnx", "validation.json", "report.json", "manifest.json"}
 ROUNDS = 5

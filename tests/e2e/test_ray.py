@@ -22,8 +22,8 @@ from device_agent import TESTS_DIR, TOKEN_ENV, Agent
 
 from agents.decore import DecoreAgent
 from agents.rewards import budget_reward
-from pipeline.parallel import ParallelConfig, parallel_evaluator
 from pipeline.search import run_search
+from pipeline.search.parallel import ParallelConfig, parallel_evaluator
 
 pytestmark = pytest.mark.e2e
 TOKEN = "ray-fleet-token-" + "x" * 24

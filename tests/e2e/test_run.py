@@ -15,8 +15,8 @@ from conftest import run_cli as cli
 from safetensors.torch import save_file
 
 from exporters import layer_precisions
-from pipeline.artifacts import sha256_file
-from pipeline.policy import Precision
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.policy import Precision
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"

@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.policy import Precision
-from pipeline.profile import InputSpec, Int8Scheme, MeasureSpec, TargetProfile
+from pipeline.core.policy import Precision
+from pipeline.core.profile import InputSpec, Int8Scheme, MeasureSpec, TargetProfile
 
 SHAPE = (3, 32, 32)
 BATCH = 8
@@ -44,7 +44,7 @@ def _skip_unless(reason: str | None) -> None:
 @pytest.fixture(scope="session")
 def cuda() -> None:
     """Skip unless a CUDA device is usable."""
-    from pipeline.runners.cuda_device import no_cuda_reason
+    from pipeline.core.cuda_device import no_cuda_reason
 
     _skip_unless(no_cuda_reason())
 
@@ -61,7 +61,7 @@ def trt(cuda: None) -> Any:
 @pytest.fixture(scope="session")
 def ort_cuda(cuda: None) -> None:
     """Skip unless onnxruntime-gpu's CUDA provider is installed."""
-    from pipeline.runners.ort_cuda import OrtCudaRunner
+    from pipeline.measure.runners.ort_cuda import OrtCudaRunner
 
     _skip_unless(OrtCudaRunner.unavailable_reason())
 
@@ -69,7 +69,7 @@ def ort_cuda(cuda: None) -> None:
 @pytest.fixture(scope="session")
 def ort_trt(cuda: None) -> None:
     """Skip unless onnxruntime-gpu's TensorRT provider and TensorRT are installed."""
-    from pipeline.runners.ort_trt import OrtTrtRunner
+    from pipeline.measure.runners.ort_trt import OrtTrtRunner
 
     _skip_unless(OrtTrtRunner.unavailable_reason())
 
@@ -112,7 +112,7 @@ def graphs(
 ) -> dict[str, Path]:
     """{"fp32", "fp16", "int8"} -> ONNX graph of the trained ResNet-10, written by the exporters."""
     from exporters import export_onnx, quantize_onnx
-    from pipeline.evaluate import stack
+    from pipeline.model.evaluate import stack
 
     folder = tmp_path_factory.mktemp("gpu-graphs")
     fp32 = export_onnx(trained_model, SHAPE, folder / "fp32.onnx")
@@ -131,7 +131,7 @@ def graphs(
 @pytest.fixture(scope="session")
 def test_batch(cuda: None, digits_splits: Any) -> tuple[np.ndarray, np.ndarray]:
     """The first test-split images (N, 3, 32, 32) float32 and their labels."""
-    from pipeline.evaluate import stack
+    from pipeline.model.evaluate import stack
 
     inputs, labels = stack(digits_splits.test)
     return inputs[:SAMPLES], labels[:SAMPLES]

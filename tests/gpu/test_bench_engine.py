@@ -13,7 +13,7 @@ from torch import nn
 
 from exporters import export_onnx
 from exporters.tensorrt import build_engine, metadata_path
-from pipeline.profile import load_profile
+from pipeline.core.profile import load_profile
 
 pytestmark = pytest.mark.gpu
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from device_agent import Agent, small_onnx
 
-from pipeline.artifacts import sha256_file
-from pipeline.device.protocol import PROFILE_HEADER, SHA256_HEADER, encode_profile
-from pipeline.profile import TargetProfile
-from pipeline.runners import get_runner
-from pipeline.runners.remote import RemoteRunner
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.profile import TargetProfile
+from pipeline.measure.device_protocol import PROFILE_HEADER, SHA256_HEADER, encode_profile
+from pipeline.measure.runners import get_runner
+from pipeline.measure.runners.remote import RemoteRunner
 
 pytestmark = pytest.mark.gpu
 TOKEN_VAR = "PIPELINE_TEST_GPU_AGENT_TOKEN"

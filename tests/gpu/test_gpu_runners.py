@@ -11,12 +11,12 @@ import pytest
 
 from exporters import compare_logits, run_onnx
 from exporters.tensorrt import build_engine
-from pipeline.evaluate import batched_logits
-from pipeline.policy import Precision
-from pipeline.runners import LatencyStats, get_runner
-from pipeline.runners.ort_cuda import OrtCudaRunner
-from pipeline.runners.ort_trt import OrtTrtRunner
-from pipeline.runners.trt import TrtRunner
+from pipeline.core.policy import Precision
+from pipeline.measure.runners import LatencyStats, get_runner
+from pipeline.measure.runners.ort_cuda import OrtCudaRunner
+from pipeline.measure.runners.ort_trt import OrtTrtRunner
+from pipeline.measure.runners.trt import TrtRunner
+from pipeline.model.evaluate import batched_logits
 
 pytestmark = pytest.mark.gpu
 

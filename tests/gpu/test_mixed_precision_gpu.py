@@ -13,9 +13,9 @@ import pytest
 from torch import nn
 
 from exporters import compare_logits, layer_precisions, quantize_onnx, run_onnx
-from pipeline.evaluate import batched_logits, stack
-from pipeline.policy import Precision, policy_layers
-from pipeline.runners import get_runner
+from pipeline.core.policy import Precision, policy_layers
+from pipeline.measure.runners import get_runner
+from pipeline.model.evaluate import batched_logits, stack
 
 pytestmark = pytest.mark.gpu
 

@@ -13,12 +13,12 @@ from onnx import TensorProto, helper
 
 from exporters import compare_logits, run_onnx
 from exporters.tensorrt import build_engine, engine_for_onnx, load_engine, metadata_path
-from pipeline.artifacts import sha256_file
-from pipeline.errors import ModelError
-from pipeline.evaluate import batched_logits
-from pipeline.policy import Precision
-from pipeline.runners import get_runner
-from pipeline.runners.cuda_device import device_info
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.cuda_device import device_info
+from pipeline.core.errors import ModelError
+from pipeline.core.policy import Precision
+from pipeline.measure.runners import get_runner
+from pipeline.model.evaluate import batched_logits
 
 pytestmark = pytest.mark.gpu
 

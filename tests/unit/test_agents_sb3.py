@@ -16,8 +16,8 @@ from agents.baselines import RandomAgent, UniformAgent
 from agents.env import search_precision
 from agents.rewards import budget_reward
 from agents.sb3_agents import DQNAgent, SACAgent, TD3Agent, TwoStagePPO
-from pipeline.errors import ConfigError
-from pipeline.policy import Policy
+from pipeline.core.errors import ConfigError
+from pipeline.core.policy import Policy
 
 AGENTS: list[type[Agent]] = [TwoStagePPO, DQNAgent, SACAgent, TD3Agent, UniformAgent, RandomAgent]
 

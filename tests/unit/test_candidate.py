@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.policy import Policy, Precision, uniform_policy
+from pipeline.core.policy import Policy, Precision, uniform_policy
 
 
 def test_space_describes_the_model(tiny_evaluator):
@@ -95,7 +95,7 @@ def test_a_flops_driven_evaluator_measures_nothing(
     layer stays FP32, and no candidate is measured on the target."""
     from conftest import TEST_INPUT, make_tiny_evaluator
 
-    from pipeline.prune import count_macs_params
+    from pipeline.model.prune import count_macs_params
 
     evaluator = make_tiny_evaluator(
         trained_tiny_resnet, digits_splits, tiny_profile, tmp_path, latency_source="flops"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from exporters import compare_logits, export_onnx, run_onnx
-from pipeline.errors import DataError, ModelError
-from pipeline.profile import Tolerance
+from pipeline.core.errors import DataError, ModelError
+from pipeline.core.profile import Tolerance
 
 TOL = Tolerance(atol=0.1, rtol=0.05, min_top1_agreement=0.9)
 

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import bench_interleaved
-from pipeline.confirm import confirm_pick
-from pipeline.policy import Precision, uniform_policy
+from pipeline.core.policy import Precision, uniform_policy
+from pipeline.measure.bench import bench_interleaved
 from pipeline.search import episode_record
+from pipeline.search.confirm import confirm_pick
 
 
 def _bench(evaluator):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import SPLIT_NAMES, Splits, load_data, split_indices
-from pipeline.errors import DataError
-from pipeline.evaluate import stack
+from pipeline.core.errors import DataError
+from pipeline.model.data import SPLIT_NAMES, Splits, load_data, split_indices
+from pipeline.model.evaluate import stack
 
 
 def labels_of(splits: Splits, name: str) -> np.ndarray:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import Collect
 
-from agents.base import CandidateResult
 from agents.decore import DecoreAgent
 from agents.rewards import REWARDS
-from pipeline.errors import ModelError
-from pipeline.prune import prune_model
+from pipeline.core.errors import ModelError
+from pipeline.core.space import CandidateResult
+from pipeline.model.prune import prune_model
 
 reward = REWARDS["budget"]
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.demo import (
+from pipeline.model.demo import (
     DEMO_ARCH,
     default_cache_dir,
     demo_model,

@@ -23,14 +23,14 @@ import pytest
 from conftest import run_cli
 from device_agent import Agent, free_port, small_onnx
 
-from pipeline.device.protocol import (
+from pipeline.core.profile import TargetProfile
+from pipeline.measure.device_protocol import (
     PROFILE_HEADER,
     SHA256_HEADER,
     array_to_npy,
     encode_profile,
     npy_to_array,
 )
-from pipeline.profile import TargetProfile
 
 LIMIT_MB = 1
 JOB_TIMEOUT_S = 3
@@ -250,8 +250,8 @@ def test_binding_beyond_loopback_without_tls_warns(tmp_path: Path):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls_with_a_self_signed_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from pipeline.device.client import DeviceClient
-    from pipeline.profile import RemoteDevice
+    from pipeline.core.profile import RemoteDevice
+    from pipeline.measure.device_client import DeviceClient
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline import digits_hard
-from pipeline.data import load_data
+from pipeline.model import digits_hard
+from pipeline.model.data import load_data
 
 SMALL = {"train": 300, "calib": 20, "val": 60, "test": 200}
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_checker import check_env
 
-from agents.base import SearchSpace
 from agents.env import (
     PRECISION_FACTOR,
     CompressionEnv,
@@ -20,7 +19,8 @@ from agents.env import (
     precision_factor,
     search_precision,
 )
-from pipeline.policy import Policy, Precision
+from pipeline.core.policy import Policy, Precision
+from pipeline.core.space import SearchSpace
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from torch import nn
 
 from exporters import export_onnx, layer_node_map, run_onnx
 from exporters.onnx_export import module_scope
-from pipeline.errors import ModelError
-from pipeline.policy import policy_layers
+from pipeline.core.errors import ModelError
+from pipeline.core.policy import policy_layers
 
 SHAPE = (3, 32, 32)
 

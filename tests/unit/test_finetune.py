@@ -6,8 +6,9 @@ import dataclasses
 
 import torch
 
-from pipeline.evaluate import model_accuracy
-from pipeline.finetune import TrainSpec, recalibrate_batchnorm, train
+from pipeline.core.train_spec import TrainSpec
+from pipeline.model.evaluate import model_accuracy
+from pipeline.model.finetune import recalibrate_batchnorm, train
 
 
 def _scramble_batchnorm(model: torch.nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""The physical latency floor, graph cost counting, peak caching and `pipeline.bench`."""
+"""The physical latency floor, graph cost counting, peak caching and `pipeline.measure.bench`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from torch import nn
 
-from pipeline.bench import bench_artifact, bench_interleaved, format_bench, measure_artifact
-from pipeline.errors import MeasurementError, ModelError
-from pipeline.profile import InputSpec, MeasureSpec, Peaks, TargetProfile
-from pipeline.runners import LatencyStats
-from pipeline.runners.floor import (
+from pipeline.core.errors import MeasurementError, ModelError
+from pipeline.core.profile import InputSpec, MeasureSpec, Peaks, TargetProfile
+from pipeline.measure.bench import bench_artifact, bench_interleaved, format_bench, measure_artifact
+from pipeline.measure.runners import LatencyStats
+from pipeline.measure.runners.floor import (
     cache_path,
     check_floor,
     latency_floor_ms,

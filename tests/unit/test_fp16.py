@@ -15,9 +15,9 @@ from exporters import compare_logits, export_onnx, layer_precisions, quantize_on
 from exporters.fp16 import FP32_ONLY_OPS, convert_to_fp16
 from exporters.inspect_precision import _elem_types, _with_shapes
 from exporters.onnx_export import layer_node_map
-from pipeline.evaluate import stack
-from pipeline.policy import Precision, policy_layers
-from pipeline.profile import Int8Scheme, Tolerances
+from pipeline.core.policy import Precision, policy_layers
+from pipeline.core.profile import Int8Scheme, Tolerances
+from pipeline.model.evaluate import stack
 
 SHAPE = (3, 32, 32)
 INT8, FP16, FP32 = Precision.INT8, Precision.FP16, Precision.FP32

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import RuntimeNotAvailable
-from pipeline.profile import InputSpec, TargetProfile, load_profile
-from pipeline.runners import check_runtime, get_runner, runner_class
+from pipeline.core.errors import RuntimeNotAvailable
+from pipeline.core.profile import InputSpec, TargetProfile, load_profile
+from pipeline.measure.runners import check_runtime, get_runner, runner_class
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "exporters", "agents")
@@ -50,7 +50,11 @@ def test_every_module_imports_without_gpu_packages() -> None:
     assert not report["failed"], report["failed"]
     assert not report["lazy_imported"], report["lazy_imported"]
     # The walk really covered the GPU modules, not just the package roots.
-    for name in ("exporters.tensorrt", "pipeline.runners.trt", "pipeline.runners.ort_trt"):
+    for name in (
+        "exporters.tensorrt",
+        "pipeline.measure.runners.trt",
+        "pipeline.measure.runners.ort_trt",
+    ):
         assert name in report["names"]
 
 

@@ -8,10 +8,10 @@ import statistics
 import numpy as np
 import pytest
 
-from agents.base import LayerInfo, SearchSpace
-from pipeline import latency_model as lm
-from pipeline.latency_model import LatencyModel, should_measure
-from pipeline.policy import Precision, uniform_policy
+from pipeline.core.policy import Precision, uniform_policy
+from pipeline.core.space import LayerInfo, SearchSpace
+from pipeline.measure import latency_model as lm
+from pipeline.measure.latency_model import LatencyModel, should_measure
 
 
 def _layer(name: str, params: int, share: float) -> LayerInfo:
@@ -120,7 +120,7 @@ def steady_evaluator(tmp_path, trained_tiny_resnet, digits_splits):
     runs on a shared machine can be off by a third, which says nothing about the fit."""
     from conftest import TINY_PROFILE, make_tiny_evaluator
 
-    from pipeline.profile import TargetProfile
+    from pipeline.core.profile import TargetProfile
 
     data = {**TINY_PROFILE, "measure": {"warmup": 10, "repeats": 200}}
     profile = TargetProfile.model_validate(data)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from exporters import export_onnx
-from pipeline.errors import MeasurementError
-from pipeline.measure_worker import MeasureWorker
+from pipeline.core.errors import MeasurementError
+from pipeline.measure.measure_worker import MeasureWorker
 
 
 @pytest.fixture

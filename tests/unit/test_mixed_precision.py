@@ -11,12 +11,12 @@ import torch
 from onnx import TensorProto
 
 from exporters import export_onnx, layer_precisions, quantize_onnx, run_onnx
-from pipeline.demo import DEMO_ARCH, DEMO_INPUT
-from pipeline.evaluate import stack, torch_logits
-from pipeline.models import build_model
-from pipeline.policy import Precision, policy_layers
-from pipeline.profile import TargetProfile, load_profile
-from pipeline.validate import compare_deployed
+from pipeline.core.policy import Precision, policy_layers
+from pipeline.core.profile import TargetProfile, load_profile
+from pipeline.model.demo import DEMO_ARCH, DEMO_INPUT
+from pipeline.model.evaluate import stack, torch_logits
+from pipeline.model.models import build_model
+from pipeline.run.validate import compare_deployed
 
 INT8, FP16, FP32 = Precision.INT8, Precision.FP16, Precision.FP32
 CYCLE = (INT8, FP16, FP32)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
-from pipeline.models import build_model, check_input, load_weights, save_safetensors
+from pipeline.core.errors import ModelError
+from pipeline.model.models import build_model, check_input, load_weights, save_safetensors
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

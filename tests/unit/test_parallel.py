@@ -14,11 +14,11 @@ import pytest
 from conftest import Collect, make_tiny_evaluator
 from device_agent import Agent, free_port, small_onnx
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, MeasurementError
-from pipeline.parallel import ParallelConfig, parallel_evaluator
-from pipeline.profile import TargetProfile
-from pipeline.schema import parse_model
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ConfigError, MeasurementError
+from pipeline.core.profile import TargetProfile
+from pipeline.core.schema import parse_model
+from pipeline.search.parallel import ParallelConfig, parallel_evaluator
 
 TOKEN_VAR = "PIPELINE_TEST_FLEET_TOKEN"
 TOKEN = "fleet-token-" + "x" * 24
@@ -69,8 +69,8 @@ def test_the_local_backend_leaves_the_evaluator_as_it_is_and_never_imports_ray()
     evaluator = object()
     assert parallel_evaluator(evaluator, ParallelConfig()) is evaluator
     code = (
-        "import sys, agents.sb3_agents, pipeline.run, pipeline.search_stage\n"
-        "from pipeline.parallel import ParallelConfig, parallel_evaluator\n"
+        "import sys, agents.sb3_agents, pipeline.run, pipeline.run.search_stage\n"
+        "from pipeline.search.parallel import ParallelConfig, parallel_evaluator\n"
         "parallel_evaluator(object(), ParallelConfig(workers=2))\n"
         "print('ray' in sys.modules)"
     )
@@ -96,8 +96,8 @@ def test_without_ray_the_ray_backend_is_a_one_line_config_error(
 def test_a_cluster_address_where_nothing_answers_fails_at_once() -> None:
     # In a process of its own: Ray may only be joined once per process.
     code = (
-        "from pipeline.parallel import ParallelConfig\n"
-        "from pipeline.parallel.cluster import connect\n"
+        "from pipeline.search.parallel import ParallelConfig\n"
+        "from pipeline.search.parallel.cluster import connect\n"
         f"connect(ParallelConfig(backend='ray', address='127.0.0.1:{free_port()}'))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -107,7 +107,7 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once() -> None:
 
 
 def test_each_worker_requests_its_share_of_the_gpus() -> None:
-    from pipeline.parallel.cluster import gpu_share
+    from pipeline.search.parallel.cluster import gpu_share
 
     assert gpu_share(0, 2) == 0.0  # a CPU cluster: fine-tunes stay on the CPU
     assert (gpu_share(1, 2), gpu_share(2, 3), gpu_share(8, 2)) == (0.5, 0.66, 1.0)
@@ -125,7 +125,7 @@ def test_a_proxy_reads_and_writes_through_to_the_evaluator() -> None:
 
 
 def test_worker_state_is_merged_in_submission_order() -> None:
-    from pipeline.parallel.evaluator import merge_state
+    from pipeline.search.parallel.evaluator import merge_state
 
     sent = {"best": None, "seen": 4, "model": {"ys": [1.0], "errors": []}, "mode": "a"}
     one = {"best": 0.8, "seen": 5, "model": {"ys": [1.0, 2.0], "errors": [0.1]}, "mode": "a"}
@@ -173,7 +173,7 @@ def test_a_profile_lists_several_identical_devices() -> None:
 def test_measurements_never_overlap_on_a_device(
     ray_cluster, agents, graph: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.parallel.fleet import Fleet
+    from pipeline.search.parallel.fleet import Fleet
 
     monkeypatch.setenv(TOKEN_VAR, TOKEN)
     fleet = Fleet.start(fleet_profile(*(a.url for a in agents)), timeout_s=60)
@@ -205,7 +205,7 @@ def test_measurements_never_overlap_on_a_device(
 def test_a_device_that_dies_leaves_the_rotation_and_its_job_is_retried(
     ray_cluster, graph: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.parallel.fleet import Fleet, FleetMeasurer
+    from pipeline.search.parallel.fleet import Fleet, FleetMeasurer
 
     monkeypatch.setenv(TOKEN_VAR, TOKEN)
     victim, other = (Agent(tmp_path / name, token=TOKEN).start() for name in ("victim", "other"))
@@ -239,8 +239,8 @@ def test_a_device_that_dies_leaves_the_rotation_and_its_job_is_retried(
 def test_devices_that_are_not_identical_are_refused(
     ray_cluster, agents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.device import client
-    from pipeline.parallel.fleet import Fleet
+    from pipeline.measure import device_client as client
+    from pipeline.search.parallel.fleet import Fleet
 
     monkeypatch.setenv(TOKEN_VAR, TOKEN)
     first, second = agents

@@ -5,8 +5,8 @@ import json
 import pytest
 import torchvision
 
-from pipeline.errors import PolicyError
-from pipeline.policy import (
+from pipeline.core.errors import PolicyError
+from pipeline.core.policy import (
     LayerAction,
     Policy,
     Precision,

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.policy import Precision
-from pipeline.profile import TargetProfile, load_profile, shipped_profiles
+from pipeline.core.errors import ConfigError
+from pipeline.core.policy import Precision
+from pipeline.core.profile import TargetProfile, load_profile, shipped_profiles
 
 
 def test_shipped_profiles_load_and_are_documented():

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.policy import LayerAction, Policy, Precision, uniform_policy
-from pipeline.prune import (
+from pipeline.core.policy import LayerAction, Policy, Precision, uniform_policy
+from pipeline.model.prune import (
     channels_to_keep,
     count_macs_params,
     load_history,
@@ -13,7 +13,7 @@ from pipeline.prune import (
     replay_history,
     save_history,
 )
-from pipeline.space import coupling_groups
+from pipeline.search.space import coupling_groups
 
 SHAPE = (3, 32, 32)
 

@@ -14,22 +14,23 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters import export_onnx, layer_precisions, quantize_onnx, run_onnx
-from pipeline.config import RunConfig
-from pipeline.data import load_data
-from pipeline.errors import ConfigError
-from pipeline.evaluate import accuracy, stack, torch_logits
-from pipeline.fake_quant import (
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.policy import LayerAction, Policy, Precision, policy_layers
+from pipeline.core.profile import Int8Scheme, TargetProfile
+from pipeline.core.schema import parse_model
+from pipeline.core.train_spec import TrainSpec
+from pipeline.model.data import load_data
+from pipeline.model.evaluate import accuracy, stack, torch_logits
+from pipeline.model.fake_quant import (
     attach_fake_quant,
     detach_fake_quant,
     fake_quant_weight,
     folded_norms,
 )
-from pipeline.finetune import TrainSpec, train
-from pipeline.policy import LayerAction, Policy, Precision, policy_layers
-from pipeline.profile import Int8Scheme, TargetProfile
-from pipeline.qat import recover_int8
-from pipeline.schema import parse_model
-from pipeline.validate import QAT_SCALES, source_logits
+from pipeline.model.finetune import train
+from pipeline.model.qat import recover_int8
+from pipeline.run.validate import QAT_SCALES, source_logits
 
 SHAPE = (1, 16, 16)
 QAT = TrainSpec(steps=60, lr=3e-4, batch_size=64, kd_weight=1.0)

@@ -16,10 +16,10 @@ from torch import nn
 
 from exporters import compare_logits, export_onnx, layer_precisions, quantize_onnx, run_onnx
 from exporters.onnx_export import layer_node_map
-from pipeline.errors import ConfigError, DataError, PolicyError
-from pipeline.evaluate import stack
-from pipeline.policy import Precision, policy_layers
-from pipeline.profile import Int8Scheme, TargetProfile, Tolerance, load_profile
+from pipeline.core.errors import ConfigError, DataError, PolicyError
+from pipeline.core.policy import Precision, policy_layers
+from pipeline.core.profile import Int8Scheme, TargetProfile, Tolerance, load_profile
+from pipeline.model.evaluate import stack
 
 SHAPE = (3, 32, 32)
 INT8, FP32 = Precision.INT8, Precision.FP32

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from device_agent import Agent, free_port, small_onnx
 
-from pipeline.artifacts import sha256_file
-from pipeline.device import client as device_client
-from pipeline.errors import ConfigError, MeasurementError, RuntimeNotAvailable
-from pipeline.policy import Precision, uniform_policy
-from pipeline.profile import TargetProfile
-from pipeline.runners import LatencyStats, check_runtime, get_runner
-from pipeline.runners.remote import RemoteRunner
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.errors import ConfigError, MeasurementError, RuntimeNotAvailable
+from pipeline.core.policy import Precision, uniform_policy
+from pipeline.core.profile import TargetProfile
+from pipeline.measure import device_client
+from pipeline.measure.runners import LatencyStats, check_runtime, get_runner
+from pipeline.measure.runners.remote import RemoteRunner
 
 TOKEN_VAR = "PIPELINE_TEST_REMOTE_TOKEN"
 
@@ -87,7 +87,7 @@ def test_the_remote_runner_measures_and_infers_on_the_agent(
 
 
 def test_a_runtime_the_agent_cannot_run_fails_fast(agent: Agent, monkeypatch: pytest.MonkeyPatch):
-    from pipeline.runners import runner_class
+    from pipeline.measure.runners import runner_class
 
     try:
         runner_class("tensorrt")
@@ -125,7 +125,7 @@ def test_the_cache_key_holds_the_device_identity(
 ):
     import onnxruntime as ort
 
-    from pipeline.candidate import candidate_key
+    from pipeline.search.candidate import candidate_key
 
     monkeypatch.setenv(TOKEN_VAR, agent.token)
     profile = remote_profile(agent.url)
@@ -151,7 +151,7 @@ def test_the_cache_key_holds_the_device_identity(
 
 @pytest.mark.parametrize("name", ["jetson", "jetson-agx-orin"])
 def test_shipped_jetson_profiles_measure_on_an_agent_over_tls(name: str):
-    from pipeline.profile import RemoteDevice, load_profile
+    from pipeline.core.profile import RemoteDevice, load_profile
 
     profile = load_profile(name)
     assert isinstance(profile.device, RemoteDevice)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import report
-from pipeline.config import RunConfig
-from pipeline.run import RunContext
+from pipeline.core.config import RunConfig
+from pipeline.run import RunContext, report
 
 
 def _ctx(tiny_profile, search_ms: float | None, final_ms: float) -> RunContext:
@@ -25,7 +24,7 @@ def test_a_missed_budget_says_when_the_target_got_slower(tiny_profile) -> None:
 
 
 def test_the_search_section_names_the_precisions_and_the_pick_measured_again() -> None:
-    from pipeline.report import _search_markdown
+    from pipeline.run.report import _search_markdown
 
     search = {
         "agent": "ppo",

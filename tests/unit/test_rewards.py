@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from agents.base import CandidateResult, LayerInfo, SearchSpace
 from agents.rewards import (
     FAILED_REWARD,
     REWARDS,
@@ -15,7 +14,8 @@ from agents.rewards import (
     budget_reward,
     dense_layer_reward,
 )
-from pipeline.policy import Policy, Precision
+from pipeline.core.policy import Policy, Precision
+from pipeline.core.space import CandidateResult, LayerInfo, SearchSpace
 
 NAN = float("nan")
 

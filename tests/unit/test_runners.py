@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, ModelError, RuntimeNotAvailable
-from pipeline.profile import InputSpec, MeasureSpec, RemoteDevice, TargetProfile
-from pipeline.runners import (
+from pipeline.core.errors import ConfigError, ModelError, RuntimeNotAvailable
+from pipeline.core.profile import InputSpec, MeasureSpec, RemoteDevice, TargetProfile
+from pipeline.measure.runners import (
     LatencyStats,
     Runner,
     check_runtime,
@@ -22,7 +22,7 @@ from pipeline.runners import (
     profile_input,
     runner_class,
 )
-from pipeline.runners.ort_cpu import OrtCpuRunner
+from pipeline.measure.runners.ort_cpu import OrtCpuRunner
 
 SHAPE = (3, 16, 16)
 
@@ -224,8 +224,8 @@ def test_remote_device_needs_its_token(tiny: tuple[nn.Module, Path], monkeypatch
 
 def test_import_needs_no_runtime() -> None:
     code = (
-        "import sys, pipeline.runners, pipeline.bench\n"
-        "heavy = ('tensorrt', 'pycuda', 'pipeline.runners.ort_cpu')\n"
+        "import sys, pipeline.measure.runners, pipeline.measure.bench\n"
+        "heavy = ('tensorrt', 'pycuda', 'pipeline.measure.runners.ort_cpu')\n"
         "bad = [m for m in heavy if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stats import (
+from pipeline.core.stats import (
     PairedDifference,
     accuracy_interval,
     difference_words,

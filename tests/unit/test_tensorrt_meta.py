@@ -31,9 +31,9 @@ from exporters.tensorrt_meta import (
     profile_shapes,
     read_engine_metadata,
 )
-from pipeline.artifacts import write_json
-from pipeline.errors import ModelError, RuntimeNotAvailable
-from pipeline.profile import InputSpec, TargetProfile
+from pipeline.core.artifacts import write_json
+from pipeline.core.errors import ModelError, RuntimeNotAvailable
+from pipeline.core.profile import InputSpec, TargetProfile
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 ORIN = {"name": "Orin", "compute_capability": "8.7"}
@@ -243,9 +243,9 @@ def fp32_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_graph_precisions_read_the_graph(fp32_graph: Path, tmp_path: Path) -> None:
     from exporters import quantize_onnx
-    from pipeline.policy import Precision
-    from pipeline.profile import Int8Scheme
-    from pipeline.runners.ort_trt import graph_input, graph_precisions
+    from pipeline.core.policy import Precision
+    from pipeline.core.profile import Int8Scheme
+    from pipeline.measure.runners.ort_trt import graph_input, graph_precisions
 
     model = onnx.load(str(fp32_graph))
     assert graph_precisions(model) == set()
@@ -260,7 +260,7 @@ def test_graph_precisions_read_the_graph(fp32_graph: Path, tmp_path: Path) -> No
 
 
 def test_graph_precisions_see_float16_casts() -> None:
-    from pipeline.runners.ort_trt import graph_precisions
+    from pipeline.measure.runners.ort_trt import graph_precisions
 
     cast = helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16)
     back = helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)
@@ -274,7 +274,7 @@ def test_graph_precisions_see_float16_casts() -> None:
 
 
 def test_trt_provider_options(tmp_path: Path) -> None:
-    from pipeline.runners.ort_trt import trt_provider_options
+    from pipeline.measure.runners.ort_trt import trt_provider_options
 
     ranges = profile_shapes("input", [-1, 3, 16, 16], (3, 16, 16), 4)
     opts = trt_provider_options("input", ranges, tmp_path, {"int8"})
@@ -287,7 +287,7 @@ def test_trt_provider_options(tmp_path: Path) -> None:
 
 
 def test_ort_trt_cache_sits_beside_the_artifact(fp32_graph: Path) -> None:
-    from pipeline.runners.ort_trt import OrtTrtRunner
+    from pipeline.measure.runners.ort_trt import OrtTrtRunner
 
     profile = TargetProfile(name="t", runtime="onnxruntime-trt", input=InputSpec(shape=(3, 16, 16)))
     runner = OrtTrtRunner(fp32_graph, profile)
@@ -299,7 +299,7 @@ def test_ort_trt_cache_sits_beside_the_artifact(fp32_graph: Path) -> None:
 
 def test_build_and_load_need_tensorrt_here(fp32_graph: Path, tmp_path: Path) -> None:
     from exporters.tensorrt import build_engine, load_engine, tensorrt_unavailable_reason
-    from pipeline.runners.cuda_device import no_cuda_reason
+    from pipeline.core.cuda_device import no_cuda_reason
 
     if tensorrt_unavailable_reason() is None and no_cuda_reason() is None:
         pytest.skip("TensorRT and a GPU are here: tests/gpu covers building engines")
@@ -318,7 +318,7 @@ def test_build_and_load_need_tensorrt_here(fp32_graph: Path, tmp_path: Path) -> 
 
 
 def test_cuda_provider_options_keep_fp32_exact() -> None:
-    from pipeline.runners.ort_cuda import cuda_provider_options
+    from pipeline.measure.runners.ort_cuda import cuda_provider_options
 
     opts = cuda_provider_options()
     assert opts["use_tf32"] == "0" and opts["device_id"] == "0"

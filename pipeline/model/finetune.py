@@ -1,0 +1,136 @@
+"""Recovery fine-tune and training, with optional distillation from the original model.
+
+The distillation loss is N2N's: cross-entropy on the hard labels plus a weighted mean L2 distance
+between the student's and the teacher's logits (Ba & Caruana's logit matching).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.core.train_spec import TrainSpec
+from pipeline.model.evaluate import loader
+
+_train_device = "cpu"  # a Ray worker given a GPU switches its whole process to "cuda"
+
+
+def set_train_device(device: str) -> None:
+    """Run every later `train` of this process on `device` ("cpu", "cuda"); models still come
+    back to where they were, so export and evaluation are unchanged."""
+    global _train_device
+    _train_device = device
+
+
+def batch_stream(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
+    """An endless stream of shuffled training batches, reshuffled (seeded) every epoch."""
+    epoch = 0
+    while True:
+        yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
+        epoch += 1
+
+
+def _scheduler(opt: torch.optim.Optimizer, spec: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
+    if spec.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=spec.steps)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(spec.steps, 1))
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    kd_weight: float,
+) -> torch.Tensor:
+    """Cross-entropy plus `kd_weight` times the mean squared logit difference. Shapes (B, K)."""
+    loss = F.cross_entropy(logits, labels)
+    if teacher_logits is not None and kd_weight > 0:
+        loss = loss + kd_weight * F.mse_loss(logits, teacher_logits)
+    return loss
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    spec: TrainSpec,
+    teacher: nn.Module | None = None,
+    description: str = "fine-tune",
+    show_progress: bool = True,
+) -> nn.Module:
+    """Train `model` in place for `spec.steps` SGD steps and return it in eval mode."""
+    if spec.steps <= 0:
+        return recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
+    torch.manual_seed(spec.seed)
+    device = _train_device
+    home = next(model.parameters(), torch.empty(0)).device
+    model.to(device)  # before the optimizer, so that it holds the parameters it updates
+    opt = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True
+    )
+    sched = _scheduler(opt, spec)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).eval().to(device)
+    model.train()
+    batches = batch_stream(dataset, spec.batch_size, spec.seed)
+    with _progress(show_progress) as progress:
+        task = progress.add_task(description, total=spec.steps, loss=float("nan"))
+        for _ in range(spec.steps):
+            x, y = (t.to(device) for t in next(batches))
+            with torch.no_grad():
+                t_logits = teacher(x) if teacher is not None and spec.kd_weight > 0 else None
+            loss = distillation_loss(model(x), y, t_logits, spec.kd_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            progress.update(task, advance=1, loss=loss.item())
+    recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
+    return model.to(home).eval()  # export and evaluation run where the model came from
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
+        transient=False,
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: Dataset, batches: int, batch_size: int = 64, seed: int = 0
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on `batches` training batches.
+
+    Pruning removes channels that fed each BatchNorm, so the statistics the original learned
+    describe inputs the pruned network no longer produces; a few forward passes in train mode
+    (no gradients, cumulative averages) fix that (EagleEye's adaptive BatchNorm, ECCV 2020).
+    Returns the model in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    device = next(model.parameters()).device
+    stream = batch_stream(dataset, batch_size, seed)
+    for _ in range(batches):
+        model(next(stream)[0].to(device))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    return model.eval()

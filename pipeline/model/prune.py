@@ -1,0 +1,194 @@
+"""Apply a Policy's keep ratios with torch-pruning's dependency graph.
+
+Channels are physically removed. Layers coupled by the graph (a residual stream, a depthwise
+convolution and its producer) form one group and must keep the same channels; such a group keeps
+the largest ratio any of its layers asks for, so no layer gets fewer channels than requested.
+The classifier head's outputs are never pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pipeline.core.artifacts import atomic_write_text
+from pipeline.core.errors import ModelError, first_line
+from pipeline.core.policy import Policy, head_layer
+
+HISTORY_VERSION = 1
+
+
+@dataclass
+class PruneResult:
+    """What pruning did: the pruned model, its history, and per-layer channel counts."""
+
+    model: nn.Module
+    history: list[list[Any]]
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # fqn -> (before, after)
+    group_ratios: dict[str, float] = field(default_factory=dict)  # group root -> kept fraction
+    removed: tuple[str, ...] = ()  # blocks replaced by identity
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing was removed: the model is still the trained original, which a recovery
+        fine-tune can only move away from its optimum."""
+        return not self.removed and all(b == a for b, a in self.channels.values())
+
+
+def count_macs_params(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """MACs and parameters of one forward pass at batch 1."""
+    example = torch.zeros(1, *input_shape)
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
+
+
+def channels_to_keep(channels: int, keep_ratio: float, multiple: int, min_keep: float) -> int:
+    """Channels a layer keeps: the ratio (at least `min_keep`) rounded to `multiple`.
+
+    Rounding goes to the nearest multiple but never below the minimum keep ratio (rounded up to
+    a multiple) and never above the layer's channel count.
+    """
+    ratio = max(keep_ratio, min_keep)
+    floor_keep = max(multiple, math.ceil(channels * min_keep / multiple) * multiple)
+    keep = max(round(channels * ratio / multiple) * multiple, floor_keep)
+    return min(keep, channels)
+
+
+def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.DependencyGraph:
+    example = torch.zeros(1, *input_shape)
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as exc:  # tracing failures come in many types; report them as one line
+        raise ModelError(f"torch-pruning could not trace the model: {first_line(exc)}") from None
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (RegNet, ResNeXt): 1 < groups < in_channels."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+
+
+def group_layers(dg: tp.DependencyGraph, group: Any) -> list[str]:
+    """Names of the Conv2d/Linear layers whose output channels this group prunes.
+
+    A group that holds a grouped convolution is left whole (no names): torch-pruning's
+    dependency-graph pruning removes channels without keeping them spread evenly over the
+    convolution's groups, so the pruned weights would not fit the layer.
+    """
+    if any(is_grouped_conv(dep.target.module) for dep, _ in group):
+        return []
+    names = []
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler):
+            names.append(dg._module2name[module])
+    return names
+
+
+def prune_model(
+    model: nn.Module,
+    policy: Policy,
+    input_shape: tuple[int, int, int],
+    multiple: int = 8,
+    min_keep: float = 0.1,
+) -> PruneResult:
+    """Prune `model` in place following `policy`'s keep ratios (magnitude importance)."""
+    model.eval()
+    head = dict(model.named_modules())[head_layer(model)]
+    for name in policy.removed:
+        remove_block(model, name)
+    dg = dependency_graph(model, input_shape)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    result = PruneResult(model=model, history=[], removed=tuple(policy.removed))
+    roots = (nn.Conv2d, nn.Linear)
+    for group in list(dg.get_all_groups(ignored_layers=[head], root_module_types=roots)):
+        _prune_group(dg, group, policy, importance, multiple, min_keep, result)
+    result.history = [_plain(entry) for entry in dg.pruning_history()]
+    return result
+
+
+def _prune_group(
+    dg: tp.DependencyGraph,
+    group: Any,
+    policy: Policy,
+    importance: Any,
+    multiple: int,
+    min_keep: float,
+    result: PruneResult,
+) -> None:
+    layers = group_layers(dg, group)
+    if not layers:
+        return
+    ratio = max(policy.action(n).keep_ratio for n in layers)
+    root = group[0].dep.target.module
+    total = dg.get_out_channels(root)
+    keep = channels_to_keep(total, ratio, multiple, min_keep)
+    result.group_ratios[layers[0]] = keep / total
+    before = {n: _out_channels(dg, n) for n in layers}
+    if keep < total:
+        scores = _scores(policy, layers, group, importance)
+        if scores is None:  # torch-pruning cannot rank this group; leave it whole
+            return
+        drop = torch.argsort(scores)[: total - keep].tolist()
+        pruning_group = dg.get_pruning_group(root, group[0].dep.handler, sorted(drop))
+        if dg.check_pruning_group(pruning_group):
+            pruning_group.prune()
+    for n in layers:
+        result.channels[n] = (before[n], _out_channels(dg, n))
+
+
+def _scores(policy: Policy, layers: list[str], group: Any, importance: Any) -> torch.Tensor | None:
+    """Channel ranking of a group: the policy's own scores when it gives them, else magnitude."""
+    for name in layers:
+        if name in policy.channel_scores:
+            return torch.tensor(policy.channel_scores[name], dtype=torch.float32)
+    return importance(group)
+
+
+def remove_block(model: nn.Module, name: str) -> None:
+    """Replace a residual block by identity (N2N layer removal); its shapes must allow it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+
+
+def _out_channels(dg: tp.DependencyGraph, name: str) -> int:
+    module = dg.model.get_submodule(name)
+    return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
+
+
+def _plain(entry: Any) -> list[Any]:
+    """A pruning-history entry as JSON-safe plain data: [module name, is_out, [indices]]."""
+    name, is_out, idxs = entry
+    return [str(name), bool(is_out), [int(i) for i in idxs]]
+
+
+def save_history(path: Path, history: list[list[Any]], arch: dict[str, Any]) -> None:
+    """Write `pruning_history.json`: what to rebuild (`arch`) and the pruning steps, in order."""
+    data = {"version": HISTORY_VERSION, "arch": arch, "history": history}
+    atomic_write_text(path, json.dumps(data) + "\n")
+
+
+def load_history(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read pruning history {path}: {exc}") from None
+    if data.get("version") != HISTORY_VERSION:
+        raise ModelError(f"{path}: unsupported pruning history version {data.get('version')}")
+    return data
+
+
+def replay_history(
+    model: nn.Module, history: list[list[Any]], input_shape: tuple[int, int, int]
+) -> nn.Module:
+    """Redo recorded pruning steps on a freshly built original architecture (no pickle)."""
+    dg = dependency_graph(model.eval(), input_shape)
+    dg.load_pruning_history([[n, o, list(i)] for n, o, i in history])
+    return model

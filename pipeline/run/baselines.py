@@ -1,0 +1,250 @@
+"""Baselines measured in the same run, on the same runner, as the deployed model.
+
+- `uniform`: uniform pruning (FP32, the plain baseline) at the keep ratio whose measured
+  latency matches the deployed model's, found by bisection on measured latency, then given the
+  same full recovery fine-tune as the deployed model.
+- `uniform_int8` (or `uniform_fp16`): the same in the precision the search pruned in, when that
+  is not FP32 (the precision in which the whole original measured fastest): a hand-picked
+  `uniform:R:int8` at matched latency, the harder baseline.
+- `uniform_at_accuracy` (and `uniform_int8_at_accuracy`): uniform pruning at the least keep
+  ratio whose test accuracy, after the same full fine-tune, is at least the deployed model's:
+  how much faster the deployed model is at equal accuracy. Found by bisection between the
+  matched-latency ratio and the unpruned original; `reached` is false when even the unpruned
+  original in that precision is less accurate than the deployed model.
+- `int8`: the unpruned original with every layer in INT8.
+
+Once built, every baseline is measured together with the deployed model, interleaved in one
+measuring session, so that each side's `deployed_speedup` (its latency over the deployed
+model's) is a ratio from one session.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.choice import ROUNDING
+from pipeline.core.policy import Precision, policy_layers, uniform_policy
+from pipeline.core.stats import correct_of, ratio_interval
+from pipeline.model.finetune import train
+from pipeline.model.prune import count_macs_params, prune_model
+from pipeline.run.context import RunContext, stage
+
+BASELINES = "baselines"  # folder of the run directory holding the baselines' ONNX graphs
+
+
+def _export(ctx: RunContext, model, precision: Precision, path: Path) -> None:
+    from exporters import export_onnx, quantize_onnx
+    from pipeline.model.evaluate import stack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, ctx.input_shape, fp32, ctx.config.opset)
+        precisions = dict.fromkeys(policy_layers(model), precision)
+        quantize_onnx(fp32, path, precisions, ctx.profile.int8, stack(ctx.splits.calib)[0])
+
+
+def _pruned(ctx: RunContext, keep: float):
+    model = copy.deepcopy(ctx.original)
+    policy = uniform_policy(model, keep, Precision.FP32)  # precisions are applied at export
+    prune_model(
+        model, policy, ctx.input_shape, ctx.profile.channel_multiple, ctx.profile.min_keep_ratio
+    )
+    return model
+
+
+def _latency(ctx: RunContext, path: Path) -> float:
+    """One round, enough to steer the bisection."""
+    return ctx.bench({"step": path}, rounds=1)["step"]["latency_ms"][ctx.profile.measure.statistic]
+
+
+def matched_keep_ratio(
+    ctx: RunContext, target_ms: float, precision: Precision, tmp: Path, steps: int = 7
+) -> float:
+    """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
+
+    Latency is a noisy staircase in the keep ratio (channels round to a multiple), so of every
+    ratio measured on the way, the one whose latency came closest to the target is returned.
+    """
+    low, high = ctx.profile.min_keep_ratio, 1.0
+    tried: list[tuple[float, float]] = []
+    for i in range(steps):
+        mid = (low + high) / 2
+        path = tmp / f"bisect{i}.onnx"
+        _export(ctx, _pruned(ctx, mid), precision, path)
+        latency = _latency(ctx, path)
+        tried.append((abs(latency - target_ms), mid))
+        if latency <= target_ms:
+            low = mid
+        else:
+            high = mid
+    return min(tried)[1]
+
+
+def _describe(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy, size and work of a baseline's graph (named by its file); latency comes
+    later, measured together with the deployed model. Its per-image correctness is kept for
+    the report's paired intervals."""
+    macs, params = count_macs_params(model, ctx.input_shape)
+    correct = _test_correct(ctx, path)
+    ctx.results["test_correct"][path.stem] = correct
+    return {
+        "accuracy": float(correct.mean()),
+        "params": params,
+        "macs": macs,
+        "size_bytes": path.stat().st_size,
+        **extra,
+    }
+
+
+def _test_correct(ctx: RunContext, path: Path) -> np.ndarray:
+    """(N,) bool: the test images the graph at `path` classifies right."""
+    from exporters import run_onnx
+
+    inputs, labels, _ = ctx.results["_test"]
+    return correct_of(run_onnx(path, inputs, threads=ctx.profile.threads), labels)
+
+
+def _test_accuracy(ctx: RunContext, path: Path) -> float:
+    return float(_test_correct(ctx, path).mean())
+
+
+def _recovered(ctx: RunContext, keep: float, precision: Precision, path: Path):
+    """Uniformly pruned at `keep`, given the deployed model's full recovery fine-tune,
+    exported to `path` in `precision`."""
+    model = _pruned(ctx, keep)
+    label = f"uniform {precision.value} keep {keep:.3f}"
+    train(
+        model,
+        ctx.splits.train,
+        ctx.config.finetune.spec(ctx.config.seed),
+        ctx.original,
+        label,
+        ctx.config.show_progress,
+    )
+    _export(ctx, model, precision, path)
+    return model
+
+
+def _uniform(ctx: RunContext, precision: Precision, tmp: Path, path: Path) -> dict[str, Any]:
+    """Uniform pruning in `precision` at the deployed model's latency, fully fine-tuned."""
+
+    target = ctx.results["deployed"]["latency_ms"][ctx.profile.measure.statistic]
+    stage(
+        f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
+        "latency (bisection)"
+    )
+    keep = matched_keep_ratio(ctx, target, precision, tmp)
+    model = _recovered(ctx, keep, precision, path)
+    return _describe(ctx, model, path, {"keep_ratio": keep, "precision": precision.value})
+
+
+def _at_accuracy(
+    ctx: RunContext,
+    precision: Precision,
+    matched: tuple[dict[str, Any], Path],
+    unpruned: Path,
+    tmp: Path,
+    path: Path,
+) -> dict[str, Any]:
+    """Uniform pruning in `precision` at the least keep ratio as accurate as the deployed model.
+
+    Bisection on test accuracy between two points already known: the matched-latency ratio
+    and the unpruned original (`unpruned`, in `precision`). Of the ratios tried, the least
+    one that reached the deployed model's accuracy is kept: with accuracy noisy in the keep
+    ratio this errs towards a faster baseline, never a slower one.
+    """
+
+    target = ctx.results["deployed"]["accuracy"]
+    extra = {"precision": precision.value, "target_accuracy": target}
+    unpruned_accuracy = _test_accuracy(ctx, unpruned)
+    side, matched_path = matched
+    best: tuple[float, Path, Any]
+    if side["accuracy"] >= target - ROUNDING:
+        low, high = ctx.profile.min_keep_ratio, side["keep_ratio"]
+        best = (high, matched_path, None)
+    elif unpruned_accuracy >= target - ROUNDING:
+        low, high = side["keep_ratio"], 1.0
+        best = (1.0, unpruned, ctx.original)
+    else:
+        shutil.copyfile(unpruned, path)
+        return _describe(ctx, ctx.original, path, {**extra, "keep_ratio": 1.0, "reached": False})
+    steps = ctx.config.search.matched_accuracy_steps
+    stage(
+        f"baseline: uniform pruning in {precision.value} at the deployed model's test accuracy "
+        f"({steps} bisection steps, each fully fine-tuned)"
+    )
+    for i in range(steps):
+        mid = (low + high) / 2
+        step = tmp / f"accuracy{i}.onnx"
+        model = _recovered(ctx, mid, precision, step)
+        if _test_accuracy(ctx, step) >= target - ROUNDING:
+            high, best = mid, (mid, step, model)
+        else:
+            low = mid
+    keep, source, model = best
+    shutil.copyfile(source, path)
+    if model is None:  # the matched-latency baseline itself: already described
+        correct = ctx.results["test_correct"]
+        correct[path.stem] = correct[matched_path.stem]
+        return {**side, **extra, "reached": True}
+    return _describe(ctx, model, path, {**extra, "keep_ratio": keep, "reached": True})
+
+
+def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Path) -> None:
+    """Every baseline and the deployed model in one interleaved measuring session."""
+
+    stage(f"measuring the baselines with the deployed model, {ctx.profile.measure.rounds} rounds")
+    sides = {name: kept / f"{name}.onnx" for name in baselines}
+    measured = ctx.bench({"_deployed": ctx.run_dir / "model.onnx", **sides})
+    deployed = measured["_deployed"]
+    for name, side in baselines.items():
+        lat = measured[name]["latency_ms"]
+        side["latency_ms"] = {"median": lat["median"], "p90": lat["p90"], "cv": lat["cv"]}
+        side["deployed_speedup"] = lat["median"] / deployed["latency_ms"]["median"]
+        ratio = ratio_interval(measured[name]["rounds_ms"], deployed["rounds_ms"])
+        side["deployed_speedup_ci95"] = ratio.as_list() if ratio else None
+
+
+def run_baselines(ctx: RunContext) -> None:
+    """Fill ctx.results["baselines"] with the uniform and all-INT8 baselines."""
+
+    baselines: dict[str, Any] = {}
+    searched = Precision(ctx.results.get("search", {}).get("search_precision", "fp32"))
+    default = ctx.profile.default_precision
+    kept = ctx.run_dir / BASELINES  # the baselines' graphs, to re-measure them anywhere
+    kept.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        if Precision.INT8 in ctx.profile.precisions:
+            stage("baseline: the original with every layer in INT8")
+            _export(ctx, ctx.original, Precision.INT8, kept / "int8.onnx")
+            baselines["int8"] = _describe(
+                ctx, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0}
+            )
+        # the unpruned original in each precision: the top of the matched-accuracy bisection
+        unpruned = {
+            Precision.FP32: ctx.run_dir / "original.onnx",
+            Precision.INT8: kept / "int8.onnx",
+        }
+        for precision in dict.fromkeys([default, searched]):
+            name = "uniform" if precision == default else f"uniform_{precision.value}"
+            path = kept / f"{name}.onnx"
+            baselines[name] = _uniform(ctx, precision, tmp, path)
+            top = unpruned.get(precision)
+            if ctx.config.search.matched_accuracy_steps and top is not None and top.is_file():
+                baselines[f"{name}_at_accuracy"] = _at_accuracy(
+                    ctx,
+                    precision,
+                    (baselines[name], path),
+                    top,
+                    tmp,
+                    kept / f"{name}_at_accuracy.onnx",
+                )
+        _measure_with_deployed(ctx, baselines, kept)
+    ctx.results["baselines"] = baselines

@@ -1,0 +1,60 @@
+"""The state one run's stages share (`RunContext`), and the console they report progress on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from pipeline.core.config import RunConfig
+from pipeline.core.policy import Policy
+from pipeline.core.profile import TargetProfile
+from pipeline.measure.measure_worker import MeasureWorker
+from pipeline.model.data import Splits
+
+console = Console()
+
+
+@dataclass
+class RunContext:
+    """State shared by the stages of one run."""
+
+    profile: TargetProfile
+    config: RunConfig
+    run_dir: Path
+    splits: Splits | None = None
+    original: nn.Module | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    policy: Policy | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    measurer: MeasureWorker | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.profile.input.shape)  # type: ignore[return-value]
+
+    def bench(
+        self, artifacts: dict[str, Path], rounds: int | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Measure artifacts side by side for the final comparisons and gates.
+
+        Like the search's candidates, they are measured in a separate measuring process:
+        this one holds torch's thread pools and progress threads, which would slow the
+        runtime and make the gate disagree with the search. Sides are interleaved over the
+        profile's `measure.rounds` unless `rounds` is given (`bench_interleaved`).
+        """
+        from pipeline.measure.bench import bench_interleaved
+
+        if self.measurer is None:
+            self.measurer = MeasureWorker(self.profile, self.config.search.timeout_s)
+        rounds = rounds or self.profile.measure.rounds
+        return bench_interleaved(self.measurer.measure, artifacts, rounds)
+
+
+def stage(message: str) -> None:
+    console.print(f"[bold cyan]>[/] {message}")
