@@ -24,8 +24,9 @@ class FinetuneConfig(StrictModel):
     kd_weight: float = Field(1.0, ge=0)
     qat: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="quantization-aware recovery of INT8 layers (pipeline/model/qat.py): auto = "
-        "when post-training INT8 loses more val accuracy than the profile's max_accuracy_drop",
+        description="quantization-aware recovery of INT8 layers "
+        "(pipeline/search/int8_recovery.py): auto = when post-training INT8 loses more val "
+        "accuracy than the profile's max_accuracy_drop",
     )
     qat_steps: int = Field(200, ge=0)
     qat_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the QAT fine-tune")

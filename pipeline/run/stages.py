@@ -124,7 +124,7 @@ def export_deployed(ctx: RunContext, pruned: nn.Module) -> nn.Module:
     fine-tune (`finetune.qat`); the model returned is the one model.onnx holds.
     """
     from exporters import layer_precisions
-    from pipeline.model.qat import recover_int8
+    from pipeline.search.int8_recovery import recover_int8
 
     stage("exporting model.onnx with the policy's precisions")
     layers = policy_layers(pruned)  # removed blocks' layers are gone

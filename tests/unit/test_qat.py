@@ -29,8 +29,8 @@ from pipeline.model.fake_quant import (
     folded_norms,
 )
 from pipeline.model.finetune import train
-from pipeline.model.qat import recover_int8
 from pipeline.run.validate import QAT_SCALES, source_logits
+from pipeline.search.int8_recovery import recover_int8
 
 SHAPE = (1, 16, 16)
 QAT = TrainSpec(steps=60, lr=3e-4, batch_size=64, kd_weight=1.0)
