@@ -11,6 +11,7 @@ import torch
 import torchvision
 from conftest import run_cli as pipeline
 
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 CPU = str(ROOT / "profiles" / "cpu.yaml")
 

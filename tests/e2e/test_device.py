@@ -19,6 +19,7 @@ from rich.console import Console
 from pipeline.core.profile import load_profile
 from pipeline.measure.bench import bench_artifact, format_bench_run
 
+pytestmark = pytest.mark.e2e
 RUN_FILES = {"original.onnx", "model.onnx", "validation.json", "report.json", "manifest.json"}
 ROUNDS = 5
 AGREEMENT = 0.10

@@ -18,6 +18,7 @@ from exporters import layer_precisions
 from pipeline.core.artifacts import sha256_file
 from pipeline.core.policy import Precision
 
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 RUN_FILES = {

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from agents import AGENTS
 
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 
