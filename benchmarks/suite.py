@@ -116,6 +116,11 @@ def row_of(report, run_dir, arch, agent, budget, source, code, wall) -> dict[str
         "accuracy": deployed["accuracy"],
         "accuracy_drop": report["accuracy_drop"],
         "original_accuracy": original["accuracy"],
+        # 95% intervals (reports written before they existed have none)
+        "accuracy_ci95": deployed.get("accuracy_ci95"),
+        "original_accuracy_ci95": original.get("accuracy_ci95"),
+        "accuracy_drop_ci95": report.get("accuracy_drop_ci95"),
+        "test_images": report.get("test_images"),
         "report_latency_ms": deployed["latency_ms"],
         "report_speedup": report["speedup"],
         "floor": report["floor"]["deployed"],
@@ -153,6 +158,7 @@ def rows_from_runs(run_dirs: list[Path], budget: float | None) -> list[dict[str,
 def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
     """Every model of one (model, budget) group measured in one process, interleaved."""
     from pipeline.core.profile import load_profile
+    from pipeline.core.stats import ratio_interval
     from pipeline.measure.bench import bench_artifact, bench_interleaved
 
     profile = load_profile(str(PROFILE))
@@ -170,16 +176,18 @@ def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
         for i, row in enumerate(group):
             paths[f"row{i}"] = Path(row["run_dir"]) / "model.onnx"
         measured = bench_interleaved(lambda p: bench_artifact(profile, p), paths, rounds)
-        original_ms = measured["original"]["latency_ms"]["median"]
-        table = {
-            key: {
+        original = measured["original"]
+        table = {}
+        for key, m in measured.items():
+            ratio = ratio_interval(original["rounds_ms"], m["rounds_ms"])
+            table[key] = {
                 "median_ms": m["latency_ms"]["median"],
                 "p90_ms": m["latency_ms"]["p90"],
-                "speedup": original_ms / m["latency_ms"]["median"],
+                "speedup": original["latency_ms"]["median"] / m["latency_ms"]["median"],
+                "speedup_ci95": ratio.as_list() if ratio else None,
+                "rounds_ms": m["rounds_ms"],
                 "floor_ratio": m["floor_ratio"],
             }
-            for key, m in measured.items()
-        }
         for i, row in enumerate(group):
             row["remeasured"] = {
                 "self": table[f"row{i}"],
@@ -189,7 +197,8 @@ def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | budget | row | median ms | p90 ms | speedup | test acc | vs original | met | "
+        "| model | budget | row | median ms | p90 ms | speedup [95%] | test acc [95%] | "
+        "vs original [95%] | met | "
         "converged at | real / predicted / cached | wall s | x floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -212,24 +221,44 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                     if name == "original"
                     else row["baselines"][name]["accuracy"]
                 )
+                ci = (
+                    row.get("original_accuracy_ci95")
+                    if name == "original"
+                    else row["baselines"][name].get("accuracy_ci95")
+                )
                 if m:
                     lines.append(
                         f"| {row['model']} | {row['budget']} | {name} | {m['median_ms']:.3f} | "
-                        f"{m['p90_ms']:.3f} | {m['speedup']:.2f}x | {acc:.2%} | "
+                        f"{m['p90_ms']:.3f} | {_speedup(m)} | {_acc(acc, ci)} | "
                         f"{100 * (acc - row['original_accuracy']):+.2f} pt | | | | | "
                         f"{m['floor_ratio'] or 0:.0f} |"
                     )
         m = table["self"]
         name = row["agent"] + ("" if row["source"] == "measured" else f" ({row['source']})")
+        drop = row.get("accuracy_drop_ci95")
+        versus = f"{-100 * row['accuracy_drop']:+.2f} pt"
+        if drop:  # the paired interval of deployed minus original
+            versus += f" [{-100 * drop[1]:+.2f}, {-100 * drop[0]:+.2f}]"
+        accuracy = _acc(row["accuracy"], row.get("accuracy_ci95"))
         lines.append(
             f"| {row['model']} | {row['budget']} | {name} | {m['median_ms']:.3f} | "
-            f"{m['p90_ms']:.3f} | {m['speedup']:.2f}x | {row['accuracy']:.2%} | "
-            f"{-100 * row['accuracy_drop']:+.2f} pt | {'yes' if row['met_budget'] else 'no'} | "
+            f"{m['p90_ms']:.3f} | {_speedup(m)} | {accuracy} | "
+            f"{versus} | {'yes' if row['met_budget'] else 'no'} | "
             f"{row['episodes_to_converge']} / {row['episodes']} | "
             f"{row['real']} / {row['predicted']} / {row['cached']} | {row['wall_s']:.0f} | "
             f"{m['floor_ratio'] or 0:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _acc(accuracy: float, ci: list[float] | None) -> str:
+    """'91.44% [90.88, 91.97]', or the bare accuracy when the run recorded no interval."""
+    return f"{accuracy:.2%}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+
+
+def _speedup(m: dict[str, Any]) -> str:
+    ci = m.get("speedup_ci95")
+    return f"{m['speedup']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def _label(row: dict[str, Any]) -> str:
