@@ -91,10 +91,15 @@ def fake_quant_weight(
     if fold is not None:
         fold = torch.where(fold.abs() < 1e-12, torch.full_like(fold, 1e-12), fold).view(view)
         weight = weight * fold
-    dims = tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
-    step = (weight.detach().abs().amax(dim=dims, keepdim=True) / _WEIGHT_QMAX).clamp(min=1e-12)
+    step = _weight_step(weight.detach(), per_channel)
     quantized = torch.clamp(_round_ste(weight / step), -_WEIGHT_QMAX, _WEIGHT_QMAX) * step
     return quantized / fold if fold is not None else quantized
+
+
+def _weight_step(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Symmetric int8 step of a weight (out, ...): one per output channel, or one in all."""
+    dims = tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
+    return (weight.abs().amax(dim=dims, keepdim=True) / _WEIGHT_QMAX).clamp(min=1e-12)
 
 
 def folded_norms(model: nn.Module) -> dict[str, nn.Module]:
@@ -240,8 +245,7 @@ def _graph_forward(
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = _folded(module, norm)  # (out, ...), (out,)
-        dims = tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
-        step = (weight.abs().amax(dim=dims, keepdim=True) / _WEIGHT_QMAX).clamp(min=1e-12)
+        step = _weight_step(weight, per_channel)
         weight = torch.clamp(torch.round(weight / step), -_WEIGHT_QMAX, _WEIGHT_QMAX) * step
         bias_step = torch.exp(in_q.log_scale) * step.reshape(-1)  # (out,) or (1,)
         bias = torch.round(bias / bias_step) * bias_step
