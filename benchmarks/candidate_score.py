@@ -35,7 +35,6 @@ from pipeline.core.config import FinetuneConfig
 from pipeline.core.policy import Policy, Precision, policy_layers
 from pipeline.core.profile import load_profile
 from pipeline.core.stats import accuracy_interval, correct_of
-from pipeline.core.train_spec import TrainSpec
 from pipeline.model.data import load_data
 from pipeline.model.demo import DEMO_INPUT, demo_model
 from pipeline.model.evaluate import stack
@@ -160,11 +159,8 @@ class Study:
         if method.bn_batches and method.bn_first:
             bn()
         if method.steps:
-            spec = TrainSpec(
-                steps=method.steps,
-                lr=self.recovery.lr,
-                batch_size=self.recovery.batch_size,
-                kd_weight=method.kd_weight,
+            spec = dataclasses.replace(
+                self.recovery, steps=method.steps, kd_weight=method.kd_weight
             )
             train(model, self.splits.train, spec, self.original, "candidate", False)
         if method.bn_batches and not method.bn_first:

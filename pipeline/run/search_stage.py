@@ -20,13 +20,10 @@ SETUP = "search_setup.json"
 
 def candidate_spec(ctx: RunContext) -> TrainSpec:
     """The short recovery fine-tune each candidate gets (distilled like the final one)."""
-    ft, sc = ctx.config.finetune, ctx.config.search
-    return TrainSpec(
+    sc = ctx.config.search
+    return dataclasses.replace(
+        ctx.config.finetune.spec(ctx.config.seed),
         steps=sc.candidate_steps,
-        lr=ft.lr,
-        batch_size=ft.batch_size,
-        kd_weight=ft.kd_weight,
-        seed=ctx.config.seed,
         bn_batches=sc.candidate_bn_batches,
     )
 
