@@ -29,7 +29,15 @@ from agents.env import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
 from pipeline.core.policy import LayerAction, Policy
-from pipeline.core.space import CandidateResult, ChannelGate, EpisodeCallback, Evaluator, RewardFn
+from pipeline.core.space import (
+    CandidateResult,
+    ChannelGate,
+    ChannelGating,
+    EpisodeCallback,
+    Evaluator,
+    RewardFn,
+    require,
+)
 
 STATE_VERSION = 1
 LAMBDA_RANGE = (0.05, 1000.0)  # keeps lambda positive and finite however long the search runs
@@ -111,6 +119,7 @@ class DecoreAgent(Agent):
         batches do not repeat).
         """
         if self._gate is None:
+            require(self.evaluator, ChannelGating, "decore")
             self._gate = self.evaluator.channel_gate(self.seed + self.steps_done)
             groups = dict(self._gate.groups)
             if not self.logits:

@@ -63,7 +63,8 @@ def evaluator(profile, work: Path, steps: int):
     from exporters import export_onnx
     from pipeline.core.train_spec import TrainSpec
     from pipeline.model.data import load_data
-    from pipeline.search.candidate import MeasurementCache, build_evaluator
+    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.measurements import MeasurementCache
 
     model = tiny_resnet()
     splits = load_data("digits", INPUT, seed=0)

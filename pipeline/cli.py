@@ -36,6 +36,11 @@ def _root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
 
 
+# `pipeline run` options that override the run config's top level and its search section
+RUN_OPTIONS = ("model", "weights", "data", "num_classes", "policy", "budget_ms", "out", "seed")
+SEARCH_OPTIONS = ("agent", "episodes", "reward", "candidate_steps")
+
+
 @app.command()
 def run(
     target: TargetOpt,
@@ -81,6 +86,7 @@ def run(
     Without --policy, an agent searches per-layer keep ratios and precisions against latency
     measured on the target, under --budget-ms (default: 0.4 x the original's latency).
     """
+    given = dict(locals())  # the options by name; each is a RunConfig field of the same name
     from pipeline.core.config import load_config, resume_config
     from pipeline.core.profile import load_profile
     from pipeline.run import execute
@@ -88,27 +94,10 @@ def run(
     prof = load_profile(target)
     if resume is not None:
         raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
-    overrides = {
-        "model": model,
-        "weights": weights,
-        "data": data,
-        "num_classes": num_classes,
-        "policy": policy,
-        "budget_ms": budget_ms,
-        "out": out,
-        "seed": seed,
-        "show_progress": None if progress else False,
-    }
-    sections = {
-        "search": {
-            "agent": agent,
-            "episodes": episodes,
-            "reward": reward,
-            "candidate_steps": candidate_steps,
-            "allow_over_budget": True if allow_over_budget else None,
-        },
-        "finetune": {"steps": finetune_steps},
-    }
+    overrides = {k: given[k] for k in RUN_OPTIONS} | {"show_progress": None if progress else False}
+    search = {k: given[k] for k in SEARCH_OPTIONS}
+    search["allow_over_budget"] = True if allow_over_budget else None
+    sections = {"search": search, "finetune": {"steps": finetune_steps}}
     raise typer.Exit(execute(prof, load_config(config, overrides, sections)))
 
 

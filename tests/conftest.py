@@ -155,7 +155,8 @@ def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path,
     `build_evaluator` (latency_model, latency_source)."""
     from exporters import export_onnx
     from pipeline.core.train_spec import TrainSpec
-    from pipeline.search.candidate import MeasurementCache, build_evaluator
+    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.measurements import MeasurementCache
 
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, TEST_INPUT, folder / "original.onnx")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +91,8 @@ class Evaluator(Protocol):
     An evaluator may also offer `workers` (candidates it evaluates at once; 1 when absent) and
     `evaluate_iter(policies)`, yielding their results in submission order as each completes
     (`pipeline.search.parallel.evaluator.RayEvaluator`); agents reach both through `Agent`.
+    What only some agents need is a capability of its own (`ProxyAccuracy`, `ChannelGating`):
+    an evaluator offers it or not, and the agent that needs it checks.
     """
 
     space: SearchSpace
@@ -99,13 +101,32 @@ class Evaluator(Protocol):
         """Prune, briefly fine-tune (distilled from the original), export, measure, validate."""
         ...
 
+
+@runtime_checkable
+class ProxyAccuracy(Protocol):
+    """A cheap accuracy signal for dense, per-layer rewards (PuRL)."""
+
     def proxy_accuracy(self, policy: Policy) -> float:
-        """Validation accuracy of the policy pruned without fine-tuning (cheap; dense rewards)."""
+        """Validation accuracy of the policy pruned without fine-tuning."""
         ...
 
+
+@runtime_checkable
+class ChannelGating(Protocol):
+    """Masked training over a copy of the original model (DECORE)."""
+
     def channel_gate(self, seed: int) -> ChannelGate:
-        """A masked-training session over a copy of the original model (DECORE)."""
+        """A masked-training session, its batches seeded by `seed`."""
         ...
+
+
+def require(evaluator: object, capability: type, agent: str) -> None:
+    """Fail clearly when an agent is given an evaluator without the capability it needs."""
+    if not isinstance(evaluator, capability):
+        raise TypeError(
+            f"the {agent} agent needs an evaluator with {capability.__name__}; "
+            f"{type(evaluator).__name__} has none"
+        )
 
 
 RewardFn = Callable[[CandidateResult, SearchSpace, float], float]

@@ -20,42 +20,37 @@ model's) is a ratio from one session.
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from pipeline.core.choice import ROUNDING
-from pipeline.core.policy import Precision, policy_layers, uniform_policy
+from pipeline.core.policy import Precision, uniform_policy
+from pipeline.core.records import Latency, RunRecord
 from pipeline.core.stats import correct_of, ratio_interval
-from pipeline.model.finetune import train
-from pipeline.model.prune import count_macs_params, prune_model
+from pipeline.model.prune import count_macs_params
 from pipeline.run.context import RunContext, stage
+from pipeline.search.materialize import Recovery, calibration, export_graph, layer_precisions
+from pipeline.search.materialize import materialize as build
 
 BASELINES = "baselines"  # folder of the run directory holding the baselines' ONNX graphs
 
 
-def _export(ctx: RunContext, model, precision: Precision, path: Path) -> None:
-    from exporters import export_onnx, quantize_onnx
-    from pipeline.model.evaluate import stack
-
+def _export(ctx: RunContext, model: nn.Module, precision: Precision, path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        calib = calibration(ctx.splits, ctx.profile.int8.calib_samples)
+        precisions = layer_precisions(model, precision)
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, ctx.input_shape, fp32, ctx.config.opset)
-        precisions = dict.fromkeys(policy_layers(model), precision)
-        quantize_onnx(fp32, path, precisions, ctx.profile.int8, stack(ctx.splits.calib)[0])
+        export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset, fp32)
 
 
-def _pruned(ctx: RunContext, keep: float):
-    model = copy.deepcopy(ctx.original)
-    policy = uniform_policy(model, keep, Precision.FP32)  # precisions are applied at export
-    prune_model(
-        model, policy, ctx.input_shape, ctx.profile.channel_multiple, ctx.profile.min_keep_ratio
-    )
-    return model
+def _pruned(ctx: RunContext, keep: float, recovery: Recovery | None = None) -> nn.Module:
+    policy = uniform_policy(ctx.original, keep, Precision.FP32)  # precisions go in at export
+    return build(ctx.original, policy, ctx.profile, recovery).model
 
 
 def _latency(ctx: RunContext, path: Path) -> float:
@@ -86,13 +81,15 @@ def matched_keep_ratio(
     return min(tried)[1]
 
 
-def _describe(ctx: RunContext, model, path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def _describe(
+    ctx: RunContext, record: RunRecord, model: nn.Module, path: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Test accuracy, size and work of a baseline's graph (named by its file); latency comes
     later, measured together with the deployed model. Its per-image correctness is kept for
     the report's paired intervals."""
     macs, params = count_macs_params(model, ctx.input_shape)
     correct = _test_correct(ctx, path)
-    ctx.results["test_correct"][path.stem] = correct
+    record.baseline_correct[path.stem] = correct
     return {
         "accuracy": float(correct.mean()),
         "params": params,
@@ -106,46 +103,43 @@ def _test_correct(ctx: RunContext, path: Path) -> np.ndarray:
     """(N,) bool: the test images the graph at `path` classifies right."""
     from exporters import run_onnx
 
-    inputs, labels, _ = ctx.results["_test"]
-    return correct_of(run_onnx(path, inputs, threads=ctx.profile.threads), labels)
+    test = ctx.test
+    return correct_of(run_onnx(path, test.inputs, threads=ctx.profile.threads), test.labels)
 
 
 def _test_accuracy(ctx: RunContext, path: Path) -> float:
     return float(_test_correct(ctx, path).mean())
 
 
-def _recovered(ctx: RunContext, keep: float, precision: Precision, path: Path):
+def _recovered(ctx: RunContext, keep: float, precision: Precision, path: Path) -> nn.Module:
     """Uniformly pruned at `keep`, given the deployed model's full recovery fine-tune,
     exported to `path` in `precision`."""
-    model = _pruned(ctx, keep)
     label = f"uniform {precision.value} keep {keep:.3f}"
-    train(
-        model,
-        ctx.splits.train,
-        ctx.config.finetune.spec(ctx.config.seed),
-        ctx.original,
-        label,
-        ctx.config.show_progress,
-    )
+    spec = ctx.config.finetune.spec(ctx.config.seed)
+    recovery = Recovery(spec, ctx.splits.train, ctx.original, label, ctx.config.show_progress)
+    model = _pruned(ctx, keep, recovery)
     _export(ctx, model, precision, path)
     return model
 
 
-def _uniform(ctx: RunContext, precision: Precision, tmp: Path, path: Path) -> dict[str, Any]:
+def _uniform(
+    ctx: RunContext, record: RunRecord, precision: Precision, tmp: Path, path: Path
+) -> dict[str, Any]:
     """Uniform pruning in `precision` at the deployed model's latency, fully fine-tuned."""
 
-    target = ctx.results["deployed"]["latency_ms"][ctx.profile.measure.statistic]
+    target = record.deployed.latency.stat(ctx.profile.measure.statistic)
     stage(
         f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
         "latency (bisection)"
     )
     keep = matched_keep_ratio(ctx, target, precision, tmp)
     model = _recovered(ctx, keep, precision, path)
-    return _describe(ctx, model, path, {"keep_ratio": keep, "precision": precision.value})
+    return _describe(ctx, record, model, path, {"keep_ratio": keep, "precision": precision.value})
 
 
 def _at_accuracy(
     ctx: RunContext,
+    record: RunRecord,
     precision: Precision,
     matched: tuple[dict[str, Any], Path],
     unpruned: Path,
@@ -160,7 +154,7 @@ def _at_accuracy(
     ratio this errs towards a faster baseline, never a slower one.
     """
 
-    target = ctx.results["deployed"]["accuracy"]
+    target = record.deployed.accuracy
     extra = {"precision": precision.value, "target_accuracy": target}
     unpruned_accuracy = _test_accuracy(ctx, unpruned)
     side, matched_path = matched
@@ -173,7 +167,8 @@ def _at_accuracy(
         best = (1.0, unpruned, ctx.original)
     else:
         shutil.copyfile(unpruned, path)
-        return _describe(ctx, ctx.original, path, {**extra, "keep_ratio": 1.0, "reached": False})
+        extra |= {"keep_ratio": 1.0, "reached": False}
+        return _describe(ctx, record, ctx.original, path, extra)
     steps = ctx.config.search.matched_accuracy_steps
     stage(
         f"baseline: uniform pruning in {precision.value} at the deployed model's test accuracy "
@@ -190,10 +185,10 @@ def _at_accuracy(
     keep, source, model = best
     shutil.copyfile(source, path)
     if model is None:  # the matched-latency baseline itself: already described
-        correct = ctx.results["test_correct"]
+        correct = record.baseline_correct
         correct[path.stem] = correct[matched_path.stem]
         return {**side, **extra, "reached": True}
-    return _describe(ctx, model, path, {**extra, "keep_ratio": keep, "reached": True})
+    return _describe(ctx, record, model, path, {**extra, "keep_ratio": keep, "reached": True})
 
 
 def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Path) -> None:
@@ -202,20 +197,20 @@ def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Pat
     stage(f"measuring the baselines with the deployed model, {ctx.profile.measure.rounds} rounds")
     sides = {name: kept / f"{name}.onnx" for name in baselines}
     measured = ctx.bench({"_deployed": ctx.run_dir / "model.onnx", **sides})
-    deployed = measured["_deployed"]
+    deployed = Latency.from_bench(measured["_deployed"])
     for name, side in baselines.items():
-        lat = measured[name]["latency_ms"]
-        side["latency_ms"] = {"median": lat["median"], "p90": lat["p90"], "cv": lat["cv"]}
-        side["deployed_speedup"] = lat["median"] / deployed["latency_ms"]["median"]
-        ratio = ratio_interval(measured[name]["rounds_ms"], deployed["rounds_ms"])
+        lat = Latency.from_bench(measured[name])
+        side["latency_ms"] = lat.summary()
+        side["deployed_speedup"] = lat.median / deployed.median
+        ratio = ratio_interval(lat.rounds_ms, deployed.rounds_ms)
         side["deployed_speedup_ci95"] = ratio.as_list() if ratio else None
 
 
-def run_baselines(ctx: RunContext) -> None:
-    """Fill ctx.results["baselines"] with the uniform and all-INT8 baselines."""
+def run_baselines(ctx: RunContext, record: RunRecord) -> None:
+    """Fill `record.baselines` with the uniform and all-INT8 baselines."""
 
     baselines: dict[str, Any] = {}
-    searched = Precision(ctx.results.get("search", {}).get("search_precision", "fp32"))
+    searched = Precision(record.search.summary.get("search_precision", "fp32"))
     default = ctx.profile.default_precision
     kept = ctx.run_dir / BASELINES  # the baselines' graphs, to re-measure them anywhere
     kept.mkdir(exist_ok=True)
@@ -225,7 +220,7 @@ def run_baselines(ctx: RunContext) -> None:
             stage("baseline: the original with every layer in INT8")
             _export(ctx, ctx.original, Precision.INT8, kept / "int8.onnx")
             baselines["int8"] = _describe(
-                ctx, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0}
+                ctx, record, ctx.original, kept / "int8.onnx", {"keep_ratio": 1.0}
             )
         # the unpruned original in each precision: the top of the matched-accuracy bisection
         unpruned = {
@@ -235,11 +230,12 @@ def run_baselines(ctx: RunContext) -> None:
         for precision in dict.fromkeys([default, searched]):
             name = "uniform" if precision == default else f"uniform_{precision.value}"
             path = kept / f"{name}.onnx"
-            baselines[name] = _uniform(ctx, precision, tmp, path)
+            baselines[name] = _uniform(ctx, record, precision, tmp, path)
             top = unpruned.get(precision)
             if ctx.config.search.matched_accuracy_steps and top is not None and top.is_file():
                 baselines[f"{name}_at_accuracy"] = _at_accuracy(
                     ctx,
+                    record,
                     precision,
                     (baselines[name], path),
                     top,
@@ -247,4 +243,4 @@ def run_baselines(ctx: RunContext) -> None:
                     kept / f"{name}_at_accuracy.onnx",
                 )
         _measure_with_deployed(ctx, baselines, kept)
-    ctx.results["baselines"] = baselines
+    record.baselines = baselines

@@ -1,4 +1,5 @@
-"""The state one run's stages share (`RunContext`), and the console they report progress on."""
+"""What one run's stages share: its inputs and services (`RunContext`), and the console they
+report progress on. What the stages find goes into the `RunRecord` (`pipeline.core.records`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from torch import nn
 
@@ -19,18 +21,33 @@ from pipeline.model.data import Splits
 console = Console()
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """The test split stacked once: every model of the run is evaluated on these images, and
+    the original's logits on them are the reference of the deployed model's validation."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    original_logits: np.ndarray
+
+
 @dataclass
 class RunContext:
-    """State shared by the stages of one run."""
+    """The inputs of one run (loaded by the first stage) and the services its stages use.
+
+    `model` is the work in progress: the pruned, recovered model that becomes model.onnx.
+    """
 
     profile: TargetProfile
     config: RunConfig
     run_dir: Path
+    resume: bool = False
     splits: Splits | None = None
     original: nn.Module | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     policy: Policy | None = None
-    results: dict[str, Any] = field(default_factory=dict)
+    test: TestSet | None = None
+    model: nn.Module | None = None
     started: float = field(default_factory=time.time)
     measurer: MeasureWorker | None = None
 
@@ -54,6 +71,11 @@ class RunContext:
             self.measurer = MeasureWorker(self.profile, self.config.search.timeout_s)
         rounds = rounds or self.profile.measure.rounds
         return bench_interleaved(self.measurer.measure, artifacts, rounds)
+
+    def close(self) -> None:
+        if self.measurer is not None:
+            self.measurer.close()
+            self.measurer = None
 
 
 def stage(message: str) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.artifacts import write_json
 from pipeline.core.policy import Policy
+from pipeline.core.records import RunRecord, SearchRecord
 from pipeline.core.train_spec import TrainSpec
 from pipeline.run.context import RunContext, stage
 
@@ -45,12 +46,51 @@ def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float:
     return budget
 
 
-def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
+def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     """The best policy under the budget, the closest one if allowed, else None."""
+    from pipeline.search import policy_of
+
+    sc = ctx.config.search
+    base = _evaluator(ctx)
+    budget = _budget(ctx, base.space.original_latency_ms, ctx.resume)
+    base.space = dataclasses.replace(base.space, budget_ms=budget)
+    stage(
+        f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
+        f"({ctx.profile.measure.statistic})"
+    )
+    outcome, parallel = _run_agent(ctx, base)
+    prune_in = _precision_of(base)
+    summary = {
+        **outcome.summary(),
+        "precision_latency_ms": base.space.precision_latency_ms,
+        "search_precision": prune_in,
+        "latency_source": sc.latency_source,
+        "parallel": parallel,
+    }
+    record.search = SearchRecord(
+        summary,
+        budget,
+        base.space.original_latency_ms,
+        [r for r in outcome.records if r["error"] is None],
+    )
+    best = _confirmed_best(ctx, record, base, outcome)
+    chosen = best or (outcome.closest if sc.allow_over_budget else None)
+    summary["shipped"] = (
+        "best under budget" if best else ("closest (over budget)" if chosen else None)
+    )
+    return policy_of(chosen) if chosen else None
+
+
+def _precision_of(evaluator: CandidateEvaluator) -> str:
     from agents.env import search_precision
-    from pipeline.search import policy_of, run_search
-    from pipeline.search.candidate import MeasurementCache, build_evaluator
-    from pipeline.search.parallel import describe, parallel_evaluator
+
+    return search_precision(evaluator.space).value
+
+
+def _evaluator(ctx: RunContext) -> CandidateEvaluator:
+    """The candidate evaluator, after measuring the original in each allowed precision."""
+    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.measurements import MeasurementCache
 
     sc = ctx.config.search
     stage("measuring the original on the target and building the search space")
@@ -66,24 +106,24 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
         latency_model=sc.latency_model,
         latency_source=sc.latency_source,
     )
-    budget = _budget(ctx, evaluator.space.original_latency_ms, resume)
-    evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
-    ctx.results["budget_ms"] = budget
-    ctx.results["search_original_ms"] = evaluator.space.original_latency_ms
     measured = evaluator.space.precision_latency_ms
-    prune_in = search_precision(evaluator.space).value
     stage(
         "the original with every layer in one precision: "
         + ", ".join(f"{p} {ms:.3f} ms" for p, ms in measured.items())
-        + f"; channel searches run in {prune_in}"
+        + f"; channel searches run in {_precision_of(evaluator)}"
     )
-    stage(
-        f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
-        f"({ctx.profile.measure.statistic})"
-    )
-    base = evaluator
-    try:  # several candidates in flight, here or on a Ray cluster (search.parallel)
-        evaluator = parallel_evaluator(base, sc.parallel)
+    return evaluator
+
+
+def _run_agent(ctx: RunContext, base: CandidateEvaluator) -> tuple[SearchOutcome, Any]:
+    """The agent's search, with several candidates in flight here or on a Ray cluster
+    (`search.parallel`); returns the outcome and how the candidates were spread."""
+    from pipeline.search import run_search
+    from pipeline.search.parallel import describe, parallel_evaluator
+
+    sc = ctx.config.search
+    evaluator = parallel_evaluator(base, sc.parallel)
+    try:
         outcome = run_search(
             evaluator,
             agent_name=sc.agent,
@@ -92,30 +132,16 @@ def search_policy(ctx: RunContext, resume: bool) -> Policy | None:
             run_dir=ctx.run_dir,
             seed=ctx.config.seed,
             checkpoint_every=sc.checkpoint_every,
-            resume=resume,
+            resume=ctx.resume,
             show_progress=ctx.config.show_progress,
         )
-        parallel = describe(evaluator)
+        return outcome, describe(evaluator)
     finally:
         evaluator.close()
-    ctx.results["search"] = {
-        **outcome.summary(),
-        "precision_latency_ms": measured,
-        "search_precision": prune_in,
-        "latency_source": sc.latency_source,
-        "parallel": parallel,
-    }
-    ctx.results["candidates"] = [r for r in outcome.records if r["error"] is None]
-    best = _confirmed_best(ctx, base, outcome)
-    chosen = best or (outcome.closest if sc.allow_over_budget else None)
-    ctx.results["search"]["shipped"] = (
-        "best under budget" if best else ("closest (over budget)" if chosen else None)
-    )
-    return policy_of(chosen) if chosen else None
 
 
 def _confirmed_best(
-    ctx: RunContext, base: CandidateEvaluator, outcome: SearchOutcome
+    ctx: RunContext, record: RunRecord, base: CandidateEvaluator, outcome: SearchOutcome
 ) -> dict[str, Any] | None:
     """The search's best, re-measured (`pipeline.search.confirm`); a FLOPs-driven search measures
     nothing, by design, so its pick stands as it is."""
@@ -133,7 +159,7 @@ def _confirmed_best(
             f"episode {t['episode']}: {t['confirmed_ms']:.3f} ms again (search measured "
             f"{t['search_ms']:.3f} ms), {verdict} the {base.space.budget_ms:.3f} ms budget"
         )
-    ctx.results["search"]["confirmation"] = tries
+    record.search.summary["confirmation"] = tries
     if best is not outcome.best:
-        ctx.results["search"]["best_episode"] = best["episode"]
+        record.search.summary["best_episode"] = best["episode"]
     return best

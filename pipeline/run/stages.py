@@ -1,32 +1,29 @@
-"""The orchestrator: one function per stage, each stage writes its artifact into the run dir.
+"""The run's stages, in order. Each reads the context, writes its artifacts into the run
+directory and its findings into the `RunRecord`; `pipeline.run.plan.execute` walks them.
 
-Stages: load -> baseline -> compress (prune + recovery fine-tune) -> export -> measure ->
-validate -> report. A stage that fails raises; files already written are complete (atomic) and
-`manifest.json` says the run did not finish.
+load -> baseline -> search (no fixed policy) -> compress (prune + recovery fine-tune) ->
+export (precisions in the graph) -> engine (local TensorRT) -> measure -> validate ->
+baselines (searched runs) -> report. A stage that fails raises; files already written are
+complete (atomic) and `manifest.json` says the run did not finish.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from pipeline.core.artifacts import new_run_dir, write_json
-from pipeline.core.config import RunConfig
-from pipeline.core.policy import Policy, Precision, check_policy, parse_policy_arg, policy_layers
-from pipeline.core.profile import TargetProfile
+from pipeline.core.artifacts import write_json
+from pipeline.core.policy import check_policy, parse_policy_arg
+from pipeline.core.records import Latency, ModelFigures, RunRecord
 from pipeline.core.stats import correct_of
 from pipeline.model.data import load_data
 from pipeline.model.evaluate import accuracy, stack, torch_logits
-from pipeline.model.finetune import train
 from pipeline.model.models import build_model, check_input, load_weights, save_safetensors
-from pipeline.model.prune import count_macs_params, prune_model, save_history
-from pipeline.run import report
-from pipeline.run.context import RunContext, console, stage
+from pipeline.model.prune import count_macs_params, save_history
+from pipeline.run.context import RunContext, TestSet, stage
+from pipeline.search.materialize import Recovery, materialize, recover
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +62,44 @@ def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), info
 
 
-def baseline(ctx: RunContext) -> None:
+def baseline(ctx: RunContext, record: RunRecord) -> None:
     """Export the original model and evaluate it on the test split."""
     from exporters import export_onnx
 
     stage("exporting original.onnx")
-    export_onnx(ctx.original, ctx.input_shape, ctx.run_dir / "original.onnx", ctx.config.opset)
+    path = ctx.run_dir / "original.onnx"
+    export_onnx(ctx.original, ctx.input_shape, path, ctx.config.opset)
     inputs, labels = stack(ctx.splits.test)
     logits = torch_logits(ctx.original, inputs)
+    ctx.test = TestSet(inputs, labels, logits)
     macs, params = count_macs_params(ctx.original, ctx.input_shape)
-    ctx.results["original"] = {
-        "accuracy": accuracy(logits, labels),
-        "params": params,
-        "macs": macs,
-        "size_bytes": (ctx.run_dir / "original.onnx").stat().st_size,
-    }
-    ctx.results["_test"] = (inputs, labels, logits)
-    # Per-image correctness on test: the paired intervals of the report compare these
-    ctx.results["test_correct"] = {"original": correct_of(logits, labels)}
+    record.original = ModelFigures(
+        accuracy=accuracy(logits, labels),
+        correct=correct_of(logits, labels),  # the report's paired intervals compare these
+        params=params,
+        macs=macs,
+        size_bytes=path.stat().st_size,
+    )
 
 
-def compress(ctx: RunContext) -> nn.Module:
+def search(ctx: RunContext, record: RunRecord) -> str | None:
+    """Search a policy on the target; stops the run when nothing meets the budget."""
+    from pipeline.run import report
+    from pipeline.run.search_stage import search_policy
+
+    ctx.policy = search_policy(ctx, record)
+    if ctx.policy is None:
+        report.write_no_candidate(ctx, record)
+        return "failed: no candidate met the budget"
+    ctx.policy.save(ctx.run_dir / "policy.json")
+    return None
+
+
+def compress(ctx: RunContext, record: RunRecord) -> None:
     """Prune a copy of the original by the policy, then recover it (with distillation)."""
+    ft = ctx.config.finetune
     stage("pruning with torch-pruning")
-    pruned = copy.deepcopy(ctx.original)
-    p = ctx.profile
-    result = prune_model(pruned, ctx.policy, ctx.input_shape, p.channel_multiple, p.min_keep_ratio)
+    result = materialize(ctx.original, ctx.policy, ctx.profile)
     arch = {
         "model": ctx.config.model or ctx.model_info["arch"],
         "num_classes": ctx.splits.num_classes,
@@ -98,210 +107,68 @@ def compress(ctx: RunContext) -> nn.Module:
         "removed": list(ctx.policy.removed),
     }
     save_history(ctx.run_dir / "pruning_history.json", result.history, arch)
-    ctx.results["channels"] = {n: list(c) for n, c in result.channels.items()}
-    ft = ctx.config.finetune
+    record.channels = {n: list(c) for n, c in result.channels.items()}
     if result.unchanged:  # the policy only sets precisions: the original needs no recovery
         stage("nothing pruned: no recovery fine-tune")
     else:
         stage(f"recovery fine-tune: {ft.steps} steps, distillation weight {ft.kd_weight}")
         teacher = ctx.original if ft.kd_weight > 0 else None
-        train(
-            pruned,
-            ctx.splits.train,
-            ft.spec(ctx.config.seed),
-            teacher,
-            "recovery",
-            ctx.config.show_progress,
+        spec = ft.spec(ctx.config.seed)
+        recover(
+            result.model,
+            Recovery(spec, ctx.splits.train, teacher, "recovery", ctx.config.show_progress),
         )
-    save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
-    return pruned
+    save_safetensors(result.model, ctx.run_dir / "weights.safetensors")
+    ctx.model = result.model
 
 
-def export_deployed(ctx: RunContext, pruned: nn.Module) -> nn.Module:
-    """Write model.onnx with the policy's precisions inside the graph; check they took.
-
-    INT8 that loses too much accuracy after calibration is recovered with a quantization-aware
-    fine-tune (`finetune.qat`); the model returned is the one model.onnx holds.
-    """
-    from exporters import layer_precisions
-    from pipeline.search.int8_recovery import recover_int8
-
-    stage("exporting model.onnx with the policy's precisions")
-    layers = policy_layers(pruned)  # removed blocks' layers are gone
-    ft = ctx.config.finetune
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "pruned_fp32.onnx"
-        recovery = recover_int8(
-            pruned,
-            ctx.original if ft.kd_weight > 0 else None,
-            ctx.policy,
-            ctx.profile,
-            ctx.splits,
-            ctx.run_dir / "model.onnx",
-            mode=ft.qat,
-            spec=ft.qat_spec(ctx.config.seed),
-            fp32_path=fp32,
-            opset=ctx.config.opset,
-            notify=stage,
-        )
-        if recovery.info["method"] == "qat":  # the deployed weights are the QAT-tuned ones
-            pruned = recovery.model
-            save_safetensors(pruned, ctx.run_dir / "weights.safetensors")
-        quant = recovery.quantization
-        precisions = {n: ctx.policy.action(n).precision for n in layers}
-        if set(precisions.values()) != {Precision.FP32}:
-            check = _precision_check(ctx, fp32)
-            ctx.results["precision_check"] = check
-            if not check["not_slower"] and _may_ship_fp32(ctx):
-                _ship_fp32(ctx, fp32)
-                check["shipped"] = "fp32"
-    if recovery.qparams and ctx.results.get("precision_check", {}).get("shipped") != "fp32":
-        from pipeline.run.validate import QAT_SCALES
-
-        write_json(ctx.run_dir / QAT_SCALES, recovery.qparams)  # validation's reference
-    actual = layer_precisions(ctx.run_dir / "model.onnx", layers)
-    wanted = {n: ctx.policy.action(n).precision for n in layers}
-    mismatched = sorted(n for n in layers if actual.get(n) != wanted[n])
-    ctx.results["precision"] = {
-        "quantization": quant,
-        "mismatched_layers": mismatched,
-        "int8_recovery": recovery.info,
-    }
-    macs, params = count_macs_params(pruned, ctx.input_shape)
-    ctx.results["deployed_static"] = {
-        "params": params,
-        "macs": macs,
-        "size_bytes": (ctx.run_dir / "model.onnx").stat().st_size,
-    }
-    return pruned
-
-
-def _precision_check(ctx: RunContext, pruned_fp32: Path) -> dict[str, Any]:
-    """Measure the same pruned model in FP32 and in the policy's precisions, same runner."""
-    stage("measuring the pruned model in FP32 against the policy's precisions")
-    sides = ctx.bench({"fp32": pruned_fp32, "policy": ctx.run_dir / "model.onnx"})
-    fp32, mixed = sides["fp32"], sides["policy"]
-    statistic = ctx.profile.measure.statistic
-    ratio = fp32["latency_ms"][statistic] / mixed["latency_ms"][statistic]
-    return {
-        "fp32_ms": fp32["latency_ms"],
-        "policy_ms": mixed["latency_ms"],
-        "speedup": ratio,
-        "not_slower": ratio >= 1.0,
-        "shipped": "policy",
-    }
-
-
-def _may_ship_fp32(ctx: RunContext) -> bool:
-    """A searched policy falls back to FP32 when its precisions measure slower; a policy the
-    user gave is shipped as given (and the report's gate says it is slower)."""
-    return bool(ctx.results.get("search")) and Precision.FP32 in ctx.profile.precisions
-
-
-def _ship_fp32(ctx: RunContext, pruned_fp32: Path) -> None:
-    """model.onnx becomes the pruned model in FP32, and policy.json says so."""
-    from pipeline.core.artifacts import atomic_copy
-    from pipeline.core.policy import LayerAction
-
-    stage("the policy's precisions measured slower than FP32 here: shipping FP32")
-    atomic_copy(pruned_fp32, ctx.run_dir / "model.onnx")
-    p = ctx.policy
-    layers = {n: LayerAction(a.keep_ratio, Precision.FP32) for n, a in p.layers.items()}
-    ctx.policy = Policy(layers, p.removed, p.channel_scores)
-    ctx.policy.save(ctx.run_dir / "policy.json")
-
-
-def build_engine_stage(ctx: RunContext) -> None:
+def build_engine(ctx: RunContext, record: RunRecord) -> None:
     """On a local TensorRT target, build model.engine (and its metadata) on this GPU: an engine
     only runs on the GPU model and TensorRT version that built it."""
-    if ctx.profile.runtime != "tensorrt" or ctx.profile.device != "local":
-        return
-    from exporters.tensorrt import build_engine
+    from exporters.tensorrt import build_engine as build
 
     stage("building model.engine with TensorRT on this GPU")
-    ctx.results["engine"] = build_engine(
-        ctx.run_dir / "model.onnx", ctx.profile, ctx.run_dir / "model.engine"
-    )
+    record.engine = build(ctx.run_dir / "model.onnx", ctx.profile, ctx.run_dir / "model.engine")
 
 
-def measure(ctx: RunContext) -> None:
+def measure(ctx: RunContext, record: RunRecord) -> None:
     """Latency of original.onnx and model.onnx on the target, same runner and settings."""
     rounds = ctx.profile.measure.rounds
     stage(f"measuring latency on {ctx.profile.name} ({ctx.profile.runtime}), {rounds} rounds")
     names = {"original": "original.onnx", "deployed": "model.onnx"}
     sides = ctx.bench({key: ctx.run_dir / name for key, name in names.items()})
-    for key, bench in sides.items():
-        ctx.results.setdefault(key, {})["latency_ms"] = bench["latency_ms"]
-        ctx.results[key]["rounds_ms"] = bench["rounds_ms"]
-        ctx.results[key]["floor"] = {k: bench.get(k) for k in ("floor_ms", "floor_ratio")}
-        ctx.results[key]["noisy"] = bench.get("noisy", False)
+    record.original.latency = Latency.from_bench(sides["original"])
+    record.deployed.latency = Latency.from_bench(sides["deployed"])
 
 
-def validate(ctx: RunContext, pruned: nn.Module) -> dict[str, Any]:
+def validate(ctx: RunContext, record: RunRecord) -> None:
     """Compare model.onnx with the model it came from and with the original, on test."""
     from pipeline.run.validate import compare_deployed, onnx_logits, source_logits
 
     stage("validating model.onnx against the original")
-    inputs, labels, original = ctx.results["_test"]
-    deployed = onnx_logits(ctx.profile, ctx.run_dir / "model.onnx", inputs)
+    test = ctx.test
+    deployed = onnx_logits(ctx.profile, ctx.run_dir / "model.onnx", test.inputs)
     result = compare_deployed(
         ctx.profile,
         deployed,
-        source_logits(pruned, inputs, ctx.run_dir, ctx.profile.int8),
-        original,
-        labels,
+        source_logits(ctx.model, test.inputs, ctx.run_dir, ctx.profile.int8),
+        test.original_logits,
+        test.labels,
         {a.precision for a in ctx.policy.layers.values()},
     )
     write_json(ctx.run_dir / "validation.json", result)
-    ctx.results.setdefault("deployed", {})["accuracy"] = result["candidate_accuracy"]
-    ctx.results["test_correct"]["deployed"] = correct_of(deployed, labels)
-    return result
+    record.validation = result
+    record.deployed.accuracy = result["candidate_accuracy"]
+    record.deployed.correct = correct_of(deployed, test.labels)
 
 
-def search(ctx: RunContext, resume: bool) -> bool:
-    """Search a policy on the target; False when nothing meets the budget (and none may ship)."""
-    from pipeline.run.search_stage import search_policy
+def baselines(ctx: RunContext, record: RunRecord) -> None:
+    from pipeline.run.baselines import run_baselines
 
-    ctx.policy = search_policy(ctx, resume)
-    if ctx.policy is None:
-        return False
-    ctx.policy.save(ctx.run_dir / "policy.json")
-    return True
+    run_baselines(ctx, record)
 
 
-def execute(
-    profile: TargetProfile, config: RunConfig, run_dir: Path | None = None, resume: bool = False
-) -> int:
-    """Run every stage; return the exit code (0 deployable, 1 a gate failed)."""
-    ctx = RunContext(profile, config, Path())
-    load_inputs(ctx)  # bad input fails here, before a run directory exists
-    ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)
-    console.print(f"run directory: [bold]{ctx.run_dir}[/]")
-    if ctx.policy is not None:
-        ctx.policy.save(ctx.run_dir / "policy.json")
-    report.write_manifest(ctx, status="running")
-    try:
-        baseline(ctx)
-        if ctx.policy is None and not search(ctx, resume):
-            report.write_no_candidate(ctx)
-            report.write_manifest(ctx, status="failed: no candidate met the budget")
-            return 1
-        pruned = compress(ctx)
-        pruned = export_deployed(ctx, pruned)
-        build_engine_stage(ctx)
-        measure(ctx)
-        comparison = validate(ctx, pruned)
-        if ctx.results.get("search") and config.search.baselines:
-            from pipeline.run.baselines import run_baselines
+def write_report(ctx: RunContext, record: RunRecord) -> None:
+    from pipeline.run import report
 
-            run_baselines(ctx)
-        summary = report.write_report(ctx, comparison)
-    except BaseException:
-        report.write_manifest(ctx, status="failed")
-        raise
-    finally:
-        if ctx.measurer is not None:
-            ctx.measurer.close()
-    report.write_manifest(ctx, status="complete")
-    report.print_summary(console, summary)
-    return 0 if summary["gates"]["passed"] else 1
+    record.report = report.write_report(ctx, record)

@@ -15,13 +15,11 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from pipeline.core.artifacts import versions
 from pipeline.core.choice import tied
 from pipeline.core.policy import Policy, Precision, policy_layers, uniform_policy
 from pipeline.core.profile import TargetProfile
@@ -31,59 +29,21 @@ from pipeline.measure.latency_model import LatencyModel, should_measure
 from pipeline.measure.measure_worker import MeasureWorker
 from pipeline.model.data import Splits
 from pipeline.model.evaluate import accuracy, stack, torch_logits
-from pipeline.model.finetune import batch_stream, train
-from pipeline.model.prune import PruneResult, count_macs_params, prune_model
+from pipeline.model.prune import PruneResult, count_macs_params
+from pipeline.search.materialize import (
+    Recovery,
+    export_graph,
+    layer_precisions,
+    materialize,
+    recover,
+)
+from pipeline.search.measurements import MeasurementCache, candidate_key
+
+if TYPE_CHECKING:
+    from pipeline.search.channel_gate import ChannelGate
 
 log = logging.getLogger(__name__)
 CANDIDATE_CALIB_SAMPLES = 64
-
-
-class MeasurementCache:
-    """Latency results keyed by candidate signature; persisted as JSON lines (append-only)."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: ignore it
-                    continue
-                self.entries[record["key"]] = record["result"]
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, result: dict[str, Any]) -> None:
-        self.entries[key] = result
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps({"key": key, "result": result}) + "\n")
-                fh.flush()
-
-
-def candidate_key(model: nn.Module, policy: Policy, profile: TargetProfile) -> str:
-    """What determines latency: channel counts, precisions, profile, runtime versions (and
-    the device agent's board and runtimes when the profile measures on one)."""
-    arch = [
-        [n, list(m.weight.shape)]
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    precisions = {n: policy.action(n).precision.value for n in policy_layers(model)}
-    v = versions()
-    payload = {
-        "arch": arch,
-        "precisions": precisions,
-        "profile": profile.model_dump(mode="json"),
-        "runtime": {k: v.get(k) for k in ("onnxruntime", "tensorrt", "onnx")},
-    }
-    if profile.device != "local":  # measured on an agent: its board and runtimes decide
-        from pipeline.measure.device_client import device_identity
-
-        payload["device"] = device_identity(profile)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 class CandidateEvaluator:
@@ -115,6 +75,7 @@ class CandidateEvaluator:
         self.latency_model = LatencyModel(space) if latency_model else None
         self.space = space
         self.finetune = finetune
+        self.recovery = Recovery(finetune, splits.train, self.model, "candidate")
         self.cache = cache or MeasurementCache()
         self.worker = worker or MeasureWorker(profile, timeout_s)
         self.opset = opset
@@ -193,7 +154,9 @@ class CandidateEvaluator:
                 # An unpruned candidate (one that only changes precisions) is scored as trained:
                 # a short fine-tune at the recovery rate cost ResNet-34 30 points of accuracy
                 if not pruning.unchanged:
-                    train(pruned, self.splits.train, self.finetune, self.model, "candidate", False)
+                    recover(
+                        pruned, Recovery(self.finetune, self.splits.train, self.model, "candidate")
+                    )
                 self._export(pruned, policy, onnx_path)
                 acc = self._onnx_accuracy(onnx_path)
                 macs, params = count_macs_params(pruned, self.input_shape)
@@ -208,22 +171,15 @@ class CandidateEvaluator:
         return CandidateResult(policy, acc, latency, macs, params, source, extra={"stats": stats})
 
     def _pruned_copy(self, policy: Policy) -> PruneResult:
-        pruned = copy.deepcopy(self.model)
-        return prune_model(
-            pruned, policy, self.input_shape, self.profile.channel_multiple, self.space.min_keep
-        )
+        return materialize(self.model, policy, self.profile, min_keep=self.space.min_keep)
 
     def export_untrained(self, policy: Policy, path: Path) -> None:
         """The candidate's graph without its fine-tune: the same latency, for re-measuring it."""
         self._export(self._pruned_copy(policy).model, policy, path)
 
     def _export(self, pruned: nn.Module, policy: Policy, path: Path) -> None:
-        from exporters import export_onnx, quantize_onnx
-
-        fp32 = path.with_name("fp32.onnx")
-        export_onnx(pruned, self.input_shape, fp32, self.opset)
-        precisions = {n: policy.action(n).precision for n in policy_layers(pruned)}
-        quantize_onnx(fp32, path, precisions, self.profile.int8, self.calib_inputs)
+        precisions = layer_precisions(pruned, policy)
+        export_graph(pruned, precisions, self.profile, path, self.calib_inputs, self.opset)
 
     def _onnx_accuracy(self, path: Path) -> float:
         from exporters import run_onnx
@@ -338,73 +294,12 @@ class CandidateEvaluator:
             return 0.0
 
     def channel_gate(self, seed: int) -> ChannelGate:
+        from pipeline.search.channel_gate import ChannelGate
+
         return ChannelGate(self.model, self.splits, self.input_shape, seed)
 
     def close(self) -> None:
         self.worker.close()
-
-
-class ChannelGate:
-    """DECORE's joint training: a copy of the model whose channels are multiplied by masks.
-
-    A mask multiplies the output of every BatchNorm (or, without one, every Conv/Linear) of a
-    coupling group, so a dropped channel contributes exactly zero downstream, residuals included.
-    """
-
-    def __init__(self, model: nn.Module, splits: Splits, input_shape, seed: int) -> None:
-        from pipeline.search.space import coupling_groups
-
-        self.model = copy.deepcopy(model).train()
-        self.loader_seed = seed
-        groups = coupling_groups(self.model, input_shape)
-        modules = dict(self.model.named_modules())
-        self.groups: dict[str, int] = {}
-        self._masks: dict[str, torch.Tensor] = {}
-        for layer, group in groups.items():
-            width = _out_width(modules[layer])
-            self.groups.setdefault(group, width)
-            target = _following_norm(self.model, layer) or modules[layer]
-            target.register_forward_hook(self._hook(group))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self._batches = batch_stream(splits.train, 64, seed)
-
-    def _hook(self, group: str):
-        def hook(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-            mask = self._masks.get(group)
-            if mask is None:
-                return output
-            shape = (1, -1) + (1,) * (output.dim() - 2)  # (B, C, H, W) or (B, C)
-            return output * mask.view(shape)
-
-        return hook
-
-    def step(self, masks: dict[str, torch.Tensor]) -> np.ndarray:
-        """One training step with `masks` applied; per-sample correctness of that batch."""
-        self._masks = {g: m.detach().float() for g, m in masks.items()}
-        x, y = next(self._batches)
-        logits = self.model(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return (logits.argmax(1) == y).numpy()
-
-
-def _out_width(module: nn.Module) -> int:
-    return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
-
-
-def _following_norm(model: nn.Module, layer: str) -> nn.Module | None:
-    """The BatchNorm right after `layer` in registration order, if it normalises its output."""
-    order = list(model.named_modules())
-    idx = [n for n, _ in order].index(layer)
-    width = _out_width(order[idx][1])
-    for _, module in order[idx + 1 : idx + 3]:
-        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d) and module.num_features == width:
-            return module
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            return None
-    return None
 
 
 def build_evaluator(

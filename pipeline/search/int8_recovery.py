@@ -79,15 +79,12 @@ class _Job:
         self, model: nn.Module, name: str, overrides: dict | None = None
     ) -> tuple[Path, Path, dict[str, Any]]:
         """(fp32 graph, graph with the policy's precisions, quantization report)."""
-        from exporters import export_onnx, quantize_onnx
+        from pipeline.search.materialize import export_graph
 
-        shape = tuple(self.profile.input.shape)
-        fp32 = export_onnx(model, shape, self.work / f"{name}_fp32.onnx", self.opset)
-        out = self.work / f"{name}.onnx"
-        report = quantize_onnx(
-            fp32, out, self.precisions, self.profile.int8, self.calib(),
-            activation_overrides=overrides,
-        )  # fmt: skip
+        fp32, out = self.work / f"{name}_fp32.onnx", self.work / f"{name}.onnx"
+        report = export_graph(
+            model, self.precisions, self.profile, out, self.calib(), self.opset, fp32, overrides
+        )
         return fp32, out, report
 
     def accuracy(self, path: Path) -> float:

@@ -125,7 +125,7 @@ def test_the_cache_key_holds_the_device_identity(
 ):
     import onnxruntime as ort
 
-    from pipeline.search.candidate import candidate_key
+    from pipeline.search.measurements import candidate_key
 
     monkeypatch.setenv(TOKEN_VAR, agent.token)
     profile = remote_profile(agent.url)

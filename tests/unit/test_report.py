@@ -5,26 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.config import RunConfig
+from pipeline.core.records import Latency, RunRecord, SearchRecord
 from pipeline.run import RunContext, report
 
 
-def _ctx(tiny_profile, search_ms: float | None, final_ms: float) -> RunContext:
+def _latency(median: float) -> Latency:
+    return Latency(median, median, median, median, 0.01, [median], None, None, False)
+
+
+def _drift(tiny_profile, search_ms: float | None, final_ms: float) -> str:
     ctx = RunContext(tiny_profile, RunConfig(), Path())
-    ctx.results = {"original": {"latency_ms": {"median": final_ms}}}
+    record = RunRecord()
+    record.original.latency = _latency(final_ms)
     if search_ms is not None:
-        ctx.results["search_original_ms"] = search_ms
-    return ctx
+        record.search = SearchRecord({}, budget_ms=0.5, original_ms=search_ms)
+    return report._drift(ctx, record)
 
 
 def test_a_missed_budget_says_when_the_target_got_slower(tiny_profile) -> None:
-    slower = report._drift(_ctx(tiny_profile, 1.0, 1.10))
+    slower = _drift(tiny_profile, 1.0, 1.10)
     assert "1.10x slower" in slower and "pipeline bench" in slower
-    assert report._drift(_ctx(tiny_profile, 1.0, 1.02)) == ""  # within noise: no excuse
-    assert report._drift(_ctx(tiny_profile, None, 1.5)) == ""  # no search: no reference
+    assert _drift(tiny_profile, 1.0, 1.02) == ""  # within noise: no excuse
+    assert _drift(tiny_profile, None, 1.5) == ""  # no search: no reference
 
 
 def test_the_search_section_names_the_precisions_and_the_pick_measured_again() -> None:
-    from pipeline.run.report import _search_markdown
+    from pipeline.run.report_render import _search_markdown
 
     search = {
         "agent": "ppo",

@@ -20,7 +20,8 @@ from pipeline.core.profile import TargetProfile
 from pipeline.core.space import CandidateResult, SearchSpace
 from pipeline.core.train_spec import TrainSpec
 from pipeline.model.data import Splits
-from pipeline.search.candidate import CandidateEvaluator, MeasurementCache
+from pipeline.search.candidate import CandidateEvaluator
+from pipeline.search.measurements import MeasurementCache
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,273 @@
+"""How a report.json document reads: report.md, pareto.png and the console table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.core.artifacts import atomic_write_with
+from pipeline.core.stats import PairedDifference, difference_words, interval_text
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    o, d = summary["original"], summary["deployed"]
+    return [
+        ("test accuracy", _accuracy_cell(o), _accuracy_cell(d)),
+        (
+            "latency median (ms)",
+            _fmt(o["latency_ms"]["median"], ".3f"),
+            _fmt(d["latency_ms"]["median"], ".3f"),
+        ),
+        (
+            "latency p90 (ms)",
+            _fmt(o["latency_ms"]["p90"], ".3f"),
+            _fmt(d["latency_ms"]["p90"], ".3f"),
+        ),
+        ("latency CV", _fmt(o["latency_ms"]["cv"], ".3f"), _fmt(d["latency_ms"]["cv"], ".3f")),
+        ("params", _fmt(o["params"], ","), _fmt(d["params"], ",")),
+        ("MACs", _fmt(o["macs"], ","), _fmt(d["macs"], ",")),
+        ("size (bytes)", _fmt(o["size_bytes"], ","), _fmt(d["size_bytes"], ",")),
+    ]
+
+
+def _accuracy_cell(side: dict[str, Any]) -> str:
+    """'97.12% [96.80, 97.43]': the accuracy and its 95% interval in points."""
+    text = _fmt(side["accuracy"], ".2%")
+    ci = interval_text(side.get("accuracy_ci95"))
+    return f"{text} {ci}" if ci else text
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """Speedup and accuracy drop with their 95% intervals, in words."""
+    speedup = f"Speedup {summary['speedup']:.2f}x"
+    if summary.get("speedup_ci95"):
+        speedup += f" {interval_text(summary['speedup_ci95'], 1.0)}"
+    drop = f"accuracy drop {summary['accuracy_drop'] * 100:.2f} points"
+    if summary.get("accuracy_drop_ci95"):
+        drop += f" {interval_text(summary['accuracy_drop_ci95'])}"
+        if summary.get("accuracy_drop_within_noise"):
+            drop += ", within noise"
+    n = summary.get("test_images")
+    images = f" on {n:,} test images" if n else ""
+    return f"{speedup} (median latency, same runner), {drop}{images} (95% intervals)."
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """A report a person can read: verdict, original vs deployed table, checks."""
+    verdict = "deployable" if summary["gates"]["passed"] else "NOT deployable"
+    lines = [
+        f"# Run report: {summary['profile']} ({summary['runtime']})",
+        "",
+        f"**Verdict: {verdict}.** {headline(summary)}",
+        "",
+        "| | original | deployed |",
+        "|---|---:|---:|",
+        *[f"| {name} | {a} | {b} |" for name, a, b in _rows(summary)],
+        "",
+    ]
+    lines += _baselines_markdown(summary)
+    lines += _search_markdown(summary)
+    lines += _checks_markdown(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
+    baselines = summary.get("baselines", {})
+    if not baselines:
+        return []
+    lines = [
+        "## Baselines (same runner, same run)",
+        "",
+        "Uniform pruning at the deployed model's latency (`uniform*`) and, when "
+        "`search.matched_accuracy_steps` is set, at its test accuracy (`*_at_accuracy`), each "
+        "fully fine-tuned like it. The last column comes from one session measuring every "
+        "baseline with the deployed model.",
+        "",
+        "| model | test accuracy [95%] | median ms | p90 ms | speedup vs original | params | "
+        "deployed is faster | deployed minus model, test accuracy [95%] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    original_ms = summary["original"]["latency_ms"]["median"]
+    for name, side in [("deployed", summary["deployed"]), *baselines.items()]:
+        lat = side["latency_ms"]
+        label = f"{name} (keep {side['keep_ratio']:.3f})" if "keep_ratio" in side else name
+        if side.get("reached") is False:
+            label += ", less accurate even unpruned"
+        ratio = side.get("deployed_speedup")
+        vs = side.get("vs_deployed")
+        versus = difference_words(PairedDifference(**_paired_fields(vs))) if vs else ""
+        lines.append(
+            f"| {label} | {_accuracy_cell(side)} | {lat['median']:.3f} | "
+            f"{lat['p90']:.3f} | {original_ms / lat['median']:.2f}x | {side['params']:,} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} | {versus} |"
+        )
+    return [*lines, ""]
+
+
+def _paired_fields(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("difference", "low", "high", "n", "a_only", "b_only")
+    return {k: record[k] for k in keys}
+
+
+def _model_error(search: dict[str, Any]) -> str:
+    model = search.get("latency_model") or {}
+    if model.get("median_abs_error") is None:
+        return ""
+    return (
+        f" (latency model: median error {model['median_abs_error']:.1%} over "
+        f"{model['checked']} checks)"
+    )
+
+
+def _search_markdown(summary: dict[str, Any]) -> list[str]:
+    s = summary["search"]
+    if s.get("agent") == "fixed":
+        return [f"Fixed policy `{s.get('policy')}` (no search).", ""]
+    return [
+        "## Search",
+        "",
+        f"Agent `{s['agent']}`: {s['episodes']} candidates, {s['real_measurements']} measured "
+        f"on the target, {s['cached_measurements']} from the cache, "
+        f"{s.get('predicted_measurements', 0)} predicted{_model_error(s)}, "
+        f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
+        f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
+        "",
+        *_confirmation_markdown(s),
+        *_search_precision_markdown(s),
+    ]
+
+
+def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
+    """The pick's second measurement, and any pick it turned down."""
+    tries = search.get("confirmation") or []
+    lines = [
+        f"- Episode {t['episode']} measured again: {t['confirmed_ms']:.3f} ms (search "
+        f"{t['search_ms']:.3f} ms), {'meets' if t['meets_budget'] else 'MISSES'} the budget"
+        for t in tries
+    ]
+    return [*lines, ""] if lines else []
+
+
+def _search_precision_markdown(search: dict[str, Any]) -> list[str]:
+    """Which precision the channel search ran in, and the measurements that decided it."""
+    measured = search.get("precision_latency_ms")
+    if not measured:
+        return []
+    times = ", ".join(f"{p} {ms:.3f} ms" for p, ms in measured.items())
+    return [
+        f"The original with every layer in one precision measured {times}; channel searches "
+        f"ran in {search.get('search_precision')}.",
+        "",
+    ]
+
+
+def _checks_markdown(summary: dict[str, Any]) -> list[str]:
+    v = summary["validation"]
+    lines = [
+        "## Checks",
+        "",
+        f"- Validation: {'passed' if v['passed'] else 'FAILED'} (top-1 agreement "
+        f"{v['top1_agreement']:.2%}, max abs logit error {v['max_abs_error']:.4g}, "
+        f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})",
+    ]
+    if summary["budget_ms"] is not None:
+        lines.append(
+            f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}"
+        )
+    check = summary.get("precision_check")
+    if check:
+        word = "faster" if check["not_slower"] else "SLOWER"
+        shipped = "; shipped in FP32" if check["shipped"] == "fp32" else ""
+        lines.append(
+            f"- Policy precisions vs the same pruned model in FP32: {check['speedup']:.2f}x "
+            f"({word}{shipped})"
+        )
+    lines += _precision_markdown(summary.get("precision") or {})
+    for key in summary.get("noisy_measurements", []):
+        lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
+    lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
+    return [*lines, ""]
+
+
+def _precision_markdown(precision: dict[str, Any]) -> list[str]:
+    """How INT8 was recovered (PTQ or QAT) and which FP16-layer ops stayed in FP32."""
+    lines = []
+    rec = precision.get("int8_recovery") or {}
+    if rec.get("method") in ("ptq", "qat"):
+        qat = rec.get("qat_accuracy")
+        tried = f", after QAT {qat:.2%}" if qat is not None else ""
+        lines.append(
+            f"- INT8: {rec['method'].upper()} shipped (val accuracy float "
+            f"{rec['float_accuracy']:.2%}, after calibration {rec['ptq_accuracy']:.2%}{tried})"
+        )
+    kept = (precision.get("quantization") or {}).get("kept_fp32_nodes") or []
+    if kept:
+        lines.append(f"- Kept in FP32 inside FP16 layers (overflow-prone): {', '.join(kept)}")
+    return lines
+
+
+def write_pareto(path: Path, summary: dict[str, Any], candidates: list[dict] | None = None) -> None:
+    """Latency vs accuracy of every candidate and baseline, original and deployed marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if candidates:
+        ax.scatter(
+            [c["latency_ms"] for c in candidates],
+            [c["accuracy"] * 100 for c in candidates],
+            s=12,
+            c="tab:gray",
+            alpha=0.6,
+            label="candidates (val, short fine-tune)",
+        )
+    sides = [(name, side, "s", 6) for name, side in summary.get("baselines", {}).items()]
+    sides += [
+        ("original", summary["original"], "o", 10),
+        ("deployed", summary["deployed"], "*", 14),
+    ]
+    for name, side, marker, size in sides:
+        _point(ax, side, marker, size, name)
+    if summary.get("budget_ms"):
+        ax.axvline(summary["budget_ms"], ls="--", c="tab:red", label="budget")
+    ax.set_xlabel(f"median latency (ms), {summary['runtime']}")
+    ax.set_ylabel("test accuracy (%), 95% interval")
+    ax.set_title(f"{summary['profile']}: latency vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _point(ax: Any, side: dict[str, Any], marker: str, size: float, label: str) -> None:
+    """One model at (median latency, test accuracy), with its 95% interval as an error bar."""
+    acc, ci = side["accuracy"] * 100, side.get("accuracy_ci95")
+    yerr = [[acc - ci[0] * 100], [ci[1] * 100 - acc]] if ci else None
+    ax.errorbar(
+        side["latency_ms"]["median"], acc, yerr=yerr, fmt=marker, ms=size, capsize=3, label=label
+    )
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['profile']}: original vs deployed")
+    for col in ("", "original", "deployed"):
+        table.add_column(col, justify="right" if col else "left")
+    for row in _rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{headline(summary)} Validation "
+        f"{'passed' if summary['validation']['passed'] else '[red]FAILED[/]'}."
+    )
+    for reason in summary["gates"]["failed"]:
+        console.print(f"[red]gate failed:[/] {reason}")
