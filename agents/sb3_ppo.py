@@ -13,7 +13,8 @@ from typing import Any
 from stable_baselines3 import PPO
 
 from agents.baselines import UniformAgent
-from agents.env import CompressionEnv, ordered_precisions, search_precision
+from agents.env import CompressionEnv
+from agents.precisions import ordered_precisions, search_precision
 from agents.sb3_base import POLICY_NET, SB3Agent, policy_from_state, policy_state, save_model
 from agents.vec_env import BatchVecEnv
 from pipeline.core.policy import LayerAction, Policy
