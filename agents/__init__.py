@@ -13,7 +13,7 @@ from agents.base import Agent
 from pipeline.core.space import CandidateResult, Evaluator, LayerInfo, RewardFn, SearchSpace
 
 AGENTS: dict[str, str] = {
-    "ppo": "agents.sb3_agents:TwoStagePPO",
+    "ppo": "agents.sb3_ppo:TwoStagePPO",
     "dqn": "agents.sb3_agents:DQNAgent",
     "sac": "agents.sb3_agents:SACAgent",
     "td3": "agents.sb3_agents:TD3Agent",

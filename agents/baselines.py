@@ -16,14 +16,8 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent
-from agents.env import (
-    build_policy,
-    decision_units,
-    layer_shares,
-    ordered_precisions,
-    precision_factor,
-    search_precision,
-)
+from agents.env import build_policy, decision_units, layer_shares
+from agents.precisions import ordered_precisions, precision_factor, search_precision
 from pipeline.core.artifacts import write_json
 from pipeline.core.errors import ConfigError
 from pipeline.core.policy import Policy

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from agents.base import Agent
-from agents.env import search_precision
+from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
 from pipeline.core.policy import LayerAction, Policy

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -28,17 +27,16 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from exporters.calibration import calibration_reader, calibration_samples
 from exporters.fp16 import convert_to_fp16
 from exporters.inspect_precision import layer_precisions
 from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map, one_line
 from pipeline.core.artifacts import atomic_copy, atomic_write_with
-from pipeline.core.errors import DataError, ModelError, PolicyError
+from pipeline.core.errors import ModelError, PolicyError
 from pipeline.core.policy import Precision
 from pipeline.core.profile import Int8Scheme
 
 logger = logging.getLogger(__name__)
-
-CALIB_BATCH = 8  # at most; small batches keep the calibrator's per-batch tensors small
 
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 _TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -88,18 +86,8 @@ def quantize_onnx(
         DataError: No calibration samples, or not (N, C, H, W).
         ModelError: The written graph does not match the policy.
     """
-    by_precision = {p: [name for name, q in precisions.items() if q == p] for p in Precision}
-    int8, fp16 = by_precision[Precision.INT8], by_precision[Precision.FP16]
-    report: dict[str, Any] = {
-        "int8_layers": int8,
-        "fp16_layers": fp16,
-        "fp32_layers": by_precision[Precision.FP32],
-        "scheme": scheme.model_dump(),
-        "calib_samples": 0,
-        "activation_overrides": [],
-        "kept_fp32_nodes": [],
-        "fp16_casts": 0,
-    }
+    report = _initial_report(precisions, scheme)
+    int8, fp16 = report["int8_layers"], report["fp16_layers"]
     raw = onnx.load(str(fp32_path))
     _node_map(raw, list(precisions))  # unknown layers are the policy's fault: say so first
     if not int8 and not fp16:
@@ -108,18 +96,45 @@ def quantize_onnx(
     model = raw
     if int8:
         limit = calib_samples if calib_samples is not None else scheme.calib_samples
-        samples = _calibration_samples(calib_inputs, limit)
-        with tempfile.TemporaryDirectory(prefix="quantize-") as work:
-            model, overridden = _quantize(
-                Path(fp32_path), Path(work), precisions, scheme, samples, activation_overrides
-            )
-        report["calib_samples"] = len(samples)
-        report["activation_overrides"] = overridden
+        samples = calibration_samples(calib_inputs, limit)
+        model, done = _to_int8(Path(fp32_path), precisions, scheme, samples, activation_overrides)
+        report.update(done)
     if fp16:
         report.update(_to_fp16(model, fp16, [n for n in precisions if n not in set(fp16)]))
     _verify(model, precisions)
     atomic_write_with(Path(out_path), lambda tmp: onnx.save(model, str(tmp)))
     return report
+
+
+def _initial_report(precisions: dict[str, Precision], scheme: Int8Scheme) -> dict[str, Any]:
+    """The report before any conversion: the layers by precision, nothing calibrated or cast."""
+    by_precision = {p: [name for name, q in precisions.items() if q == p] for p in Precision}
+    return {
+        "int8_layers": by_precision[Precision.INT8],
+        "fp16_layers": by_precision[Precision.FP16],
+        "fp32_layers": by_precision[Precision.FP32],
+        "scheme": scheme.model_dump(),
+        "calib_samples": 0,
+        "activation_overrides": [],
+        "kept_fp32_nodes": [],
+        "fp16_casts": 0,
+    }
+
+
+def _to_int8(
+    fp32_path: Path,
+    precisions: dict[str, Precision],
+    scheme: Int8Scheme,
+    samples: np.ndarray,
+    activation_overrides: dict[str, dict[str, tuple[float, int]]] | None,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Quantize the INT8 layers (in a scratch folder); the graph and the part of the report it
+    owns."""
+    with tempfile.TemporaryDirectory(prefix="quantize-") as work:
+        model, overridden = _quantize(
+            fp32_path, Path(work), precisions, scheme, samples, activation_overrides
+        )
+    return model, {"calib_samples": len(samples), "activation_overrides": overridden}
 
 
 def _to_fp16(model: onnx.ModelProto, layers: list[str], others: list[str]) -> dict[str, Any]:
@@ -216,7 +231,7 @@ def _quantize_static(
     quantize_static(
         str(prepared),
         str(out),
-        _ArrayReader(_graph_input(model).name, samples, _static_batch(model)),
+        calibration_reader(model, samples),
         quant_format=_FORMATS[scheme.format],
         op_types_to_quantize=sorted(op_types),
         per_channel=scheme.per_channel,
@@ -252,53 +267,6 @@ def _node_map(model: onnx.ModelProto, layers: list[str]) -> dict[str, str]:
         return layer_node_map(model, layers)
     except ValueError as exc:
         raise PolicyError(f"policy does not fit the exported graph: {exc}") from None
-
-
-def _calibration_samples(calib_inputs: np.ndarray, limit: int) -> np.ndarray:
-    samples = np.asarray(calib_inputs, dtype=np.float32)[:limit]
-    if samples.ndim != 4 or len(samples) == 0:
-        raise DataError(
-            f"INT8 calibration needs float32 samples shaped (N, C, H, W) with N >= 1, "
-            f"got shape {tuple(samples.shape)}; give the run a calibration split"
-        )
-    return samples
-
-
-def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    initializers = {t.name for t in model.graph.initializer}  # old opsets list them as inputs
-    return next(i for i in model.graph.input if i.name not in initializers)
-
-
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a graph insists on, or None when the batch axis is dynamic."""
-    dim = _graph_input(model).type.tensor_type.shape.dim
-    return dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
-
-
-class _ArrayReader(CalibrationDataReader):
-    """Feeds calibration samples to ORT in small batches (or the graph's fixed batch)."""
-
-    def __init__(self, input_name: str, samples: np.ndarray, static_batch: int | None) -> None:
-        self._feeds = iter([{input_name: b} for b in _batches(samples, static_batch)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
-def _batches(samples: np.ndarray, static_batch: int | None) -> list[np.ndarray]:
-    """Split (N, C, H, W) samples into contiguous (b, C, H, W) batches the graph accepts."""
-    if static_batch is None:
-        # Equal batches, all samples used: ORT's entropy / percentile collectors stack each
-        # tensor's per-batch outputs into one array and fail on a short last batch.
-        step = max(b for b in range(1, CALIB_BATCH + 1) if len(samples) % b == 0)
-        count = len(samples)
-    else:
-        # A fixed-batch graph takes only full batches: drop the short tail rather than pad it
-        # with repeats, but repeat a set smaller than one batch (repeats leave min/max as is).
-        if len(samples) < static_batch:
-            samples = np.resize(samples, (static_batch, *samples.shape[1:]))
-        step, count = static_batch, len(samples) // static_batch * static_batch
-    return [np.ascontiguousarray(samples[i : i + step]) for i in range(0, count, step)]
 
 
 def _unshare_initializers(model: onnx.ModelProto) -> None:

@@ -11,22 +11,30 @@ written with `<name>.engine.json` beside it (device, compute capability, TensorR
 shapes, hashes), and `load_engine` refuses an engine whose metadata does not match this machine.
 
 `tensorrt` is imported inside the functions that need it: importing this module needs neither
-TensorRT nor CUDA. The plain-data parts live in `exporters.tensorrt_meta`.
+TensorRT nor CUDA. The plain-data parts live in `exporters.tensorrt_meta`, the steps of a build
+in `exporters.tensorrt_build`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from exporters.tensorrt_build import (
+    TIMING_CACHE_NAME,
+    add_input_profile,
+    builder_config,
+    parse_network,
+    save_timing_cache,
+    serialize_engine,
+    timing_cache_file,
+    use_timing_cache,
+)
 from exporters.tensorrt_meta import (
-    ParserIssue,
     ShapeRange,
     check_engine_metadata,
     check_input_shape,
@@ -35,7 +43,6 @@ from exporters.tensorrt_meta import (
     engine_metadata,
     environment_dir_name,
     metadata_path,
-    parser_failure_message,
     profile_shapes,
     read_engine_metadata,
     squash,
@@ -48,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
 DEFAULT_WORKSPACE_BYTES = 1 << 30
-TIMING_CACHE_NAME = "timing.cache"
 INSTALL_HINT = "pip install .[gpu]"
 
 __all__ = [
@@ -147,116 +153,6 @@ def network_flags(trt: ModuleType) -> int:
     return 1 << int(flag) if flag is not None else 0
 
 
-def _onnx_nodes(onnx_path: Path) -> list[tuple[str, str, str]]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return [(n.name, n.op_type, n.domain) for n in model.graph.node]
-
-
-def _issue(error: Any, nodes: Sequence[tuple[str, str, str]]) -> ParserIssue:
-    """A parser error as plain data; names and ops come from the graph when TRT omits them."""
-    index = int(error.node())
-    name = error.node_name() if hasattr(error, "node_name") else ""
-    op = error.node_operator() if hasattr(error, "node_operator") else ""
-    domain = ""
-    if 0 <= index < len(nodes):
-        name, op, domain = name or nodes[index][0], op or nodes[index][1], nodes[index][2]
-    code = error.code()
-    return ParserIssue(index, name, op, domain, getattr(code, "name", str(code)), error.desc())
-
-
-def _parse(parser: Any, data: bytes, onnx_path: Path) -> None:
-    """Fill the network from the graph, or refuse it listing the nodes TensorRT cannot take."""
-    if parser.parse(data, str(onnx_path)):
-        return
-    nodes = _onnx_nodes(onnx_path)
-    issues = [_issue(parser.get_error(i), nodes) for i in range(parser.num_errors)]
-    raise ModelError(parser_failure_message(onnx_path, issues))
-
-
-def _builder_config(trt: ModuleType, builder: Any, workspace_bytes: int) -> tuple[Any, dict]:
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if hasattr(trt.BuilderFlag, "TF32"):
-        # An FP32 tensor in the graph means FP32 arithmetic, not TF32's 10-bit mantissa.
-        config.clear_flag(trt.BuilderFlag.TF32)
-    settings = {
-        "workspace_bytes": int(workspace_bytes),
-        "strongly_typed": True,
-        "tf32": False,
-        "builder_optimization_level": getattr(config, "builder_optimization_level", None),
-    }
-    return config, settings
-
-
-def _add_profile(
-    builder: Any, config: Any, network: Any, profile: TargetProfile, onnx_path: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Add the input's optimisation profile; return the inputs and outputs for the metadata."""
-    if network.num_inputs != 1:
-        names = ", ".join(network.get_input(i).name for i in range(network.num_inputs))
-        raise ModelError(
-            f"{onnx_path}: expected one image input, the graph has {network.num_inputs}: {names}"
-        )
-    tensor = network.get_input(0)
-    try:
-        ranges = profile_shapes(
-            tensor.name, tuple(tensor.shape), profile.input.shape, profile.input.batch
-        )
-    except ModelError as exc:
-        raise ModelError(f"{onnx_path}: {exc}") from None
-    opt = builder.create_optimization_profile()
-    opt.set_shape(tensor.name, ranges.min, ranges.opt, ranges.max)
-    config.add_optimization_profile(opt)
-    inputs = {tensor.name: {**ranges.to_dict(), "dtype": _enum_name(tensor.dtype)}}
-    outputs = {}
-    for i in range(network.num_outputs):
-        out = network.get_output(i)
-        outputs[out.name] = {"shape": list(out.shape), "dtype": _enum_name(out.dtype)}
-    return inputs, outputs
-
-
-def _enum_name(value: Any) -> str:
-    return str(getattr(value, "name", value))
-
-
-def _timing_cache_file(out_path: Path, timing_cache: Path | bool) -> Path | None:
-    if timing_cache is True:
-        return out_path.parent / TIMING_CACHE_NAME
-    return Path(timing_cache) if timing_cache else None
-
-
-def _use_timing_cache(config: Any, path: Path | None) -> bool:
-    """Give the builder the saved timing cache; True when a saved one was accepted."""
-    if path is None:
-        return False
-    saved = path.read_bytes() if path.is_file() else b""
-    # A cache from another device or version is refused (not ignored): tactics timed elsewhere
-    # would mislead the builder. An empty cache then collects this build's timings.
-    loaded = config.create_timing_cache(saved) if saved else None
-    if loaded is not None and config.set_timing_cache(loaded, False):
-        return True
-    if saved:
-        logger.warning("timing cache %s is unusable on this device; starting a new one", path)
-    config.set_timing_cache(config.create_timing_cache(b""), False)
-    return False
-
-
-def _save_timing_cache(config: Any, path: Path) -> None:
-    cache = config.get_timing_cache()
-    if path.is_file() and hasattr(cache, "combine"):
-        # Another build may have saved timings meanwhile: keep theirs as well as ours.
-        other = config.create_timing_cache(path.read_bytes())
-        cache.combine(other, True)
-    atomic_write_bytes(path, _to_bytes(cache.serialize()))
-
-
-def _to_bytes(host_memory: Any) -> bytes:
-    """The bytes of a TensorRT IHostMemory (it exposes the buffer protocol)."""
-    return memoryview(host_memory).tobytes()
-
-
 def build_engine(
     onnx_path: Path,
     profile: TargetProfile,
@@ -293,27 +189,39 @@ def build_engine(
     log = _make_logger(trt)
     builder = trt.Builder(log)
     network = builder.create_network(network_flags(trt))
+    # The parser owns the parsed weights: it stays alive until the engine is built.
     parser = trt.OnnxParser(network, log)
-    _parse(parser, onnx_path.read_bytes(), onnx_path)
-    config, settings = _builder_config(trt, builder, workspace_bytes)
-    inputs, outputs = _add_profile(builder, config, network, profile, onnx_path)
-    cache_file = _timing_cache_file(out_path, timing_cache)
-    reused = _use_timing_cache(config, cache_file)
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    build_s = time.perf_counter() - start
-    if plan is None:
-        raise ModelError(f"{onnx_path}: TensorRT could not build an engine: {log.last_error()}")
-    engine_bytes = _to_bytes(plan)
+    parse_network(parser, onnx_path.read_bytes(), onnx_path)
+    config, settings = builder_config(trt, builder, workspace_bytes)
+    inputs, outputs = add_input_profile(builder, config, network, profile, onnx_path)
+    cache_file = timing_cache_file(out_path, timing_cache)
+    reused = use_timing_cache(config, cache_file)
+    engine_bytes, build_s = serialize_engine(builder, network, config, log, onnx_path)
     atomic_write_bytes(out_path, engine_bytes)
     if cache_file is not None:
-        _save_timing_cache(config, cache_file)
+        save_timing_cache(config, cache_file)
     settings.update(
         timing_cache=str(cache_file) if cache_file else None,
         timing_cache_reused=reused,
         build_s=round(build_s, 3),
     )
-    meta = engine_metadata(
+    meta = _metadata(env, profile, onnx_path, engine_bytes, inputs, outputs, settings)
+    # Last: load_engine refuses an engine without metadata, so a build cut short is never used.
+    write_json(metadata_path(out_path), meta)
+    return meta
+
+
+def _metadata(
+    env: dict[str, Any],
+    profile: TargetProfile,
+    onnx_path: Path,
+    engine_bytes: bytes,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The engine's metadata: where it was built, from what, its inputs / outputs, how."""
+    return engine_metadata(
         tensorrt_version=env["tensorrt_version"],
         device=env["device"],
         profile_name=profile.name,
@@ -323,8 +231,6 @@ def build_engine(
         outputs=outputs,
         builder=settings,
     )
-    write_json(metadata_path(out_path), meta)
-    return meta
 
 
 @dataclass

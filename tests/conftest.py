@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pipeline.core.space import CandidateResult
-from pipeline.model.data import Splits, load_data
+from pipeline.model.data import load_data
+from pipeline.model.splits import Splits
 
 
 class Collect:

@@ -5,14 +5,14 @@ the demo and the tests), `imagefolder:DIR` (one sub-folder per class), and `modu
 user's function returning a Dataset or the four splits). `calib` is its own split: INT8
 calibration never sees the images that accuracy is measured on. Every split is recorded (source,
 seed, indices, preprocessing) so a run's manifest says exactly what each number was computed on.
+
+The splits and how a labelled set is cut into them are in `pipeline.model.splits`; the image
+folder source, the one that reads files, is in `pipeline.model.imagefolder`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,54 +22,24 @@ from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from pipeline.core.errors import DataError
 from pipeline.model.evaluate import loader
+from pipeline.model.imagefolder import load_imagefolder
 from pipeline.model.models import accepts_keyword, import_callable, is_callable_spec
+from pipeline.model.splits import (
+    SPLIT_NAMES,
+    Splits,
+    check_channels,
+    split_indices,
+    split_record,
+    subset_splits,
+)
 
-SPLIT_NAMES = ("train", "calib", "val", "test")
-# Fractions of the whole data set; train gets the rest (70%)
-SPLIT_FRACTIONS = {"test": 0.2, "val": 0.1, "calib": 0.1}
 DIGITS = "digits"
 DIGITS_HARD = "digits-hard"
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Greyscale as (0.299 R + 0.587 G + 0.114 B): the ImageNet statistics of that mix
-IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = (0.458,), (0.226,)
-# An image folder is decoded once into memory when its tensors fit in this many bytes
-IN_MEMORY_LIMIT_BYTES = 256 << 20
 _FORMS = (
     "'digits' (embedded demo set), 'digits-hard' (embedded benchmark set), "
     "'imagefolder:DIR' (DIR/<class>/<image>) or 'module:function'"
 )
-
-
-@dataclass
-class Splits:
-    """Four disjoint datasets yielding (x float32 (C, H, W), y int64), and how they were made.
-
-    Attributes:
-        train: for training and recovery fine-tuning.
-        calib: only for INT8 calibration.
-        val: for scoring candidates during the search.
-        test: only for the final evaluation and validation.
-        num_classes: number of classes (labels are 0 .. num_classes - 1).
-        record: JSON-ready provenance: source, seed, sizes, indices per split, preprocessing.
-    """
-
-    train: Dataset
-    calib: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Dataset]:
-        """The four datasets by split name."""
-        return {name: getattr(self, name) for name in SPLIT_NAMES}
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """Number of samples per split."""
-        return {name: len(ds) for name, ds in self.as_dict().items()}
 
 
 def load_data(spec: str | None, input_shape: tuple[int, int, int], seed: int = 0) -> Splits:
@@ -95,7 +65,7 @@ def load_data(spec: str | None, input_shape: tuple[int, int, int], seed: int = 0
     if spec == DIGITS_HARD:
         return _load_digits_hard(shape, seed)
     if spec.startswith("imagefolder:"):
-        return _load_imagefolder(spec.partition(":")[2], shape, seed)
+        return load_imagefolder(spec.partition(":")[2], shape, seed)
     if is_callable_spec(spec):
         return _load_callable(spec, shape, seed)
     raise DataError(f"unknown data source '{spec}'; use {_FORMS}")
@@ -108,75 +78,6 @@ def _check_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _check_channels(channels: int, source: str) -> None:
-    if channels not in (1, 3):
-        raise DataError(
-            f"{source} gives 1 (greyscale) or 3 (RGB) channels, but input.shape asks for "
-            f"{channels}; set input.shape to (1, H, W) or (3, H, W)"
-        )
-
-
-# --- splitting ---------------------------------------------------------------------------------
-
-
-def split_indices(labels: np.ndarray, seed: int) -> tuple[dict[str, list[int]], bool]:
-    """Split sample indices 0..N-1 into train / calib / val / test, stratified by label.
-
-    Args:
-        labels: (N,) class index of each sample.
-        seed: random state of the split.
-
-    Returns:
-        Sorted indices per split name, and whether every cut could be stratified (a class with
-        a single sample, or fewer samples in a split than classes, falls back to a random cut).
-    """
-    from sklearn.model_selection import train_test_split
-
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n < len(SPLIT_NAMES):
-        raise DataError(f"{n} samples are too few to split into {', '.join(SPLIT_NAMES)}")
-    pool, out, stratified = np.arange(n), {}, True
-    for name, fraction in SPLIT_FRACTIONS.items():
-        count = max(1, round(fraction * n))
-        try:
-            pool, taken = train_test_split(
-                pool, test_size=count, stratify=labels[pool], random_state=seed
-            )
-        except ValueError:  # too few samples per class for a stratified cut
-            pool, taken = train_test_split(pool, test_size=count, random_state=seed)
-            stratified = False
-        out[name] = sorted(int(i) for i in taken)
-    out["train"] = sorted(int(i) for i in pool)
-    indices = {name: out[name] for name in SPLIT_NAMES}
-    _assert_disjoint(indices, n)
-    return indices, stratified
-
-
-def _assert_disjoint(indices: Mapping[str, list[int]], n: int) -> None:
-    """Guard the property every number in a report rests on: no sample is in two splits."""
-    every = [i for idx in indices.values() for i in idx]
-    if len(set(every)) != len(every) or (every and not 0 <= min(every) <= max(every) < n):
-        raise RuntimeError("internal error: data splits overlap or index outside the data set")
-
-
-def _subset_splits(
-    full: Dataset, indices: dict[str, list[int]], num_classes: int, record: dict[str, Any]
-) -> Splits:
-    parts = {name: Subset(full, indices[name]) for name in SPLIT_NAMES}
-    record = {
-        **record,
-        "num_classes": num_classes,
-        "sizes": {name: len(idx) for name, idx in indices.items()},
-        "indices": indices,
-    }
-    return Splits(**parts, num_classes=num_classes, record=record)
-
-
-def _split_record(seed: int, stratified: bool) -> dict[str, Any]:
-    return {"seed": seed, "stratified": stratified, "split_fractions": dict(SPLIT_FRACTIONS)}
-
-
 # --- digits ------------------------------------------------------------------------------------
 
 
@@ -184,7 +85,7 @@ def _load_digits(shape: tuple[int, int, int], seed: int) -> Splits:
     from sklearn.datasets import load_digits
 
     c, h, w = shape
-    _check_channels(c, "digits")
+    check_channels(c, "digits")
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0,1]
     images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
@@ -195,7 +96,7 @@ def _load_digits(shape: tuple[int, int, int], seed: int) -> Splits:
         "source": DIGITS,
         "description": "scikit-learn load_digits: 8x8 greyscale handwritten digits 0-9",
         "num_samples": len(labels),
-        **_split_record(seed, stratified),
+        **split_record(seed, stratified),
         "preprocessing": {
             "scale": "pixel / 16 (digits are 0..16)",
             "resize": [h, w],
@@ -206,95 +107,16 @@ def _load_digits(shape: tuple[int, int, int], seed: int) -> Splits:
             "std": [DIGITS_STD] * c,
         },
     }
-    return _subset_splits(TensorDataset(images, labels), indices, 10, record)
+    return subset_splits(TensorDataset(images, labels), indices, 10, record)
 
 
 def _load_digits_hard(shape: tuple[int, int, int], seed: int) -> Splits:
     from pipeline.core.artifacts import default_cache_dir
     from pipeline.model import digits_hard
 
-    _check_channels(shape[0], DIGITS_HARD)
+    check_channels(shape[0], DIGITS_HARD)
     parts, record = digits_hard.load_cached(shape, seed, default_cache_dir())
     return Splits(**parts, num_classes=10, record=record)
-
-
-# --- image folder ------------------------------------------------------------------------------
-
-
-def _load_imagefolder(folder: str, shape: tuple[int, int, int], seed: int) -> Splits:
-    if not folder:
-        raise DataError("imagefolder: needs a folder, e.g. imagefolder:data/images")
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root} (from imagefolder:{folder})")
-    c, h, w = shape
-    _check_channels(c, "imagefolder")
-    dataset = _image_folder(root, shape)
-    labels = np.asarray(dataset.targets)
-    in_memory = len(labels) * c * h * w * 4 <= IN_MEMORY_LIMIT_BYTES
-    full: Dataset = _decode_all(dataset) if in_memory else dataset
-    indices, stratified = split_indices(labels, seed)
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD)
-    record = {
-        "source": f"imagefolder:{root.resolve()}",
-        "classes": list(dataset.classes),
-        "num_samples": len(labels),
-        "files_sha256": _files_digest(dataset, root),
-        "in_memory": in_memory,
-        **_split_record(seed, stratified),
-        "preprocessing": {
-            "scale": "pixel / 255",
-            "resize": [h, w],
-            "interpolation": "bilinear (antialiased)",
-            "channels": c,
-            "channel_mode": "rgb" if c == 3 else "greyscale",
-            "mean": list(mean),
-            "std": list(std),
-        },
-    }
-    return _subset_splits(full, indices, len(dataset.classes), record)
-
-
-def _image_folder(root: Path, shape: tuple[int, int, int]) -> Any:
-    from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
-
-    c, h, w = shape
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD)
-    steps = [T.Resize((h, w))] + ([T.Grayscale(1)] if c == 1 else [])
-    transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
-    try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as exc:  # no class folders, or class folders without images
-        raise DataError(
-            f"no images found in {root}: expected {root}/<class>/<image>.png (or .jpg, .jpeg, "
-            ".bmp, .webp ...), one sub-folder per class"
-        ) from exc
-    if len(dataset.classes) < 2:
-        raise DataError(
-            f"{root} has one class folder ({dataset.classes[0]}); a classifier needs at least "
-            "two: put each class's images in its own sub-folder"
-        )
-    return dataset
-
-
-def _decode_all(dataset: Any) -> TensorDataset:
-    """Decode every image once so training epochs do not re-read and re-resize files."""
-    xs = []
-    for i, (path, _) in enumerate(dataset.samples):
-        try:
-            xs.append(dataset[i][0])
-        except Exception as exc:  # a corrupt or unreadable file: name it
-            raise DataError(f"cannot read image {path}: {exc}") from exc
-    return TensorDataset(torch.stack(xs), torch.as_tensor(dataset.targets, dtype=torch.long))
-
-
-def _files_digest(dataset: Any, root: Path) -> str:
-    """Hash of the (file, label) list: the split indices refer to this exact order."""
-    digest = hashlib.sha256()
-    for path, label in dataset.samples:
-        digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\n".encode())
-    return digest.hexdigest()
 
 
 # --- module:function ---------------------------------------------------------------------------
@@ -323,9 +145,9 @@ def _from_dataset(spec: str, dataset: Dataset, shape: tuple[int, int, int], seed
     _check_dataset(dataset, shape, f"'{spec}'")
     labels = _labels(dataset, spec)
     indices, stratified = split_indices(labels, seed)
-    record = {"source": spec, "num_samples": len(labels), **_split_record(seed, stratified)}
+    record = {"source": spec, "num_samples": len(labels), **split_record(seed, stratified)}
     record["preprocessing"] = {"input_shape": list(shape), "by": spec}
-    return _subset_splits(dataset, indices, int(labels.max()) + 1, record)
+    return subset_splits(dataset, indices, int(labels.max()) + 1, record)
 
 
 def _from_split_dict(spec: str, parts: Mapping[str, Any], shape: tuple[int, int, int]) -> Splits:

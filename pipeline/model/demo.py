@@ -23,10 +23,11 @@ from torch import nn
 from pipeline.core.artifacts import default_cache_dir, sha256_file, write_json
 from pipeline.core.errors import ModelError
 from pipeline.core.train_spec import TrainSpec
-from pipeline.model.data import DIGITS_HARD, Splits
+from pipeline.model.data import DIGITS_HARD
 from pipeline.model.evaluate import model_accuracy
 from pipeline.model.finetune import train
 from pipeline.model.models import build_model, load_weights, save_safetensors
+from pipeline.model.splits import Splits
 
 DEMO_ARCH = "resnet18"
 DEMO_INPUT = (3, 48, 48)

@@ -23,7 +23,6 @@ from torch import nn
 
 from pipeline.core.profile import Int8Scheme
 from pipeline.core.train_spec import TrainSpec
-from pipeline.model.data import Splits
 from pipeline.model.fake_quant import (
     SIDES,
     ActivationQuantizer,
@@ -31,6 +30,7 @@ from pipeline.model.fake_quant import (
     detach_fake_quant,
 )
 from pipeline.model.finetune import batch_stream, distillation_loss
+from pipeline.model.splits import Splits
 
 QatMode = Literal["auto", "always", "never"]
 DEFAULT_QAT_SPEC = TrainSpec(steps=200, lr=1e-4, batch_size=64, kd_weight=1.0)

@@ -13,9 +13,10 @@ from conftest import Collect
 
 from agents.base import Agent
 from agents.baselines import RandomAgent, UniformAgent
-from agents.env import search_precision
+from agents.precisions import search_precision
 from agents.rewards import budget_reward
-from agents.sb3_agents import DQNAgent, SACAgent, TD3Agent, TwoStagePPO
+from agents.sb3_agents import DQNAgent, SACAgent, TD3Agent
+from agents.sb3_ppo import TwoStagePPO
 from pipeline.core.errors import ConfigError
 from pipeline.core.policy import Policy
 

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from pipeline.core.errors import DataError
-from pipeline.model.data import SPLIT_NAMES, Splits, load_data, split_indices
+from pipeline.model.data import load_data
 from pipeline.model.evaluate import stack
+from pipeline.model.splits import SPLIT_NAMES, Splits, split_indices
 
 
 def labels_of(splits: Splits, name: str) -> np.ndarray:

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_checker import check_env
 
-from agents.env import (
-    PRECISION_FACTOR,
-    CompressionEnv,
-    decision_units,
-    keep_bins,
-    precision_factor,
-    search_precision,
-)
+from agents.env import CompressionEnv, decision_units, keep_bins
+from agents.precisions import PRECISION_FACTOR, precision_factor, search_precision
 from pipeline.core.policy import Policy, Precision
 from pipeline.core.space import SearchSpace
 

@@ -18,15 +18,9 @@ from pipeline.core.errors import MeasurementError, ModelError
 from pipeline.core.profile import InputSpec, MeasureSpec, Peaks, TargetProfile
 from pipeline.measure.bench import bench_artifact, bench_interleaved, format_bench, measure_artifact
 from pipeline.measure.runners import LatencyStats
-from pipeline.measure.runners.floor import (
-    cache_path,
-    check_floor,
-    latency_floor_ms,
-    measure_bandwidth_gbs,
-    measure_peak_gflops,
-    onnx_cost,
-    physical_floor,
-)
+from pipeline.measure.runners.floor import check_floor, latency_floor_ms, physical_floor
+from pipeline.measure.runners.graph_cost import onnx_cost
+from pipeline.measure.runners.peaks import cache_path, measure_bandwidth_gbs, measure_peak_gflops
 
 SHAPE = (3, 32, 32)
 # Hand-computed per image: out_elems * (Cin / groups) * kh * kw for each conv, N * K for the fc.

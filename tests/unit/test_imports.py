@@ -52,6 +52,7 @@ def test_every_module_imports_without_gpu_packages() -> None:
     # The walk really covered the GPU modules, not just the package roots.
     for name in (
         "exporters.tensorrt",
+        "exporters.tensorrt_build",
         "pipeline.measure.runners.trt",
         "pipeline.measure.runners.ort_trt",
     ):

@@ -69,7 +69,7 @@ def test_the_local_backend_leaves_the_evaluator_as_it_is_and_never_imports_ray()
     evaluator = object()
     assert parallel_evaluator(evaluator, ParallelConfig()) is evaluator
     code = (
-        "import sys, agents.sb3_agents, pipeline.run, pipeline.run.search_stage\n"
+        "import sys, agents.sb3_agents, agents.sb3_ppo, pipeline.run, pipeline.run.search_stage\n"
         "from pipeline.search.parallel import ParallelConfig, parallel_evaluator\n"
         "parallel_evaluator(object(), ParallelConfig(workers=2))\n"
         "print('ray' in sys.modules)"
