@@ -63,7 +63,7 @@ def evaluator(profile, work: Path, steps: int):
     from exporters import export_onnx
     from pipeline.core.train_spec import TrainSpec
     from pipeline.model.data import load_data
-    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.build import build_evaluator
     from pipeline.search.measurements import MeasurementCache
 
     model = tiny_resnet()

@@ -6,7 +6,6 @@ fresh copy each time, so a test that prunes or trains one cannot affect another.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -156,7 +155,7 @@ def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path,
     `build_evaluator` (latency_model, latency_source)."""
     from exporters import export_onnx
     from pipeline.core.train_spec import TrainSpec
-    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.build import build_evaluator
     from pipeline.search.measurements import MeasurementCache
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,12 +167,10 @@ def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path,
         profile,
         onnx_path,
         spec,
-        budget_ms=None,
+        budget_ms=lambda original_ms: 0.7 * original_ms,
         cache=MeasurementCache(folder / "measurements.jsonl"),
         **options,
     )
-    budget = 0.7 * evaluator.space.original_latency_ms
-    evaluator.space = dataclasses.replace(evaluator.space, budget_ms=budget)
     return evaluator
 
 

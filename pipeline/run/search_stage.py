@@ -52,8 +52,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
 
     sc = ctx.config.search
     base = _evaluator(ctx)
-    budget = _budget(ctx, base.space.original_latency_ms, ctx.resume)
-    base.space = dataclasses.replace(base.space, budget_ms=budget)
+    budget = base.space.budget_ms
     stage(
         f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
         f"({ctx.profile.measure.statistic})"
@@ -89,7 +88,7 @@ def _precision_of(evaluator: CandidateEvaluator) -> str:
 
 def _evaluator(ctx: RunContext) -> CandidateEvaluator:
     """The candidate evaluator, after measuring the original in each allowed precision."""
-    from pipeline.search.candidate import build_evaluator
+    from pipeline.search.build import build_evaluator
     from pipeline.search.measurements import MeasurementCache
 
     sc = ctx.config.search
@@ -100,7 +99,7 @@ def _evaluator(ctx: RunContext) -> CandidateEvaluator:
         ctx.profile,
         ctx.run_dir / "original.onnx",
         candidate_spec(ctx),
-        None,
+        lambda original_ms: _budget(ctx, original_ms, ctx.resume),
         MeasurementCache(ctx.run_dir / "measurements.jsonl"),
         sc.timeout_s,
         latency_model=sc.latency_model,

@@ -167,7 +167,7 @@ def search(evaluator, run_dir: Path):
 
 
 def decore_search(evaluator) -> list:
-    evaluator.space = dataclasses.replace(evaluator.space, budget_ms=1e6)
+    evaluator.use_space(dataclasses.replace(evaluator.space, budget_ms=1e6))
     agent = DecoreAgent(evaluator, budget_reward, seed=0, steps_per_episode=2, init_logit=0.0)
     collect = Collect()
     agent.search(4, collect)

@@ -82,11 +82,16 @@ def only_run_dir(workdir: Path) -> Path:
 
 def test_run_validate_bench(workdir: Path):
     result = cli(*run_args("--policy", "uniform:0.5:int8"), cwd=workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
     run_dir = only_run_dir(workdir)
-    assert {p.name for p in run_dir.iterdir()} >= RUN_FILES
-
+    assert {p.name for p in run_dir.iterdir()} >= RUN_FILES, result.stderr
     report = json.loads((run_dir / "report.json").read_text())
+    # Whether INT8 measures faster than FP32 on this machine is not this test's business: the
+    # gate that says so may fail (a given policy ships as given), and only that gate.
+    failed = report["gates"]["failed"]
+    speed = [reason for reason in failed if "slower than FP32" in reason]
+    assert failed == speed, result.stdout + result.stderr
+    assert bool(speed) == (not report["precision_check"]["not_slower"])
+    assert result.returncode == (1 if speed else 0), result.stdout + result.stderr
     assert set(report["original"]) >= SIDE_KEYS and set(report["deployed"]) >= SIDE_KEYS
     assert report["deployed"]["macs"] < 0.5 * report["original"]["macs"]
     assert report["deployed"]["params"] < 0.5 * report["original"]["params"]
@@ -97,7 +102,7 @@ def test_run_validate_bench(workdir: Path):
         report["original"]["latency_ms"]["median"] / report["deployed"]["latency_ms"]["median"]
     )
     assert report["speedup"] == pytest.approx(expected)
-    assert report["validation"]["passed"] and report["gates"]["passed"]
+    assert report["validation"]["passed"]
     assert report["precision_check"]["speedup"] > 0
     # Every accuracy and the paired drop carry a 95% interval around the point figure
     for side in ("original", "deployed"):

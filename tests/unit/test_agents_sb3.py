@@ -40,7 +40,7 @@ def test_search_stops_exactly_and_resumes(cls, tiny_evaluator, tmp_path: Path) -
     if cls is UniformAgent:  # a budget the unpruned model meets in no precision: bisection runs
         space = tiny_evaluator.space
         fastest = min(space.precision_latency_ms.values())
-        tiny_evaluator.space = dataclasses.replace(space, budget_ms=0.6 * fastest)
+        tiny_evaluator.use_space(dataclasses.replace(space, budget_ms=0.6 * fastest))
     collect = Collect()
     agent = cls(tiny_evaluator, budget_reward, seed=0, log_dir=tmp_path / "logs")
     agent.search(episodes=2, on_episode=collect)

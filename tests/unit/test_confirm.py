@@ -53,7 +53,7 @@ def test_when_no_pick_confirms_the_search_pick_ships_and_every_try_is_reported(t
     """Nothing runs in a microsecond: each distinct policy is tried once, none meets, and the
     search's own pick ships for the final gate to report the miss."""
     budget = 1e-6
-    tiny_evaluator.space = dataclasses.replace(tiny_evaluator.space, budget_ms=budget)
+    tiny_evaluator.use_space(dataclasses.replace(tiny_evaluator.space, budget_ms=budget))
     records = _records(tiny_evaluator, budget)
     records.append({**records[1], "episode": 2})  # the same policy again: not measured twice
     resolution = 1 / len(tiny_evaluator.val_labels)

@@ -138,7 +138,7 @@ def test_the_evaluator_predicts_only_what_cannot_matter_and_counts_it(
     model = ev.latency_model
     assert model is not None and len(model.ys) == 2  # the original in FP32 and in INT8
     budget = ev.space.budget_ms
-    ev.space = dataclasses.replace(ev.space, budget_ms=None)  # nothing can be ruled out
+    ev.use_space(dataclasses.replace(ev.space, budget_ms=None))  # nothing can be ruled out
     for keep in (0.25, 0.5, 1.0):
         for precision in (Precision.FP32, Precision.INT8):
             result = ev.evaluate(uniform_policy(ev.model, keep, precision))
@@ -151,7 +151,7 @@ def test_the_evaluator_predicts_only_what_cannot_matter_and_counts_it(
     # Trusted whatever its error, it stands in for a clearly-over candidate.
     monkeypatch.setattr(lm, "MAX_ERROR", 10.0)
     monkeypatch.setattr(lm, "MIN_CHECKED", 0)
-    ev.space = dataclasses.replace(ev.space, budget_ms=budget / 1000)
+    ev.use_space(dataclasses.replace(ev.space, budget_ms=budget / 1000))
     real, cached = ev.real_measurements, ev.cached_measurements
     lines = len(ev.cache.path.read_text().splitlines())
     over = ev.evaluate(uniform_policy(ev.model, 0.9, Precision.FP32))

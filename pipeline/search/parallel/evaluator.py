@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # a candidate whose worker died this many times is recorded as failed
 MAX_REPLACEMENTS = 3  # a worker replaced this many times in a row is given up
 READY_TIMEOUT_S = 600.0  # workers import torch and build their evaluator; a cluster may scale up
-# The evaluator's counters, by the source of a candidate's latency.
-COUNTERS = {
-    "measured": "real_measurements",
-    "cached": "cached_measurements",
-    "predicted": "predicted_measurements",
-}
 
 
 _Done = tuple[Answer | CandidateResult, dict[str, Any] | None]  # result, the state it began from
@@ -267,15 +261,16 @@ class RayEvaluator(EvaluatorProxy):
             return answer
         self._known = None
         base = self.base
-        counts = {name: getattr(base, name) for name in COUNTERS.values() if hasattr(base, name)}
+        # The evaluator's counters, by the source of a candidate's latency: counted here by the
+        # source recorded, not by what the worker's state says
+        counts = base.measured.counts
+        before = dict(counts)
         if answer.state is not None and sent is not None:
             base.restore(merge_state(base.state(), sent, answer.state))
         result = self._reconcile(answer)
-        for name, value in counts.items():  # counted by the source recorded, below
-            setattr(self.base, name, value)
-        counter = COUNTERS.get(result.source)
-        if counter is not None:
-            setattr(self.base, counter, getattr(self.base, counter) + 1)
+        counts.update(before)
+        if result.source in counts:
+            counts[result.source] += 1
         return result
 
     def _reconcile(self, answer: Answer) -> CandidateResult:
@@ -376,8 +371,7 @@ def _failed(policy: Policy, reason: str) -> CandidateResult:
 
 def _evaluator_options(base: Any) -> dict[str, Any]:
     """Constructor keywords that make a worker's evaluator behave like the driver's."""
-    model = getattr(base, "latency_model", None)
-    return {} if not hasattr(base, "latency_model") else {"latency_model": model is not None}
+    return {"latency_model": base.latency_model is not None, "latency_source": base.latency_source}
 
 
 def _device_info(profile: Any) -> dict[str, Any] | None:

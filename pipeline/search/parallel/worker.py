@@ -90,12 +90,12 @@ class WorkerEvaluator(CandidateEvaluator):
             **setup.evaluator_options,
         )
         self.worker.close()  # never started: the fleet measures instead
-        self.worker = measurer
+        self.measured.worker = measurer
 
     def answer(self, policy: Policy, known: Known) -> Answer:
         """Evaluate `policy` as the driver's evaluator would, knowing what it knows."""
         if known.space != self.space:
-            self.space = known.space
+            self.use_space(known.space)
         self.keyed.entries = dict(known.latency)
         self.keyed.last_key = None
         self._accuracy_memo = dict(known.accuracy)
