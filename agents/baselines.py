@@ -19,6 +19,7 @@ from agents.base import Agent
 from agents.env import build_policy, decision_units, layer_shares
 from agents.precisions import ordered_precisions, precision_factor, search_precision
 from pipeline.core.artifacts import write_json
+from pipeline.core.choice import holds_floor
 from pipeline.core.errors import ConfigError
 from pipeline.core.policy import Policy
 from pipeline.core.space import CandidateResult, EpisodeCallback
@@ -49,6 +50,18 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+Trial = tuple[float, float | None, float | None]
+"""A uniform keep ratio tried: (keep, measured latency, validation accuracy); None if failed."""
+
+
+def read_trials(rows: list[list[Any]]) -> list[Trial]:
+    """Saved trials (states saved before accuracies were kept have two fields)."""
+    return [
+        (float(row[0]), _float_or_none(row[1]), _float_or_none(row[2] if len(row) > 2 else None))
+        for row in rows
+    ]
+
+
 class UniformAgent(Agent):
     """The same keep ratio for every prunable layer, all in `search_precision` (the precision in
     which the whole original measured fastest on the target; FP32 when none beats it).
@@ -69,8 +82,10 @@ class UniformAgent(Agent):
         super().__init__(*args, **kwargs)
         self.units = decision_units(self.space)
         self.min_keep = float(min(max(self.space.min_keep, 1e-3), 1.0))
-        self.low, self.high = self.min_keep, 1.0  # meets the budget at low, misses it at high
-        self.results: list[tuple[float, float | None]] = []  # (keep, measured latency)
+        # The bracket: with a budget, met at low and missed at high; with an accuracy floor,
+        # held at high and lost at low (the smallest keep that holds it is the fastest).
+        self.low, self.high = self.min_keep, 1.0
+        self.results: list[Trial] = []  # (keep, measured latency, validation accuracy)
 
     def policy(self, keep: float) -> Policy:
         """The uniform policy: every prunable unit keeps `keep`, all in the search precision."""
@@ -94,19 +109,27 @@ class UniformAgent(Agent):
 
     def next_keep(self, episodes: int) -> float | None:
         """The next keep ratio to evaluate, or None when the bisection has converged."""
-        if self.space.budget_ms is None:
+        floor = self.space.accuracy_floor
+        if self.space.budget_ms is None and floor is None:
             steps = max(episodes - 1, 1)
             return 1.0 - (1.0 - self.min_keep) * min(len(self.results), steps) / steps
         if not self.results:
-            return self.estimated_keep()
+            return self.estimated_keep() if floor is None else (self.low + self.high) / 2.0
         if self.high - self.low < self.TOLERANCE:
             return None
         return (self.low + self.high) / 2.0
 
-    def record(self, keep: float, latency: float | None) -> None:
+    def record(self, keep: float, latency: float | None, accuracy: float | None = None) -> None:
         """Narrow the bracket with a measured (or failed: None) keep ratio."""
-        self.results.append((keep, latency))
-        budget = self.space.budget_ms
+        self.results.append((keep, latency, accuracy))
+        floor, budget = self.space.accuracy_floor, self.space.budget_ms
+        if floor is not None:
+            if latency is not None and accuracy is not None and holds_floor(accuracy, floor):
+                self.high = min(self.high, keep)
+            else:  # lost the floor, or failed: look at larger networks
+                self.low = max(self.low, keep)
+                self.high = max(self.high, self.low)
+            return
         if budget is None:
             return
         if latency is not None and math.isfinite(latency) and latency <= budget:
@@ -121,7 +144,19 @@ class UniformAgent(Agent):
             if keep is None:
                 return
             result, _reward = self.evaluate(self.policy(keep), on_episode)
-            self.record(keep, result.latency_ms if result.ok else None)
+            ok = result.ok
+            self.record(keep, result.latency_ms if ok else None, result.accuracy if ok else None)
+
+    def best_keep(self) -> float | None:
+        """The keep ratio the bisection found for the objective: the largest measured to meet
+        the budget, or with a floor, the smallest that held it (and met any budget)."""
+        floor, budget = self.space.accuracy_floor, self.space.budget_ms
+        ran = [(k, ms, acc) for k, ms, acc in self.results if ms is not None]
+        met = [(k, acc) for k, ms, acc in ran if budget is None or ms <= budget]
+        if floor is None:
+            return max((k for k, _ in met), default=None) if budget else None
+        held = [k for k, acc in met if acc is not None and holds_floor(acc, floor)]
+        return min(held, default=None)
 
     def save(self, folder: Path) -> None:
         write_json(
@@ -138,7 +173,7 @@ class UniformAgent(Agent):
         state = read_state(folder, self.name)
         self.episodes_done = int(state["episodes_done"])
         self.low, self.high = (float(x) for x in state["bracket"])
-        self.results = [(float(k), _float_or_none(lat)) for k, lat in state["results"]]
+        self.results = read_trials(state["results"])
 
 
 class RandomAgent(Agent):

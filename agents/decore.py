@@ -190,8 +190,13 @@ class DecoreAgent(Agent):
         budget = self.space.budget_ms
         if budget is not None and result.latency_ms > budget:
             self.lam = max(self.lam / self.lam_factor, low)
-        elif result.accuracy < self.space.original_accuracy - self.accuracy_tolerance:
+        elif result.accuracy < self.space.original_accuracy - self._tolerance():
             self.lam = min(self.lam * self.lam_factor, high)
+
+    def _tolerance(self) -> float:
+        """The accuracy loss that raises the penalty: the objective's floor when it has one."""
+        drop = self.space.max_accuracy_drop
+        return self.accuracy_tolerance if drop is None else drop
 
     # ------------------------------------------------------------------------------- policies
 

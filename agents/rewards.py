@@ -23,6 +23,8 @@ PENALTY_START = 0.5
 PENALTY_END = 5.0
 """Weight of the over-budget penalty per unit of overshoot, annealed over the search's progress."""
 
+MIN_DROP_UNIT = 0.01  # an accuracy shortfall is counted in allowed drops of at least 1 point
+
 MAX_OVERSHOOT = 10.0  # latency/budget - 1 beyond this is as bad as it gets (keeps rewards bounded)
 
 DEFAULT_REQUIRED_SAVING = 0.5
@@ -85,9 +87,26 @@ def over_budget_penalty(latency_ms: float, space: SearchSpace, progress: float) 
     budget = _budget(space)
     if budget is None or latency_ms <= budget:
         return 0.0
+    return _penalty_weight(progress) * min(latency_ms / budget - 1.0, MAX_OVERSHOOT)
+
+
+def _penalty_weight(progress: float) -> float:
     p = _clip(_finite(progress, 0.0), 0.0, 1.0)
-    weight = PENALTY_START + (PENALTY_END - PENALTY_START) * p
-    return weight * min(latency_ms / budget - 1.0, MAX_OVERSHOOT)
+    return PENALTY_START + (PENALTY_END - PENALTY_START) * p
+
+
+def under_floor_penalty(accuracy: float, space: SearchSpace, progress: float) -> float:
+    """Penalty for falling below the accuracy floor, 0 on or above it (or without one).
+
+    The shortfall counts in units of the allowed drop (at least one point), weighted like the
+    over-budget penalty: missing a 1-point floor by 1 point costs what missing a budget by
+    100% does.
+    """
+    floor = space.accuracy_floor
+    if floor is None or not math.isfinite(floor) or accuracy >= floor:
+        return 0.0
+    unit = max(_finite(space.max_accuracy_drop, 0.0), MIN_DROP_UNIT)
+    return _penalty_weight(progress) * min((floor - accuracy) / unit, MAX_OVERSHOOT)
 
 
 def _soft_floor(reward: float) -> float:
@@ -109,6 +128,9 @@ def budget_reward(result: CandidateResult, space: SearchSpace, progress: float) 
       punishes a budget met with almost no speed-up.
     - over the budget: the same value minus `over_budget_penalty` (annealed with `progress`),
       negatives squashed into (-1, 0).
+    - with an accuracy floor (`space.max_accuracy_drop`): r = C(2 - C) minus
+      `under_floor_penalty` and `over_budget_penalty`, negatives squashed into (-1, 0): the
+      fastest candidate that holds the floor earns the most.
     - failed, latency missing or not finite, accuracy 0 or NaN: FAILED_REWARD (-1), lower than
       any valid candidate's reward.
 
@@ -127,6 +149,10 @@ def budget_reward(result: CandidateResult, space: SearchSpace, progress: float) 
     a = relative_accuracy(accuracy, space)
     c = latency_compression(latency, space)
     speed = c * (2.0 - c)
+    if space.accuracy_floor is not None:  # fastest within the floor: accuracy is a constraint
+        penalties = under_floor_penalty(accuracy, space, progress)
+        penalties += over_budget_penalty(latency, space, progress)
+        return _soft_floor(speed - penalties)
     if _budget(space) is None:
         return a * speed
     reward = a * (1.0 - SPEED_WEIGHT + SPEED_WEIGHT * speed)

@@ -12,7 +12,7 @@ from typing import Any
 
 from stable_baselines3 import PPO
 
-from agents.baselines import UniformAgent
+from agents.baselines import UniformAgent, read_trials
 from agents.env import CompressionEnv
 from agents.precisions import ordered_precisions, search_precision
 from agents.sb3_base import POLICY_NET, SB3Agent, policy_from_state, policy_state, save_model
@@ -68,17 +68,17 @@ class TwoStagePPO(SB3Agent):
         return min(max(1, math.ceil(self.STAGE1_SHARE * episodes)), episodes)
 
     def warmup_episodes(self, episodes: int) -> int:
-        """At most how many of `episodes` the opening bisection may use (none without budget)."""
-        if self.space.budget_ms is None:
+        """At most how many of `episodes` the opening bisection may use (none without a budget
+        or an accuracy floor to bisect for)."""
+        if self.space.budget_ms is None and self.space.accuracy_floor is None:
             return 0
         return min(self.WARMUP_EPISODES, episodes // 4)
 
     @property
     def center(self) -> float | None:
-        """The largest uniform keep ratio measured to meet the budget, once there is one."""
-        budget = self.space.budget_ms
-        met = [k for k, ms in self.bisection.results if ms is not None and budget and ms <= budget]
-        return max(met) if met and self.warmup_end is not None else None
+        """The uniform keep ratio the opening bisection found for the objective, once it ended
+        (`UniformAgent.best_keep`)."""
+        return self.bisection.best_keep() if self.warmup_end is not None else None
 
     def _warm_up(self, episodes: int) -> None:
         """The opening bisection, through `_score` so its candidates count for stage 1."""
@@ -88,8 +88,10 @@ class TwoStagePPO(SB3Agent):
             if keep is None:
                 break
             self._score(self.bisection.policy(keep))
-            ok = self.last_result is not None and self.last_result.ok
-            self.bisection.record(keep, self.last_result.latency_ms if ok else None)
+            result = self.last_result
+            ok = result is not None and result.ok
+            latency, accuracy = (result.latency_ms, result.accuracy) if ok else (None, None)
+            self.bisection.record(keep, latency, accuracy)
         if self.warmup_end is None:
             self.warmup_end = self.episodes_done
 
@@ -211,9 +213,7 @@ class TwoStagePPO(SB3Agent):
         self.anchor_accuracy = accuracies.get("anchors")
         bisection = state.get("bisection", {"bracket": [self.space.min_keep, 1.0], "results": []})
         self.bisection.low, self.bisection.high = (float(x) for x in bisection["bracket"])
-        self.bisection.results = [
-            (float(k), None if lat is None else float(lat)) for k, lat in bisection["results"]
-        ]
+        self.bisection.results = read_trials(bisection["results"])
         self.models, self.envs = {}, {}
         for stage in (1, 2):
             path = folder / f"ppo_stage{stage}.zip"

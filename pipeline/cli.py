@@ -36,8 +36,23 @@ def _root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
 
 
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option(help="Points of accuracy the model may lose: search the fastest within."),
+]
+
 # `pipeline run` options that override the run config's top level and its search section
-RUN_OPTIONS = ("model", "weights", "data", "num_classes", "policy", "budget_ms", "out", "seed")
+RUN_OPTIONS = (
+    "model",
+    "weights",
+    "data",
+    "num_classes",
+    "policy",
+    "budget_ms",
+    "max_accuracy_drop",
+    "out",
+    "seed",
+)
 SEARCH_OPTIONS = ("agent", "episodes", "reward", "candidate_steps")
 
 
@@ -59,6 +74,7 @@ def run(
         str | None, typer.Option(help="uniform:KEEP[:int8|fp16|fp32] or a policy JSON file.")
     ] = None,
     budget_ms: Annotated[float | None, typer.Option(help="Latency budget in ms.")] = None,
+    max_accuracy_drop: MaxDropOpt = None,
     finetune_steps: Annotated[
         int | None, typer.Option(help="Recovery fine-tune steps (default 300).")
     ] = None,
@@ -84,7 +100,9 @@ def run(
     """Compress a model for a target; with no --model it runs the embedded digits demo.
 
     Without --policy, an agent searches per-layer keep ratios and precisions against latency
-    measured on the target, under --budget-ms (default: 0.4 x the original's latency).
+    measured on the target: the most accurate under --budget-ms (default: 0.4 x the original's
+    latency), or with --max-accuracy-drop the fastest within that drop (with both, the fastest
+    within the drop that also meets the budget).
     """
     given = dict(locals())  # the options by name; each is a RunConfig field of the same name
     from pipeline.core.config import load_config, resume_config

@@ -6,16 +6,19 @@ fresh copy each time, so a test that prunes or trains one cannot affect another.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from pipeline.core.space import CandidateResult
+from pipeline.core.train_spec import TrainSpec
 from pipeline.model.data import load_data
 from pipeline.model.splits import Splits
 
@@ -49,6 +52,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 
 TEST_INPUT = (3, 32, 32)
+TINY_SPEC = TrainSpec(steps=5, lr=0.01, batch_size=32, kd_weight=1.0)  # candidates' fine-tune
 NUM_CLASSES = 10
 
 
@@ -148,30 +152,81 @@ def tiny_profile():
     return TargetProfile.model_validate(TINY_PROFILE)
 
 
+# Built evaluators' starting points, by model, profile and options: building one measures the
+# original in each precision and profiles its layers, seconds that every test would repeat.
+_BUILT: dict[str, tuple[Any, dict[str, Any], dict[str, Any] | None]] = {}
+
+
 def make_tiny_evaluator(model: nn.Module, splits: Splits, profile, folder: Path, **options):
     """A real CandidateEvaluator for `model` on 32x32 digits: each candidate is pruned with
     torch-pruning, fine-tuned 5 steps, exported, measured with ONNX Runtime in a worker
     process. The budget is 70% of the original's measured latency. `options` go to
-    `build_evaluator` (latency_model, latency_source)."""
+    `build_evaluator` (latency_model, latency_source).
+
+    The first evaluator of a model, profile and options is built by `build_evaluator`; later
+    ones start from its search space, measurements and latency model, as a resumed search
+    would, each with its own measuring process and cache file.
+    """
     from exporters import export_onnx
-    from pipeline.core.train_spec import TrainSpec
     from pipeline.search.build import build_evaluator
-    from pipeline.search.measurements import MeasurementCache
 
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, TEST_INPUT, folder / "original.onnx")
-    spec = TrainSpec(steps=5, lr=0.01, batch_size=32, kd_weight=1.0)
+    key = _built_key(model, profile, options)
+    if key in _BUILT:
+        return _from_built(model, splits, profile, folder, options, _BUILT[key])
     evaluator = build_evaluator(
         model,
         splits,
         profile,
         onnx_path,
-        spec,
+        TINY_SPEC,
         budget_ms=lambda original_ms: 0.7 * original_ms,
-        cache=MeasurementCache(folder / "measurements.jsonl"),
+        cache=_cache(folder),
         **options,
     )
+    model_state = evaluator.latency_model.state() if evaluator.latency_model else None
+    model_state = copy.deepcopy(model_state)  # the first evaluator goes on learning
+    _BUILT[key] = (evaluator.space, dict(evaluator.cache.entries), model_state)
     return evaluator
+
+
+def _cache(folder: Path):
+    from pipeline.search.measurements import MeasurementCache
+
+    return MeasurementCache(folder / "measurements.jsonl")
+
+
+def _built_key(model: nn.Module, profile, options: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    payload = [digest.hexdigest(), profile.model_dump(mode="json"), options]
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+def _from_built(model, splits, profile, folder: Path, options, built):
+    from pipeline.measure.latency_model import LatencyModel
+    from pipeline.measure.measure_worker import MeasureWorker
+    from pipeline.search.candidate import CandidateEvaluator
+    from pipeline.search.latency import MeasuredLatency
+
+    space, entries, model_state = built
+    cache = _cache(folder)
+    for key, stats in entries.items():
+        cache.put(key, stats)
+    latency_model = None
+    if model_state is not None:
+        latency_model = LatencyModel(space)
+        latency_model.restore(model_state)
+    measured = MeasuredLatency(profile, MeasureWorker(profile), cache, latency_model)
+    source = options.get("latency_source", "measured")
+    return CandidateEvaluator(
+        model, splits, profile, space, TINY_SPEC, latency_source=source, measured=measured
+    )
 
 
 @pytest.fixture

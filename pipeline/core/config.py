@@ -101,6 +101,14 @@ class RunConfig(StrictModel):
     data: str | None = Field(None, description="digits | imagefolder:DIR | module:function")
     policy: str | None = Field(None, description="a fixed policy instead of the search")
     budget_ms: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="points of test accuracy the shipped model may lose: the search looks for "
+        "the fastest policy within it (with budget_ms too, the fastest that also meets the "
+        "budget); replaces the profile's max_accuracy_drop for this run",
+    )
     seed: int = 0
     out: Path = Path("runs")
     opset: int = Field(17, ge=17)

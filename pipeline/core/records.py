@@ -94,7 +94,7 @@ class SearchRecord:
     """What the search stage found; `summary` is report.json's `search` section as it stands."""
 
     summary: dict[str, Any]
-    budget_ms: float
+    budget_ms: float | None  # None under the accuracy-floor objective without a budget
     original_ms: float  # the original measured at the search's start (drift check)
     candidates: list[dict[str, Any]] = field(default_factory=list)
 

@@ -47,10 +47,28 @@ class SearchSpace:
     # The original with every layer in one precision, measured on the target: {"int8": ms, ...}.
     # Whether INT8 (or FP16) is faster at all is a property of the target, not a constant.
     precision_latency_ms: dict[str, float] = field(default_factory=dict)
+    # The accuracy-floor objective: the most validation accuracy (a fraction) a candidate may
+    # lose against the original. None: the budget objective (most accurate under the budget).
+    max_accuracy_drop: float | None = None
 
     @property
     def prunable(self) -> list[LayerInfo]:
         return [layer for layer in self.layers if layer.prunable]
+
+    @property
+    def accuracy_floor(self) -> float | None:
+        """The least validation accuracy a candidate may have (None without a floor)."""
+        if self.max_accuracy_drop is None:
+            return None
+        return self.original_accuracy - self.max_accuracy_drop
+
+    @property
+    def objective(self) -> str:
+        """ "budget" (most accurate under the budget), "floor" (fastest within the accuracy
+        floor) or "both" (fastest within the floor that also meets the budget)."""
+        if self.max_accuracy_drop is None:
+            return "budget"
+        return "floor" if self.budget_ms is None else "both"
 
 
 @dataclass(frozen=True)

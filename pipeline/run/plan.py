@@ -11,7 +11,7 @@ from pipeline.core.artifacts import new_run_dir
 from pipeline.core.config import RunConfig
 from pipeline.core.profile import TargetProfile
 from pipeline.core.records import RunRecord
-from pipeline.run import report, stages
+from pipeline.run import floor_stage, report, stages
 from pipeline.run.context import RunContext, console
 from pipeline.run.export_stage import export_deployed
 
@@ -43,6 +43,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", stages.search, _searching),
     Stage("compress", stages.compress),
     Stage("export", export_deployed),
+    Stage("floor", floor_stage.hold_floor, floor_stage.applies),
     Stage("engine", stages.build_engine, _local_tensorrt),
     Stage("measure", stages.measure),
     Stage("validate", stages.validate),
@@ -55,6 +56,8 @@ def execute(
     profile: TargetProfile, config: RunConfig, run_dir: Path | None = None, resume: bool = False
 ) -> int:
     """Run every stage; return the exit code (0 deployable, 1 a gate failed)."""
+    if config.max_accuracy_drop is not None:  # the run's floor is every gate's, QAT's included
+        profile = profile.model_copy(update={"max_accuracy_drop": config.max_accuracy_drop / 100})
     ctx = RunContext(profile, config, Path(), resume=resume)
     stages.load_inputs(ctx)  # bad input fails here, before a run directory exists
     ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)

@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from pipeline.core.artifacts import atomic_write_text, sha256_file, versions, write_json
-from pipeline.core.records import LATENCY_KEYS, ModelFigures, RunRecord
+from pipeline.core.choice import holds_floor
+from pipeline.core.records import LATENCY_KEYS, ModelFigures, RunRecord, SearchRecord
 from pipeline.core.stats import accuracy_interval, paired_difference, ratio_interval
 from pipeline.run.context import RunContext, console
 from pipeline.run.report_render import print_summary, render_markdown, write_pareto
@@ -90,8 +91,9 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
         budget_miss = f"deployed latency misses the {summary['budget_ms']} ms budget"
         failed.append(budget_miss + _drift(ctx, record))
     if summary["accuracy_drop"] > ctx.profile.max_accuracy_drop:
+        whose = "the run's" if ctx.config.max_accuracy_drop is not None else "the profile's"
         failed.append(
-            f"accuracy drop {summary['accuracy_drop']:.4f} exceeds the profile's "
+            f"accuracy drop {summary['accuracy_drop']:.4f} exceeds {whose} "
             f"max_accuracy_drop {ctx.profile.max_accuracy_drop}"
         )
     check = record.precision_check
@@ -133,6 +135,7 @@ def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
         "accuracy_drop": o.accuracy - d.accuracy,
         "budget_ms": budget,
         "met_budget": None if budget is None else d.latency.stat(stat) <= budget,
+        "max_accuracy_drop": ctx.profile.max_accuracy_drop,
         "validation": record.validation,
         "search": record.search.summary if record.search else _fixed_search(ctx),
         "baselines": record.baselines,
@@ -196,23 +199,17 @@ def write_report(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
 
 
 def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
-    """When no candidate meets the budget: say so plainly; nothing is shipped."""
+    """When no candidate meets the objective: say so plainly, and which constraint failed;
+    nothing is shipped."""
     search = record.search
     assert search is not None, "only a search can find no candidate"
-    closest = min((c["latency_ms"] for c in search.candidates), default=None)
-    message = (
-        f"no candidate met the {search.budget_ms:.3f} ms budget in "
-        f"{search.summary.get('episodes')} episodes (fastest: "
-        f"{'-' if closest is None else f'{closest:.3f} ms'}); nothing was shipped. "
-        "Raise the budget, run more episodes, or pass --allow-over-budget to ship the "
-        "closest candidate"
-    )
+    message = no_candidate_message(search)
     write_json(
         ctx.run_dir / "report.json",
         {
             "profile": ctx.profile.name,
             "budget_ms": search.budget_ms,
-            "met_budget": False,
+            "met_budget": None if search.budget_ms is None else False,
             "search": search.summary,
             "message": message,
             "gates": {"passed": False, "failed": [message]},
@@ -223,3 +220,32 @@ def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
         f"# Run report: {ctx.profile.name}\n\n**Verdict: NOT deployable.** {message}.\n",
     )
     console.print(f"[red]{message}[/]")
+
+
+def no_candidate_message(search: SearchRecord) -> str:
+    """Why nothing ships, in one line: the constraint no candidate met, and what to change."""
+    floor, budget = search.summary.get("accuracy_floor"), search.budget_ms
+    episodes, ran = search.summary.get("episodes"), search.candidates
+    advice = "run more episodes, or pass --allow-over-budget to ship the closest candidate"
+    if floor is None:
+        closest = min((c["latency_ms"] for c in ran), default=None)
+        fastest = "-" if closest is None else f"{closest:.3f} ms"
+        return (
+            f"no candidate met the {budget:.3f} ms budget in {episodes} episodes (fastest: "
+            f"{fastest}); nothing was shipped. Raise the budget, {advice}"
+        )
+    held = sum(holds_floor(c["accuracy"], floor) for c in ran)
+    if budget is None:
+        best = max((c["accuracy"] for c in ran), default=None)
+        top = "-" if best is None else f"{best:.2%}"
+        return (
+            f"no candidate held the {floor:.2%} validation accuracy floor in {episodes} episodes "
+            f"(most accurate: {top}); nothing was shipped. Allow a larger --max-accuracy-drop, "
+            f"{advice}"
+        )
+    met = sum(bool(c["meets_budget"]) for c in ran)
+    return (
+        f"infeasible: no candidate both held the {floor:.2%} validation accuracy floor and met "
+        f"the {budget:.3f} ms budget in {episodes} episodes ({held} held the floor, {met} met "
+        f"the budget); nothing was shipped. Relax one of them, {advice}"
+    )

@@ -139,9 +139,24 @@ def _search_markdown(summary: dict[str, Any]) -> list[str]:
         f"{s.get('failed_candidates', 0)} failed; best at episode {s.get('best_episode')}; "
         f"{s['wall_s']:.0f} s. Shipped: {s.get('shipped')}.",
         "",
+        *_objective_markdown(s),
         *_confirmation_markdown(s),
         *_search_precision_markdown(s),
     ]
+
+
+def _objective_markdown(search: dict[str, Any]) -> list[str]:
+    """Which objective the search ran, and how the pick held the floor once built in full."""
+    floor = search.get("accuracy_floor")
+    if floor is None:
+        return ["Objective: the most accurate candidate under the budget.", ""]
+    lines = [f"Objective: the fastest candidate holding {floor:.2%} validation accuracy."]
+    lines += [
+        f"- Episode {t['episode']} built in full: {t['val_accuracy']:.2%} on validation, "
+        f"{'holds' if t['holds_floor'] else 'LOSES'} the floor"
+        for t in search.get("floor_tries") or []
+    ]
+    return [*lines, ""]
 
 
 def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
@@ -181,6 +196,7 @@ def _checks_markdown(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}"
         )
+    lines += _floor_markdown(summary)
     check = summary.get("precision_check")
     if check:
         word = "faster" if check["not_slower"] else "SLOWER"
@@ -194,6 +210,20 @@ def _checks_markdown(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
     lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
     return [*lines, ""]
+
+
+def _floor_markdown(summary: dict[str, Any]) -> list[str]:
+    """The test accuracy drop, with its interval, against the drop the run allows."""
+    allowed = summary.get("max_accuracy_drop")
+    if allowed is None:
+        return []
+    drop = summary["accuracy_drop"]
+    ci = interval_text(summary.get("accuracy_drop_ci95"))
+    held = "held" if drop <= allowed else "EXCEEDED"
+    return [
+        f"- Accuracy drop {drop * 100:.2f} points{' ' + ci if ci else ''} on test, "
+        f"{allowed * 100:.2f} allowed: {held}"
+    ]
 
 
 def _precision_markdown(precision: dict[str, Any]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.artifacts import write_json
 from pipeline.core.policy import Policy
 from pipeline.core.records import RunRecord, SearchRecord
+from pipeline.core.space import SearchSpace
 from pipeline.core.train_spec import TrainSpec
 from pipeline.run.context import RunContext, stage
 
@@ -29,14 +30,15 @@ def candidate_spec(ctx: RunContext) -> TrainSpec:
     )
 
 
-def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float:
-    """The budget in ms; a resumed search keeps the one it started with."""
+def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float | None:
+    """The budget in ms; a resumed search keeps the one it started with. The accuracy-floor
+    objective has none unless one is given."""
     path = ctx.run_dir / SETUP
     if resume and path.is_file():
         return json.loads(path.read_text())["budget_ms"]
     budget = ctx.config.budget_ms or ctx.profile.budget_ms
-    source = "given"
-    if budget is None:
+    source = "given" if budget is not None else "none: the fastest within the accuracy floor"
+    if budget is None and ctx.config.max_accuracy_drop is None:
         budget = ctx.config.search.budget_fraction * original_latency_ms
         source = f"{ctx.config.search.budget_fraction:g} x the original's measured latency"
     write_json(
@@ -53,14 +55,13 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     sc = ctx.config.search
     base = _evaluator(ctx)
     budget = base.space.budget_ms
-    stage(
-        f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
-        f"({ctx.profile.measure.statistic})"
-    )
+    stage(f"searching with {sc.agent}: {sc.episodes} candidates, {objective_text(base.space)}")
     outcome, parallel = _run_agent(ctx, base)
     prune_in = _precision_of(base)
     summary = {
         **outcome.summary(),
+        "objective": base.space.objective,
+        "accuracy_floor": base.space.accuracy_floor,
         "precision_latency_ms": base.space.precision_latency_ms,
         "search_precision": prune_in,
         "latency_source": sc.latency_source,
@@ -74,10 +75,21 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     )
     best = _confirmed_best(ctx, record, base, outcome)
     chosen = best or (outcome.closest if sc.allow_over_budget else None)
-    summary["shipped"] = (
-        "best under budget" if best else ("closest (over budget)" if chosen else None)
-    )
+    goal = "within the floor" if base.space.accuracy_floor is not None else "under budget"
+    summary["shipped"] = f"best {goal}" if best else ("closest" if chosen else None)
     return policy_of(chosen) if chosen else None
+
+
+def objective_text(space: SearchSpace) -> str:
+    """The search's objective in words, e.g. for the progress line."""
+    budget = f"a budget of {space.budget_ms:.3f} ms" if space.budget_ms is not None else ""
+    if space.accuracy_floor is None:
+        return f"the most accurate under {budget}"
+    floor = (
+        f"the fastest losing at most {space.max_accuracy_drop * 100:.2f} points of validation "
+        f"accuracy (floor {space.accuracy_floor:.2%})"
+    )
+    return f"{floor} and meeting {budget}" if budget else floor
 
 
 def _precision_of(evaluator: CandidateEvaluator) -> str:
@@ -104,6 +116,7 @@ def _evaluator(ctx: RunContext) -> CandidateEvaluator:
         sc.timeout_s,
         latency_model=sc.latency_model,
         latency_source=sc.latency_source,
+        max_accuracy_drop=_floor_drop(ctx),
     )
     measured = evaluator.space.precision_latency_ms
     stage(
@@ -112,6 +125,12 @@ def _evaluator(ctx: RunContext) -> CandidateEvaluator:
         + f"; channel searches run in {_precision_of(evaluator)}"
     )
     return evaluator
+
+
+def _floor_drop(ctx: RunContext) -> float | None:
+    """The allowed validation accuracy drop (a fraction) under the floor objective."""
+    drop = ctx.config.max_accuracy_drop
+    return None if drop is None else drop / 100
 
 
 def _run_agent(ctx: RunContext, base: CandidateEvaluator) -> tuple[SearchOutcome, Any]:

@@ -47,17 +47,20 @@ def build_evaluator(
     latency_model: bool = True,
     latency_source: str = "measured",
     opset: int = 17,
+    max_accuracy_drop: float | None = None,
 ) -> CandidateEvaluator:
     """Measure the original (latency on the target, validation accuracy), build the search
     space around it, and return an evaluator ready for agents. `original_onnx` must exist.
 
     With `latency_source="flops"` the search measures nothing more: it sees FLOPs scaled to
     the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32.
+    With `max_accuracy_drop` (a fraction), the search is for the fastest candidate within it.
     """
     # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
         space = _space(model, splits, profile, original_onnx, worker, budget_ms)
+        space = dataclasses.replace(space, max_accuracy_drop=max_accuracy_drop)
         if latency_source == "flops":
             space = dataclasses.replace(space, precisions=(Precision.FP32,))
         use_model = latency_model and latency_source == "measured"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from pipeline.core.choice import tied
+from pipeline.core.choice import holds_floor, tied
 from pipeline.core.policy import Policy
 from pipeline.core.profile import TargetProfile
 from pipeline.core.space import CandidateResult, SearchSpace
@@ -222,7 +222,12 @@ class CandidateEvaluator:
     def _could_win(self, acc: float, latency_ms: float) -> bool:
         """Whether a candidate with this accuracy and latency would be the search's choice
         among the measured ones (`pipeline.core.choice.choose_best`: the most accurate, and among
-        accuracies closer than one validation sample, the fastest)."""
+        accuracies closer than one validation sample, the fastest; with an accuracy floor, the
+        fastest that holds it)."""
+        floor = self.space.accuracy_floor
+        if floor is not None:  # the fastest within the floor is the choice
+            rivals = [ms for a, ms in self._within if holds_floor(a, floor)]
+            return holds_floor(acc, floor) and (not rivals or latency_ms < min(rivals))
         resolution = 1.0 / max(len(self.val_labels), 1)
         top = max([a for a, _ in self._within] + [acc])
         if not tied(acc, top, resolution):

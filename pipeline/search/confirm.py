@@ -40,13 +40,13 @@ def confirm_pick(
     """
     from pipeline.search.loop import policy_of
 
-    budget = evaluator.space.budget_ms
-    first = choose_best(records, resolution)
+    budget, floor = evaluator.space.budget_ms, evaluator.space.accuracy_floor
+    first = choose_best(records, resolution, floor)
     if first is None or budget is None:
         return first, []
     remaining, tries = list(records), []
     for _ in range(MAX_TRIES):
-        pick = choose_best(remaining, resolution)
+        pick = choose_best(remaining, resolution, floor)
         if pick is None:
             break
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from agents import make_agent
 from agents.base import Agent
 from pipeline.core.artifacts import write_json
-from pipeline.core.choice import choose_best
+from pipeline.core.choice import choose_best, closest, holds_floor
 from pipeline.core.policy import Policy
 from pipeline.core.space import CandidateResult
 from pipeline.search.candidate import CandidateEvaluator
@@ -61,7 +61,11 @@ class SearchOutcome:
 
 
 def episode_record(
-    index: int, result: CandidateResult, reward: float, budget: float | None
+    index: int,
+    result: CandidateResult,
+    reward: float,
+    budget: float | None,
+    floor: float | None = None,
 ) -> dict:
     """One line of episodes.jsonl (plain JSON, no NaN)."""
     meets = result.ok and (budget is None or result.latency_ms <= budget)
@@ -76,6 +80,7 @@ def episode_record(
         "source": result.source,
         "reward": reward,
         "meets_budget": bool(meets),
+        "holds_floor": bool(result.ok and holds_floor(result.accuracy, floor)),
         "error": result.error,
         "time": time.time(),
     }
@@ -84,15 +89,19 @@ def episode_record(
 class SearchLog:
     """episodes.jsonl plus the best and closest candidates."""
 
-    def __init__(self, path: Path, resolution: float = 0.0) -> None:
+    def __init__(self, path: Path, resolution: float = 0.0, floor: float | None = None) -> None:
         self.path = path
         self.resolution = resolution
+        self.floor = floor
         self.records: list[dict[str, Any]] = []
-        self.closest: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any] | None:
-        return choose_best(self.records, self.resolution)
+        return choose_best(self.records, self.resolution, self.floor)
+
+    @property
+    def closest(self) -> dict[str, Any] | None:
+        return closest(self.records, self.floor)
 
     def add(self, record: dict[str, Any], write: bool = True) -> None:
         self.records.append(record)
@@ -101,10 +110,6 @@ class SearchLog:
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-        if record["error"] is not None or record["latency_ms"] is None:
-            return
-        if self.closest is None or record["latency_ms"] < self.closest["latency_ms"]:
-            self.closest = record
 
     def restore(self, keep: int) -> None:
         """Reload the first `keep` episodes (the checkpoint's) and cut the file back to them."""
@@ -184,7 +189,8 @@ def run_search(
 
     agent = make_agent(agent_name, evaluator, REWARDS[reward_name], seed, run_dir)
     resolution = 1.0 / max(len(evaluator.val_labels), 1)
-    log, ckpt = SearchLog(run_dir / EPISODES, resolution), Checkpointer(run_dir)
+    floor = evaluator.space.accuracy_floor
+    log, ckpt = SearchLog(run_dir / EPISODES, resolution, floor), Checkpointer(run_dir)
     log.restore(ckpt.load(agent, evaluator) if resume else 0)
     started = time.time()
     budget = evaluator.space.budget_ms
@@ -196,7 +202,7 @@ def run_search(
 
         def on_episode(result: CandidateResult, reward: float) -> None:
             nonlocal best_reward
-            log.add(episode_record(len(log.records), result, reward, budget))
+            log.add(episode_record(len(log.records), result, reward, budget, floor))
             if not reward <= best_reward:  # also true while best_reward is NaN
                 best_reward = reward
             shown = log.best or log.closest  # recomputed per episode: cheap at these sizes

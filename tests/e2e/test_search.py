@@ -210,3 +210,33 @@ def test_the_demo_never_ships_precisions_slower_than_fp32(tmp_path):
         assert not faster and shipped == {"fp32"}
     else:
         assert faster and shipped != {"fp32"}
+
+
+@pytest.mark.parametrize("agent", ["uniform", "ppo"])
+def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
+    tmp_path, trained_tiny_resnet, agent
+):
+    """`--max-accuracy-drop` alone: no budget, the fastest candidate holding the floor, checked
+    again once built in full; the run's floor is the test gate's."""
+    workdir = setup_dir(tmp_path, trained_tiny_resnet, episodes=4)
+    args = ("--agent", agent, "--max-accuracy-drop", "3")
+    result = cli("run", "--target", "tiny.yaml", "--config", "pipeline.yaml", *args, cwd=workdir)
+    run_dir = run_dir_of(workdir)
+    report = json.loads((run_dir / "report.json").read_text())
+    search = report["search"]
+    assert search["objective"] == "floor" and report["budget_ms"] is None, result.stderr
+    assert report["met_budget"] is None
+    ran = [r for r in episodes_of(run_dir) if r["error"] is None]
+    held = [r for r in ran if r["accuracy"] >= search["accuracy_floor"] - 1e-9]
+    assert all(r["holds_floor"] == (r in held) for r in ran)
+    if held:  # the pick is the fastest that held the floor, then checked once built
+        assert report["max_accuracy_drop"] == pytest.approx(0.03)
+        assert search["shipped"] == "best within the floor"
+        first = search["floor_tries"][0]["episode"]
+        assert first == min(held, key=lambda r: (r["latency_ms"], -r["accuracy"]))["episode"]
+        assert 1 <= len(search["floor_tries"]) <= 3
+        drop_gate = [f for f in report["gates"]["failed"] if "accuracy drop" in f]
+        assert bool(drop_gate) == (report["accuracy_drop"] > 0.03)
+        assert result.returncode == (0 if report["gates"]["passed"] else 1)
+    else:  # nothing held it: a plain verdict and nothing shipped
+        assert result.returncode == 1 and "accuracy floor" in report["message"]
