@@ -201,12 +201,15 @@ def _as_dict(device: Any) -> Any:
 
 
 def resolve_profile_path(spec: str | Path) -> Path:
-    """A path to a YAML file, or the name of a shipped profile (e.g. `cpu`)."""
+    """A path to a YAML file, or the name of a shipped profile (`cpu`, or `jetson.yaml` when no
+    such file is in the working directory: the command the tool is known by works anywhere)."""
     path = Path(spec)
     if path.is_file():
         return path
-    shipped = PROFILES_DIR / f"{spec}.yaml"
-    if shipped.is_file() and path.suffix == "":
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    shipped = PROFILES_DIR / f"{name}.yaml"
+    bare = path.parent == Path(".") and path.suffix in ("", ".yaml", ".yml")
+    if bare and shipped.is_file():
         return shipped
     names = ", ".join(p.stem for p in shipped_profiles())
     raise ConfigError(f"target profile not found: {spec} (give a YAML path or one of: {names})")

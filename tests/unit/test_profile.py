@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.policy import Precision
+from pipeline.core.profile import PROFILES_DIR as PROFILES
 from pipeline.core.profile import TargetProfile, load_profile, shipped_profiles
 
 
@@ -93,3 +94,12 @@ def test_tolerance_follows_the_loosest_precision():
     p = TargetProfile(name="t", runtime="onnxruntime-cpu")
     assert p.tolerance_for({Precision.FP32}) == p.tolerances.fp32
     assert p.tolerance_for({Precision.FP32, Precision.INT8}) == p.tolerances.int8
+
+
+def test_a_shipped_profile_is_found_by_its_file_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no jetson.yaml here
+    assert load_profile("jetson.yaml").name == load_profile("jetson").name
+    (tmp_path / "jetson.yaml").write_text((PROFILES / "cpu.yaml").read_text())
+    assert load_profile("jetson.yaml").name == "cpu"  # a file in the folder wins
+    with pytest.raises(ConfigError, match=r"not found: elsewhere/jetson.yaml.*cpu"):
+        load_profile("elsewhere/jetson.yaml")  # a path is a path, never a shipped name
