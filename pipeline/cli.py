@@ -36,6 +36,10 @@ def _root(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
 
 
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(help="The model's input, CxHxW (e.g. 3x224x224); default: the profile's."),
+]
 MaxDropOpt = Annotated[
     float | None,
     typer.Option(help="Points of accuracy the model may lose: search the fastest within."),
@@ -75,6 +79,7 @@ def run(
     ] = None,
     budget_ms: Annotated[float | None, typer.Option(help="Latency budget in ms.")] = None,
     max_accuracy_drop: MaxDropOpt = None,
+    input_shape: ShapeOpt = None,
     finetune_steps: Annotated[
         int | None, typer.Option(help="Recovery fine-tune steps (default 300).")
     ] = None,
@@ -106,13 +111,14 @@ def run(
     """
     given = dict(locals())  # the options by name; each is a RunConfig field of the same name
     from pipeline.core.config import load_config, resume_config
-    from pipeline.core.profile import load_profile
+    from pipeline.core.profile import load_profile, parse_shape
     from pipeline.run import execute
 
     prof = load_profile(target)
     if resume is not None:
         raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
     overrides = {k: given[k] for k in RUN_OPTIONS} | {"show_progress": None if progress else False}
+    overrides["input_shape"] = parse_shape(input_shape) if input_shape else None
     search = {k: given[k] for k in SEARCH_OPTIONS}
     search["allow_over_budget"] = True if allow_over_budget else None
     sections = {"search": search, "finetune": {"steps": finetune_steps}}
@@ -126,21 +132,26 @@ def bench(
         Path, typer.Argument(help="An .onnx or .engine file, or a run directory (both models).")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    input_shape: ShapeOpt = None,
 ) -> None:
-    """Measure an artifact's latency on the target: warm-up, then timed runs."""
-    from pipeline.core.profile import load_profile
-    from pipeline.measure.bench import bench_artifact, format_bench
+    """Measure an artifact's latency on the target: warm-up, then timed runs. The input shape
+    is --input-shape, else the ONNX graph's when static, else the profile's."""
+    from pipeline.core.profile import load_profile, parse_shape, with_input_shape
+    from pipeline.measure.bench import bench_artifact, format_bench, graph_input_shape
 
+    given = parse_shape(input_shape) if input_shape else None
+    graph = artifact / "model.onnx" if artifact.is_dir() else artifact
+    profile = with_input_shape(load_profile(target), given or graph_input_shape(graph))
     if artifact.is_dir():  # a run directory: original.onnx and model.onnx side by side
         from pipeline.measure.bench import bench_run_dir, format_bench_run
 
-        pair = bench_run_dir(load_profile(target), artifact)
+        pair = bench_run_dir(profile, artifact)
         if as_json:
             typer.echo(json.dumps(pair, indent=2))
         else:
             console.print(format_bench_run(pair))
         return
-    result = bench_artifact(load_profile(target), artifact)
+    result = bench_artifact(profile, artifact)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -109,6 +109,9 @@ class RunConfig(StrictModel):
         "the fastest policy within it (with budget_ms too, the fastest that also meets the "
         "budget); replaces the profile's max_accuracy_drop for this run",
     )
+    input_shape: tuple[int, int, int] | None = Field(
+        None, description="channels, height, width of the model's input; default: the profile's"
+    )
     seed: int = 0
     out: Path = Path("runs")
     opset: int = Field(17, ge=17)

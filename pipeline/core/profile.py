@@ -215,6 +215,28 @@ def resolve_profile_path(spec: str | Path) -> Path:
     raise ConfigError(f"target profile not found: {spec} (give a YAML path or one of: {names})")
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'3x224x224' -> (3, 224, 224); anything else is a one-line ConfigError."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"input shape {text!r}: give channels x height x width, e.g. 3x224x224")
+    return shape  # type: ignore[return-value]
+
+
+def with_input_shape(profile: TargetProfile, shape: tuple[int, int, int] | None) -> TargetProfile:
+    """The profile measuring inputs of `shape` (the model's); the profile's own shape is only
+    a default, since one profile per device serves every model. Validated like a loaded one."""
+    if shape is None or tuple(shape) == tuple(profile.input.shape):
+        return profile
+    data = profile.model_dump(mode="json")
+    data["input"]["shape"] = list(shape)
+    return parse_model(TargetProfile, data, f"{profile.name} with input shape {shape}")
+
+
 def load_profile(spec: str | Path) -> TargetProfile:
     """Load and validate a target profile; every problem is a one-line ConfigError."""
     path = resolve_profile_path(spec)

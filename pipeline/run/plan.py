@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import new_run_dir
 from pipeline.core.config import RunConfig
-from pipeline.core.profile import TargetProfile
+from pipeline.core.profile import TargetProfile, with_input_shape
 from pipeline.core.records import RunRecord
 from pipeline.run import floor_stage, report, stages
 from pipeline.run.context import RunContext, console
@@ -58,6 +58,7 @@ def execute(
     """Run every stage; return the exit code (0 deployable, 1 a gate failed)."""
     if config.max_accuracy_drop is not None:  # the run's floor is every gate's, QAT's included
         profile = profile.model_copy(update={"max_accuracy_drop": config.max_accuracy_drop / 100})
+    profile = with_input_shape(profile, config.input_shape)
     ctx = RunContext(profile, config, Path(), resume=resume)
     stages.load_inputs(ctx)  # bad input fails here, before a run directory exists
     ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)

@@ -57,3 +57,24 @@ def test_bad_run_input_fails_before_a_run_directory_exists(
 def test_a_resume_of_a_folder_that_is_no_run_is_exit_2(monkeypatch, capsys, tmp_path) -> None:
     code, err = _main(monkeypatch, capsys, "run", "--target", "cpu", "--resume", str(tmp_path))
     assert code == 2 and str(tmp_path.name) in err, err
+
+
+def test_bench_reads_the_input_shape_from_a_static_graph(monkeypatch, capsys, tmp_path) -> None:
+    import json
+
+    from conftest import make_tiny_resnet
+
+    from exporters import export_onnx
+
+    path = export_onnx(make_tiny_resnet(), (3, 20, 24), tmp_path / "model.onnx")
+    args = ("bench", "--target", "cpu", str(path), "--json")
+    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
+    with pytest.raises(SystemExit) as exit_info:  # typer exits 0 at the end of a command
+        cli.main()
+    assert exit_info.value.code in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    assert result["latency_ms"]["median"] > 0  # the profile's 48x48 would not even run
+    code, err = _main(
+        monkeypatch, capsys, "bench", "--target", "cpu", str(path), "--input-shape", "3x48x48"
+    )
+    assert code == 2 and "Traceback" not in err  # the graph refuses another shape: one line

@@ -103,3 +103,16 @@ def test_a_shipped_profile_is_found_by_its_file_name_from_any_folder(tmp_path, m
     assert load_profile("jetson.yaml").name == "cpu"  # a file in the folder wins
     with pytest.raises(ConfigError, match=r"not found: elsewhere/jetson.yaml.*cpu"):
         load_profile("elsewhere/jetson.yaml")  # a path is a path, never a shipped name
+
+
+def test_the_input_shape_comes_from_the_model_and_the_profile_is_a_default():
+    from pipeline.core.profile import parse_shape, with_input_shape
+
+    cpu = load_profile("cpu")
+    assert parse_shape("3x224x224") == (3, 224, 224) == parse_shape("3X224,224")
+    shaped = with_input_shape(cpu, (3, 224, 224))
+    assert shaped.input.shape == (3, 224, 224) and shaped.input.batch == cpu.input.batch
+    assert with_input_shape(cpu, None) is cpu
+    for bad in ("224x224", "3x0x4", "threexfour", ""):
+        with pytest.raises(ConfigError, match="channels x height x width"):
+            parse_shape(bad)
