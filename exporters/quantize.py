@@ -223,8 +223,10 @@ def _quantize_static(
 ) -> None:
     op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
     extra: dict[str, Any] = {
-        # Signed activations are for TensorRT, which only takes a zero point of 0.
+        # Signed activations are for TensorRT, which only takes a zero point of 0, and only
+        # dequantizes int8: a bias quantized to int32 fails its parser, so biases stay float.
         "ActivationSymmetric": scheme.activation_type == "int8",
+        "QuantizeBias": scheme.activation_type != "int8",
     }
     if overrides:
         extra["TensorQuantOverrides"] = overrides

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -111,18 +111,27 @@ def run(
     """
     given = dict(locals())  # the options by name; each is a RunConfig field of the same name
     from pipeline.core.config import load_config, resume_config
-    from pipeline.core.profile import load_profile, parse_shape
+    from pipeline.core.profile import load_profile
     from pipeline.run import execute
 
     prof = load_profile(target)
     if resume is not None:
         raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
-    overrides = {k: given[k] for k in RUN_OPTIONS} | {"show_progress": None if progress else False}
-    overrides["input_shape"] = parse_shape(input_shape) if input_shape else None
-    search = {k: given[k] for k in SEARCH_OPTIONS}
-    search["allow_over_budget"] = True if allow_over_budget else None
-    sections = {"search": search, "finetune": {"steps": finetune_steps}}
+    overrides, sections = _run_overrides(given)
     raise typer.Exit(execute(prof, load_config(config, overrides, sections)))
+
+
+def _run_overrides(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """`pipeline run`'s options as run-config overrides: top-level keys and sections (None
+    leaves the config file's value)."""
+    from pipeline.core.profile import parse_shape
+
+    overrides = {k: given[k] for k in RUN_OPTIONS}
+    overrides["show_progress"] = None if given["progress"] else False
+    overrides["input_shape"] = parse_shape(given["input_shape"]) if given["input_shape"] else None
+    search = {k: given[k] for k in SEARCH_OPTIONS}
+    search["allow_over_budget"] = True if given["allow_over_budget"] else None
+    return overrides, {"search": search, "finetune": {"steps": given["finetune_steps"]}}
 
 
 @app.command()

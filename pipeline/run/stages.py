@@ -143,7 +143,12 @@ def measure(ctx: RunContext, record: RunRecord) -> None:
 
 def validate(ctx: RunContext, record: RunRecord) -> None:
     """Compare model.onnx with the model it came from and with the original, on test."""
-    from pipeline.run.validate import compare_deployed, onnx_logits, source_logits
+    from pipeline.run.validate import (
+        add_tensorrt_rules,
+        compare_deployed,
+        onnx_logits,
+        source_logits,
+    )
 
     stage("validating model.onnx against the original")
     test = ctx.test
@@ -156,6 +161,7 @@ def validate(ctx: RunContext, record: RunRecord) -> None:
         test.labels,
         {a.precision for a in ctx.policy.layers.values()},
     )
+    add_tensorrt_rules(result, ctx.profile, ctx.run_dir / "model.onnx")
     write_json(ctx.run_dir / "validation.json", result)
     record.validation = result
     record.deployed.accuracy = result["candidate_accuracy"]

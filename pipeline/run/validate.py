@@ -137,6 +137,26 @@ def source_logits(
     return fake_quantized_logits(model, json.loads(path.read_text()), scheme, inputs)
 
 
+TENSORRT_RUNTIMES = ("tensorrt", "onnxruntime-trt")
+
+
+def add_tensorrt_rules(result: dict[str, Any], profile: TargetProfile, graph: Path) -> None:
+    """For a TensorRT target, the graph checked against TensorRT's explicit-quantization rules
+    (`exporters.trt_rules`): a graph that breaks one fails validation before it reaches the
+    device. `result["tensorrt_qdq"]` lists the problems."""
+    if profile.runtime not in TENSORRT_RUNTIMES:
+        return
+    from exporters.trt_rules import check_trt_qdq
+
+    problems = check_trt_qdq(graph)
+    result["tensorrt_qdq"] = problems
+    if problems:
+        result["passed"] = False
+        result.setdefault("reasons", []).append(
+            f"TensorRT Q/DQ rules: {len(problems)} problems, first: {problems[0]}"
+        )
+
+
 def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
     """Re-run validation of a finished run and rewrite its validation.json."""
     from pipeline.model.data import load_data
@@ -159,5 +179,6 @@ def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
         labels=labels,
         precisions={a.precision for a in policy.layers.values()},
     )
+    add_tensorrt_rules(result, profile, run_dir / "model.onnx")
     write_json(run_dir / "validation.json", result)
     return result
