@@ -47,6 +47,7 @@ from exporters.tensorrt_meta import (
     read_engine_metadata,
     squash,
 )
+from exporters.trtexec import trtexec_commands
 from pipeline.core.artifacts import atomic_write_bytes, sha256_file, write_json
 from pipeline.core.errors import ModelError, RuntimeNotAvailable
 from pipeline.core.profile import TargetProfile
@@ -206,6 +207,9 @@ def build_engine(
         build_s=round(build_s, 3),
     )
     meta = _metadata(env, profile, onnx_path, engine_bytes, inputs, outputs, settings)
+    cache_name = cache_file.name if cache_file is not None else None
+    mib = workspace_bytes >> 20
+    meta["trtexec"] = trtexec_commands(onnx_path, profile, out_path.name, cache_name, mib)
     # Last: load_engine refuses an engine without metadata, so a build cut short is never used.
     write_json(metadata_path(out_path), meta)
     return meta

@@ -16,6 +16,7 @@ from pipeline.core.records import LATENCY_KEYS, ModelFigures, RunRecord, SearchR
 from pipeline.core.stats import accuracy_interval, paired_difference, ratio_interval
 from pipeline.run.context import RunContext, console
 from pipeline.run.report_render import print_summary, render_markdown, write_pareto
+from pipeline.run.validate import TENSORRT_RUNTIMES
 
 __all__ = ["build_summary", "print_summary", "render_markdown", "write_manifest", "write_report"]
 
@@ -147,6 +148,10 @@ def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
     }
     _add_intervals(record, summary)
     summary["gates"] = _gates(ctx, record, summary)
+    if ctx.profile.runtime in TENSORRT_RUNTIMES:  # the build reproducible by hand on the device
+        from exporters.trtexec import trtexec_commands
+
+        summary["trtexec"] = trtexec_commands(ctx.run_dir / "model.onnx", ctx.profile)
     return summary
 
 

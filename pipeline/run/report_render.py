@@ -75,6 +75,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += _baselines_markdown(summary)
     lines += _search_markdown(summary)
     lines += _checks_markdown(summary)
+    lines += _trtexec_markdown(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +211,25 @@ def _checks_markdown(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- The {key} latency measurement was noisy (CV above the profile's max_cv)")
     lines += [f"- Gate failed: {reason}" for reason in summary["gates"]["failed"]]
     return [*lines, ""]
+
+
+def _trtexec_markdown(summary: dict[str, Any]) -> list[str]:
+    """For TensorRT targets: build and time the engine by hand, in the run directory."""
+    commands = summary.get("trtexec")
+    if not commands:
+        return []
+    return [
+        "## Build and time it with trtexec",
+        "",
+        "In this run directory on the device, the same build as this tool's (strongly typed, "
+        "TF32 off, same workspace, timing cache and shapes), then its latency:",
+        "",
+        "```",
+        commands["build"],
+        commands["bench"],
+        "```",
+        "",
+    ]
 
 
 def _floor_markdown(summary: dict[str, Any]) -> list[str]:

@@ -118,3 +118,21 @@ def test_quantized_weights_over_float_data_are_caught(trt_graph) -> None:
     q = producers[producers[conv.input[0]].input[0]]  # DQ <- Q <- the float activation
     conv.input[0] = q.input[0]
     assert any("quantized weights but float data" in p for p in check_trt_qdq(graph))
+
+
+def test_the_trtexec_commands_mirror_the_builder(tmp_path) -> None:
+    from exporters.trtexec import trtexec_commands
+
+    model = make_tiny_resnet().eval()
+    graph = export_onnx(model, TEST_INPUT, tmp_path / "model.onnx")  # a dynamic batch axis
+    gpu = load_profile("gpu-trt").model_copy()
+    profile = gpu.model_copy(update={"input": gpu.input.model_copy(update={"shape": TEST_INPUT})})
+    commands = trtexec_commands(graph, profile)
+    build = commands["build"].split()
+    assert build[:3] == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine"]
+    assert {"--stronglyTyped", "--noTF32", "--timingCacheFile=timing.cache"} <= set(build)
+    batch = profile.input.batch
+    assert "--minShapes=input:1x3x32x32" in build and f"--maxShapes=input:{batch}x3x32x32" in build
+    bench = commands["bench"].split()
+    assert f"--shapes=input:{batch}x3x32x32" in bench
+    assert f"--iterations={profile.measure.repeats}" in bench
