@@ -2,8 +2,9 @@
 directory and its findings into the `RunRecord`; `pipeline.run.plan.execute` walks them.
 
 load -> baseline -> search (no fixed policy) -> compress (prune + recovery fine-tune) ->
-export (precisions in the graph) -> engine (local TensorRT) -> measure -> validate ->
-baselines (searched runs) -> report. A stage that fails raises; files already written are
+export (precisions in the graph, `export_stage`) -> floor (the accuracy-floor objective,
+`floor_stage`) -> engine (local TensorRT) -> measure -> validate -> baselines (searched runs) ->
+report. A stage that fails raises; files already written are
 complete (atomic) and `manifest.json` says the run did not finish.
 """
 
