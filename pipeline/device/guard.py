@@ -153,6 +153,7 @@ class _GuardedH11Protocol(H11Protocol):
         if not self._gate.admit(self):
             detail = "the agent has no free connection; retry shortly"
             transport.write(_raw_answer(503, "Service Unavailable", detail))
+            self._forget()
             transport.close()
             return
         self._update_deadline()
@@ -182,7 +183,13 @@ class _GuardedH11Protocol(H11Protocol):
     def drop(self) -> None:
         """Close at once (the gate needs the room)."""
         self._cancel_deadline()
+        self._forget()
         self.transport.abort()
+
+    def _forget(self) -> None:
+        """Leave uvicorn's count of connections now, not when the loop reports the close:
+        its `limit_concurrency` counts them, and a burst of closes would turn clients away."""
+        self.connections.discard(self)
 
     # ------------------------------------------------------------------ deadlines
 

@@ -20,9 +20,9 @@ from conftest import run_cli
 from device_agent import TOKEN_ENV, Agent, profile_yaml, small_onnx
 from test_device_security import profile_header
 
+from pipeline.core.errors import MeasurementError
 from pipeline.core.profile import RemoteDevice, TargetProfile
-from pipeline.device.workdir import JobFolders, WorkDirFull
-from pipeline.measure.device_client import DeviceClient, DeviceFull
+from pipeline.measure.device_client import DeviceClient
 from pipeline.measure.device_protocol import PROFILE_HEADER
 
 KIB, MIB = 2**10, 2**20
@@ -44,6 +44,8 @@ def upload(agent: Agent, body: bytes, **headers: str) -> httpx.Response:
 
 
 def test_job_folders_are_pruned_by_count_and_size_but_never_a_job_in_use(tmp_path: Path):
+    from pipeline.device.workdir import JobFolders, WorkDirFull
+
     folders = JobFolders(tmp_path, keep_jobs=3, max_bytes=100 * KIB)
     in_use, first = folders.new_job()
     (first / "model.onnx").write_bytes(b"x" * 10 * KIB)
@@ -147,10 +149,13 @@ def test_a_full_disk_is_a_one_line_507_and_the_agent_recovers_by_itself(
         device = RemoteDevice(url=agent.url, token_env=TOKEN_ENV, retries=0)
         profile = TargetProfile.model_validate({**_tiny_profile(), "device": device.model_dump()})
         fill(seen / "filler")
-        with DeviceClient(device) as client, pytest.raises(DeviceFull) as full:
+        with DeviceClient(device) as client, pytest.raises(MeasurementError) as full:
             client.measure(model, profile)
         message = str(full.value)
         assert "(507)" in message and "no space left" in message and "\n" not in message
+        from pipeline.measure.device_client import DeviceFull
+
+        assert isinstance(full.value, DeviceFull)
         # The command line shows the same, in one line.
         (tmp_path / "remote.yaml").write_text(profile_yaml(agent))
         result = run_cli("bench", "--target", "remote.yaml", str(model), cwd=tmp_path)
