@@ -220,21 +220,56 @@ def wait_for_idle(agent: Any, idle: int, limit_s: float = 120) -> float | None:
     return None
 
 
+class Sampler:
+    """The agent's descriptors and memory every `every_s` seconds, from a thread."""
+
+    def __init__(self, agent: Any, job_pid: int, every_s: float) -> None:
+        self.agent, self.job_pid, self.every_s = agent, job_pid, every_s
+        self.started = time.monotonic()
+        self.samples: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self.take()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    def take(self) -> dict[str, Any]:
+        sample = snapshot(self.agent, self.job_pid, self.started)
+        self.samples.append(sample)
+        return sample
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.take()
+
+    def max_fds(self) -> int:
+        return max(sample["agent_fds"] for sample in self.samples)
+
+
 def hold_phase(agent: Any, job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Strangers hold half-sent requests for `hold_s` while one client measures."""
     idle = agent.open_fds()
-    strangers = Strangers(agent.port, args.strangers, reconnect_s=None).start()
-    tally = run_clients(1, {**job, "mix": (("measure",), (1,)), "pause_s": 0.0}, args.hold_s)
-    held_fds = agent.open_fds()
-    strangers.close()
+    with Sampler(agent, 0, 0.5) as sampler:
+        strangers = Strangers(agent.port, args.strangers, reconnect_s=None).start()
+        tally = run_clients(1, {**job, "mix": (("measure",), (1,)), "pause_s": 0.0}, args.hold_s)
+        held_fds = sampler.take()["agent_fds"]
+        strangers.close()
     return {
         "strangers": args.strangers,
         "held_s": args.hold_s,
         "agent_fds_idle": idle,
-        "agent_fds_while_held": held_fds,
+        "agent_fds_max_while_held": sampler.max_fds(),
+        "agent_fds_at_end_of_hold": held_fds,
         "fds_back_to_idle_after_s": wait_for_idle(agent, idle),
         "strangers_tally": dict(strangers.tally),
         "client": tally.summary(),
+        "fds_every_half_second": [sample["agent_fds"] for sample in sampler.samples],
     }
 
 
@@ -243,38 +278,33 @@ def soak_phase(agent: Any, job: dict[str, Any], args: argparse.Namespace) -> dic
     from pipeline.measure.device_client import device_info
 
     job_pid = int(device_info(job["profile"]).get("job_pid") or 0)
-    started = time.monotonic()
-    samples = [snapshot(agent, job_pid, started)]
-    strangers = Strangers(agent.port, args.strangers, args.reconnect_s).start()
-    result: dict[str, Tally] = {}
-    worker = threading.Thread(
-        target=lambda: result.setdefault("tally", run_clients(args.clients, job, 60 * args.minutes))
-    )
-    worker.start()
-    while worker.is_alive():
-        worker.join(timeout=args.sample_s)
-        samples.append(snapshot(agent, job_pid, started))
-    strangers.close()
-    back = wait_for_idle(agent, samples[0]["agent_fds"])
-    samples.append(snapshot(agent, job_pid, started))
+    with Sampler(agent, job_pid, args.sample_s) as sampler:
+        start = sampler.samples[0]
+        strangers = Strangers(agent.port, args.strangers, args.reconnect_s).start()
+        tally = run_clients(args.clients, job, 60 * args.minutes)
+        last = sampler.take()
+        strangers.close()
+    back = wait_for_idle(agent, start["agent_fds"])
+    end = snapshot(agent, job_pid, sampler.started)
     work = [p for p in agent.work_dir.iterdir() if p.is_dir()]
     return {
         "minutes": args.minutes,
         "clients": args.clients,
         "strangers": args.strangers,
         "reconnect_s": args.reconnect_s,
-        "start": samples[0],
-        "under_load_first": samples[1],
-        "under_load_last": samples[-2],
-        "end": samples[-1],
+        "start": start,
+        "under_load_first": sampler.samples[1],
+        "under_load_last": last,
+        "end": end,
+        "agent_fds_max_sampled": sampler.max_fds(),
         "fds_back_to_idle_after_s": back,
         "work_dir_mib_at_end": round(
             sum(f.stat().st_size for p in work for f in p.iterdir()) / 2**20, 1
         ),
         "work_dir_jobs_at_end": len(work),
         "strangers_tally": dict(strangers.tally),
-        **result["tally"].summary(),
-        "samples": samples,
+        **tally.summary(),
+        "samples": [*sampler.samples, end],
     }
 
 
@@ -315,7 +345,7 @@ def main() -> None:
     parser.add_argument("--hold-s", type=float, default=30)
     parser.add_argument("--reconnect-s", type=float, default=1.0)
     parser.add_argument("--pause-s", type=float, default=0.1, help="each client, between requests")
-    parser.add_argument("--sample-s", type=float, default=10)
+    parser.add_argument("--sample-s", type=float, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/agent_soak.json")
     args = parser.parse_args()
     from device_agent import Agent
@@ -341,7 +371,7 @@ def main() -> None:
     hold, soak = report["hold"], report["soak"]
     print(
         f"hold: {hold['client']['answered']} measurements, {hold['client']['errors']} errors; "
-        f"fds idle {hold['agent_fds_idle']}, held {hold['agent_fds_while_held']}"
+        f"fds idle {hold['agent_fds_idle']}, at most {hold['agent_fds_max_while_held']} held"
     )
     print(
         f"soak: {soak['requests']} requests, {soak['errors']} errors; fds "
