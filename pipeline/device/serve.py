@@ -3,8 +3,9 @@
 uvicorn runs with the guarded h11 protocol of `pipeline.device.guard` (header and body
 deadlines, connection caps) and these settings of its own: `timeout_keep_alive` (idle kept-alive
 connections), `h11_max_incomplete_event_size` (largest request head), `limit_concurrency`
-(requests in progress, counting those whose client left: 503 beyond), `timeout_graceful_shutdown`
-(how long Ctrl-C waits for requests in flight) and no WebSocket support (the agent has none).
+(requests in progress, counting those whose client left: 503 beyond), `backlog` (connections
+not yet accepted), `timeout_graceful_shutdown` (how long Ctrl-C waits for requests in flight)
+and no WebSocket support (the agent has none).
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def serve(
         timeout_keep_alive=limits.keep_alive_s,
         h11_max_incomplete_event_size=limits.max_header_bytes,
         limit_concurrency=2 * limits.max_connections,
+        # Connections waiting to be accepted; asyncio also accepts this many in one go, before
+        # the gate sees any, so it bounds the descriptors a burst of connections can take.
+        backlog=2 * limits.max_connections,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 
