@@ -149,6 +149,13 @@ def _routes(app: FastAPI, jobs: JobRunner, settings: AgentSettings) -> None:
             folders.release(job.job_id)
         return JSONResponse(record, status_code=_measure_status(record))
 
+    _job_routes(app, jobs, limit)
+
+
+def _job_routes(app: FastAPI, jobs: JobRunner, limit: int) -> None:
+    """Routes on a job uploaded before: inference and its artifact."""
+    folders = jobs.folders
+
     @app.post("/infer/{job_id}")
     async def infer(job_id: str, request: Request) -> Response:
         _existing_job(jobs, job_id)
