@@ -26,10 +26,22 @@ def free_port() -> int:
 
 
 class Agent:
-    """One agent process; `start()` waits for /health, `kill()` is SIGKILL (a crash)."""
+    """One agent process; `start()` waits for /health, `kill()` is SIGKILL (a crash).
 
-    def __init__(self, root: Path, *args: str, port: int | None = None, token: str | None = None):
+    `prefix` runs the agent under another command that execs it (`prlimit`, `unshare`), so the
+    agent keeps the process id `proc.pid`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *args: str,
+        port: int | None = None,
+        token: str | None = None,
+        prefix: tuple[str, ...] = (),
+    ):
         self.root = Path(root)
+        self.prefix = list(prefix)
         self.root.mkdir(parents=True, exist_ok=True)
         self.args = list(args)
         self.port = port or free_port()
@@ -52,6 +64,7 @@ class Agent:
 
     def command(self) -> list[str]:
         return [
+            *self.prefix,
             sys.executable,
             "-m",
             "pipeline.cli",
@@ -97,6 +110,11 @@ class Agent:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def open_fds(self) -> int:
+        """How many file descriptors the agent process holds open now."""
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def job_dirs(self) -> list[Path]:
         return sorted(p for p in self.work_dir.glob("*") if p.is_dir())

@@ -13,7 +13,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import secrets
 import shutil
 import signal
 import threading
@@ -27,12 +26,11 @@ import numpy as np
 from pipeline.core.artifacts import sha256_file, write_json
 from pipeline.core.errors import first_line
 from pipeline.device import probe
+from pipeline.device.workdir import JobFolders
 from pipeline.measure.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
 from pipeline.measure.device_protocol import (
     ENGINE_NAME,
-    JOB_ID_BYTES,
     MODEL_NAME,
-    is_job_id,
     load_profile_data,
 )
 
@@ -225,10 +223,15 @@ def _engine_record(engine: str | None) -> dict[str, Any]:
 class JobRunner:
     """Job folders in the work dir, and the one-at-a-time queue in front of the job process."""
 
-    def __init__(self, work_dir: Path, timeout_s: float, keep_jobs: int = 100) -> None:
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.keep_jobs = keep_jobs
+    def __init__(
+        self,
+        work_dir: Path,
+        timeout_s: float,
+        keep_jobs: int = 100,
+        max_work_bytes: int | None = None,
+    ) -> None:
+        self.folders = JobFolders(work_dir, keep_jobs, max_work_bytes)
+        self.work_dir = self.folders.work_dir
         self.worker = JobWorker(timeout_s)
         self._lock = threading.Lock()
 
@@ -248,32 +251,6 @@ class JobRunner:
             self.worker.close(kill=True)
 
     # ------------------------------------------------------------------ job folders
-
-    def new_job(self) -> tuple[str, Path]:
-        """A fresh job id and its (empty) folder; the oldest folders beyond `keep_jobs` go."""
-        self._prune()
-        job_id = secrets.token_hex(JOB_ID_BYTES)
-        job_dir = self.work_dir / job_id
-        job_dir.mkdir(mode=0o700)
-        return job_id, job_dir
-
-    def job_dir(self, job_id: str) -> Path | None:
-        """The folder of an existing job; None for anything that is not a job id we made."""
-        if not is_job_id(job_id):
-            return None
-        path = self.work_dir / job_id
-        return path if path.is_dir() else None
-
-    def discard(self, job_id: str) -> None:
-        path = self.job_dir(job_id)
-        if path is not None:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _prune(self) -> None:
-        jobs = [p for p in self.work_dir.iterdir() if p.is_dir() and is_job_id(p.name)]
-        jobs.sort(key=lambda p: p.stat().st_mtime)
-        for old in jobs[: max(0, len(jobs) - self.keep_jobs + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
     def model_path(job_dir: Path) -> Path:
@@ -314,7 +291,10 @@ class JobRunner:
                 record.update(status="error", error_type=exc.error_type, error=str(exc))
             record["finished"] = time.time()
             record["health"] = {"before": before, "after": probe.health()}
-        write_json(job_dir / RESULT_FILE, record)
+        try:
+            write_json(job_dir / RESULT_FILE, record)
+        except OSError as exc:  # the answer still goes out; only the job's copy is missing
+            log.warning("job %s: cannot save %s: %s", job_id, RESULT_FILE, exc)
         return record
 
     def infer(self, job_id: str, job_dir: Path, feed: np.ndarray) -> np.ndarray:

@@ -5,21 +5,18 @@ Endpoints: `GET /health` (open), and behind a bearer token: `GET /info`, `POST /
 (.npy in, .npy out), `GET /artifacts/{job_id}` (the built engine, else the model).
 
 Safe by default: the token is checked on every request but /health with a constant-time
-comparison; uploads are capped (declared and actual size); the server names every file itself,
-inside a folder named by a random job id; jobs run one at a time in a child process that is
-killed when it overruns.
+comparison; uploads are capped (declared and actual size) and the numbers of a profile bounded;
+the server names every file itself, inside a folder named by a random job id; jobs run one at a
+time in a child process that is killed when it overruns; a full disk answers 507. Connection
+limits and read deadlines live below the app, in `pipeline.device.guard`; `pipeline.device.serve`
+starts the server.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import ipaddress
 import json
 import logging
-import os
-import stat
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +33,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.core.artifacts import sha256_file
 from pipeline.core.errors import ConfigError
 from pipeline.device import probe
+from pipeline.device.bounds import check_profile_bounds, check_profile_header_size
+from pipeline.device.guard import bearer_matches
 from pipeline.device.jobs import PROFILE_FILE, JobFailed, JobRunner, JobTimeout
+from pipeline.device.workdir import WorkDirFull, disk_full_message, is_disk_full
 from pipeline.measure.device_protocol import (
     PROFILE_HEADER,
     SHA256_HEADER,
@@ -46,9 +46,9 @@ from pipeline.measure.device_protocol import (
 )
 
 log = logging.getLogger(__name__)
-MIN_TOKEN_CHARS = 16
 OPEN_PATHS = frozenset({"/health"})
 _STATUS_CODES = {"ok": 200, "timeout": 504, "error": 422}
+_DISK_FULL_TEXT = "No space left on device"  # how a job process reports ENOSPC (strerror)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class AgentSettings:
     max_upload_bytes: int
     job_timeout_s: float
     keep_jobs: int = 100
+    max_work_bytes: int | None = None
 
 
 class BearerAuth:
@@ -73,24 +74,26 @@ class BearerAuth:
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, value = given.partition(b" ")
-            # compare_digest takes time independent of where the strings differ
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self._token):
-                response = JSONResponse(
-                    {"detail": "missing or wrong bearer token"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
+        if (
+            scope["type"] == "http"
+            and scope["path"] not in OPEN_PATHS
+            and not bearer_matches(scope["headers"], self._token)
+        ):
+            response = JSONResponse(
+                {"detail": "missing or wrong bearer token"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
 def create_app(settings: AgentSettings) -> FastAPI:
     """The agent's ASGI app; its job process starts with the app (lifespan) and stops with it."""
-    jobs = JobRunner(settings.work_dir, settings.job_timeout_s, settings.keep_jobs)
+    jobs = JobRunner(
+        settings.work_dir, settings.job_timeout_s, settings.keep_jobs, settings.max_work_bytes
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +111,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
         redirect_slashes=False,
     )
     app.add_middleware(BearerAuth, token=settings.token)
+    app.add_exception_handler(WorkDirFull, _work_dir_full)
     app.state.jobs = jobs
     _routes(app, jobs, settings)
     return app
@@ -115,6 +119,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
 
 def _routes(app: FastAPI, jobs: JobRunner, settings: AgentSettings) -> None:
     limit = settings.max_upload_bytes
+    folders = jobs.folders
 
     @app.get("/health")
     async def health() -> dict[str, Any]:  # async: answers even when every worker thread waits
@@ -122,45 +127,77 @@ def _routes(app: FastAPI, jobs: JobRunner, settings: AgentSettings) -> None:
 
     @app.get("/info")
     def info() -> dict[str, Any]:
-        agent = {"max_upload_bytes": limit, "job_timeout_s": settings.job_timeout_s}
+        agent = {
+            "max_upload_bytes": limit,
+            "job_timeout_s": settings.job_timeout_s,
+            "max_work_bytes": settings.max_work_bytes,
+        }
         return {**probe.system_info(), **jobs.worker.ready_info, "agent": agent}
 
     @app.post("/models")
     async def upload(request: Request) -> dict[str, Any]:
         job = await _accept_model(request, jobs, limit)
+        folders.release(job.job_id)
         return {"job_id": job.job_id, "sha256": job.sha256}
 
     @app.post("/measure")
     async def measure(request: Request) -> JSONResponse:
         job = await _accept_model(request, jobs, limit)
-        record = await run_in_threadpool(jobs.measure, job.job_id, job.job_dir, job.profile)
-        return JSONResponse(record, status_code=_STATUS_CODES.get(record["status"], 500))
+        try:
+            record = await run_in_threadpool(jobs.measure, job.job_id, job.job_dir, job.profile)
+        finally:
+            folders.release(job.job_id)
+        return JSONResponse(record, status_code=_measure_status(record))
+
+    _job_routes(app, jobs, limit)
+
+
+def _job_routes(app: FastAPI, jobs: JobRunner, limit: int) -> None:
+    """Routes on a job uploaded before: inference and its artifact."""
+    folders = jobs.folders
 
     @app.post("/infer/{job_id}")
     async def infer(job_id: str, request: Request) -> Response:
-        job_dir = _existing_job(jobs, job_id)
+        _existing_job(jobs, job_id)
         feed = _parse_feed(await _read_limited(request, limit))
-        try:
-            out = await run_in_threadpool(jobs.infer, job_id, job_dir, feed)
-        except JobTimeout as exc:
-            return JSONResponse({"status": "timeout", "error": str(exc)}, status_code=504)
-        except JobFailed as exc:
-            body = {"status": "error", "error_type": exc.error_type, "error": str(exc)}
-            return JSONResponse(body, status_code=422)
+        with folders.using(job_id) as job_dir:
+            if job_dir is None:  # pruned while the feed arrived
+                raise HTTPException(404, "no such job")
+            try:
+                out = await run_in_threadpool(jobs.infer, job_id, job_dir, feed)
+            except JobTimeout as exc:
+                return JSONResponse({"status": "timeout", "error": str(exc)}, status_code=504)
+            except JobFailed as exc:
+                body = {"status": "error", "error_type": exc.error_type, "error": str(exc)}
+                return JSONResponse(body, status_code=422)
         return Response(array_to_npy(out), media_type="application/octet-stream")
 
     @app.get("/artifacts/{job_id}")
     def artifact(job_id: str) -> FileResponse:
-        job_dir = _existing_job(jobs, job_id)
-        path = jobs.artifact_path(job_dir)
-        if not path.is_file():
-            raise HTTPException(404, "the job has no artifact")
+        with folders.using(job_id) as job_dir:  # the latest used: the last to be pruned
+            if job_dir is None:
+                raise HTTPException(404, "no such job")
+            path = jobs.artifact_path(job_dir)
+            if not path.is_file():
+                raise HTTPException(404, "the job has no artifact")
+            digest = sha256_file(path)
         return FileResponse(
             path,
             media_type="application/octet-stream",
             filename=f"{job_id}{path.suffix}",
-            headers={SHA256_HEADER: sha256_file(path)},
+            headers={SHA256_HEADER: digest},
         )
+
+
+def _measure_status(record: dict[str, Any]) -> int:
+    """HTTP status of a measurement's record: a job that ran out of disk is a 507 too."""
+    if record.get("status") == "error" and _DISK_FULL_TEXT in str(record.get("error", "")):
+        return 507
+    return _STATUS_CODES.get(record["status"], 500)
+
+
+async def _work_dir_full(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=507)
 
 
 # --------------------------------------------------------------------------- uploads
@@ -168,7 +205,8 @@ def _routes(app: FastAPI, jobs: JobRunner, settings: AgentSettings) -> None:
 
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded graph, stored as `<work dir>/<job_id>/model.onnx`."""
+    """An uploaded graph, stored as `<work dir>/<job_id>/model.onnx`; the job is in use until
+    the caller releases it."""
 
     job_id: str
     job_dir: Path
@@ -176,42 +214,70 @@ class Upload:
     sha256: str
 
 
+def _read_profile(request: Request) -> dict[str, Any]:
+    """The profile header, decoded and within the agent's bounds (422 otherwise)."""
+    text = request.headers.get(PROFILE_HEADER, "")
+    try:
+        check_profile_header_size(text)
+        profile = decode_profile(text)
+        check_profile_bounds(profile)
+    except ConfigError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return profile
+
+
 async def _accept_model(request: Request, jobs: JobRunner, limit: int) -> Upload:
     """Check the headers, then stream the body to `<job dir>/model.<kind>`.
 
     Only the profile and the bytes come from the client; every name comes from the server,
     so no header or field can steer a path.
+
+    Raises:
+        HTTPException: Bad headers (422, 400), too large (413).
+        WorkDirFull: No room for the upload, even after pruning old jobs (507).
     """
+    profile = _read_profile(request)
+    declared = _check_declared_size(request, limit)
+    folders = jobs.folders
+    # Off the event loop: pruning removes folders, which may hold large engines.
+    job_id, job_dir = await run_in_threadpool(folders.new_job, declared or 0)
     try:
-        profile = decode_profile(request.headers.get(PROFILE_HEADER, ""))
-    except ConfigError as exc:
-        raise HTTPException(422, str(exc)) from None
-    _check_declared_size(request, limit)
-    job_id, job_dir = jobs.new_job()
-    try:
-        digest = await _stream_to(request, jobs.model_path(job_dir), limit)
+        room = await run_in_threadpool(folders.room)
+        digest = await _stream_to(request, jobs.model_path(job_dir), limit, room)
         (job_dir / PROFILE_FILE).write_text(json.dumps(profile))
-    except BaseException:
-        jobs.discard(job_id)
+    except BaseException as exc:
+        folders.discard(job_id)
+        if is_disk_full(exc):
+            raise WorkDirFull(disk_full_message(folders.work_dir)) from None
         raise
     return Upload(job_id, job_dir, profile, digest)
 
 
-def _check_declared_size(request: Request, limit: int) -> None:
+def _check_declared_size(request: Request, limit: int) -> int | None:
+    """The declared Content-Length (None without one); 413 above `limit`."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return
+        return None
     if not declared.isdigit():
         raise HTTPException(400, "Content-Length is not a number")
     if int(declared) > limit:
         raise HTTPException(413, _too_large(limit))
+    return int(declared)
 
 
-async def _stream_to(request: Request, path: Path, limit: int) -> str:
-    """Write the body to a new file, 413 once more than `limit` bytes arrive; its sha256."""
+async def _stream_to(request: Request, path: Path, limit: int, room: int) -> str:
+    """Write the body to a new file, 413 once more than `limit` bytes arrive, WorkDirFull once
+    more than `room`; its sha256."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "xb") as fh:  # "x": a job folder is fresh, nothing is ever overwritten
         async for chunk in _limited_chunks(request, limit):
+            size += len(chunk)
+            if size > room:
+                raise WorkDirFull(
+                    f"the upload outgrew the {room / 2**20:.1f} MiB left for the agent's jobs "
+                    f"(free disk and --max-work-mb) in {path.parent.parent}; free space there"
+                )
             digest.update(chunk)
             fh.write(chunk)
     return digest.hexdigest()
@@ -247,7 +313,7 @@ def _too_large(limit: int) -> str:
 
 
 def _existing_job(jobs: JobRunner, job_id: str) -> Path:
-    job_dir = jobs.job_dir(job_id)
+    job_dir = jobs.folders.job_dir(job_id)
     if job_dir is None:
         raise HTTPException(404, "no such job")
     return job_dir
@@ -263,103 +329,3 @@ def _parse_feed(data: bytes) -> np.ndarray:
             422, f"the feed must be float32 (B, C, H, W), got {feed.dtype} of shape {feed.shape}"
         )
     return feed
-
-
-# --------------------------------------------------------------------------- serve
-
-
-def read_token(token_file: Path | None) -> str:
-    """The bearer token from its file (first line, stripped).
-
-    Raises:
-        ConfigError: No file given, unreadable, empty, or a token too short to be safe.
-    """
-    make = "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token && chmod 600 token"
-    if token_file is None:
-        raise ConfigError(f"the agent needs a token: create one ({make}) and pass --token-file")
-    try:
-        text = Path(token_file).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
-    lines = text.strip().splitlines()
-    token = lines[0].strip() if lines else ""
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(
-            f"token file {token_file} holds no token of at least {MIN_TOKEN_CHARS} characters; "
-            f"make a random one: {make}"
-        )
-    if Path(token_file).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("token file %s is readable by other users; chmod 600 it", token_file)
-    return token
-
-
-def default_work_dir() -> Path:
-    """`$PIPELINE_CACHE/device-jobs`, or `~/.cache/pipeline/device-jobs`."""
-    env = os.environ.get("PIPELINE_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline"
-    return base / "device-jobs"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def serve(
-    host: str,
-    port: int,
-    token_file: Path | None,
-    tls_cert: Path | None = None,
-    tls_key: Path | None = None,
-    max_upload_mb: float = 1024,
-    job_timeout_s: float = 600,
-    work_dir: Path | None = None,
-) -> None:
-    """Run the agent until interrupted.
-
-    Raises:
-        ConfigError: No usable token, half a TLS pair, a missing TLS file, or bad limits.
-    """
-    import uvicorn
-
-    token = read_token(token_file)
-    _check_tls(tls_cert, tls_key)
-    if max_upload_mb <= 0 or job_timeout_s <= 0:
-        raise ConfigError("--max-upload-mb and --job-timeout-s must be positive")
-    if tls_cert is None and not is_loopback(host):
-        _warn(
-            f"serving on {host} without TLS: the token and models cross the network in the "
-            "clear; pass --tls-cert and --tls-key"
-        )
-    settings = AgentSettings(
-        token=token,
-        work_dir=Path(work_dir) if work_dir else default_work_dir(),
-        max_upload_bytes=int(max_upload_mb * 2**20),
-        job_timeout_s=job_timeout_s,
-    )
-    scheme = "https" if tls_cert else "http"
-    _warn(f"device agent on {scheme}://{host}:{port} (jobs in {settings.work_dir})", "")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-        log_level="warning",
-    )
-
-
-def _check_tls(cert: Path | None, key: Path | None) -> None:
-    if (cert is None) != (key is None):
-        raise ConfigError("TLS needs both --tls-cert and --tls-key (or neither)")
-    for path in (cert, key):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"TLS file not found: {path}")
-
-
-def _warn(message: str, prefix: str = "warning: ") -> None:
-    print(f"{prefix}{message}", file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 A connection that fails (refused, reset, dropped mid-job) is retried with exponential backoff,
 `device.retries` times; a device that stays down is a MeasurementError naming its URL. What the
 agent refuses is mapped back to the error the user can act on (a wrong token is a ConfigError,
-an oversized model a ModelError, an error raised on the device keeps its type).
+an oversized model a ModelError, a full disk on the device a DeviceFull, an error raised on the
+device keeps its type).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ _INFO: dict[tuple[str, str], dict[str, Any]] = {}
 
 class JobGone(MeasurementError):
     """The agent no longer has the job (it restarted with a new work dir, or pruned it)."""
+
+
+class DeviceFull(MeasurementError):
+    """The agent has no room for the job (HTTP 507): its disk, or its work folder, is full.
+
+    Nothing to retry at once: the agent takes the next job by itself once space is free.
+    """
 
 
 def device_token(device: RemoteDevice) -> str:
@@ -225,6 +233,8 @@ class DeviceClient:
             raise JobGone(f"{where}: {detail} (the agent restarted or pruned the job)")
         if code == 504:
             raise MeasurementError(f"{where}: {detail}")
+        if code == 507:
+            raise DeviceFull(f"{where} has no room for the job (507): {detail}")
         kind = _error_class(body.get("error_type"))
         if kind is not None:
             raise kind(f"{where}: {detail}")
