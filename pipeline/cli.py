@@ -6,13 +6,18 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from pipeline.core.errors import MeasurementError, PipelineError, first_line
+
+try:  # typer carries its own copy of click from 0.2x on; before, its errors are click's
+    from typer import TyperException as ArgumentError
+except ImportError:  # pragma: no cover - older typer
+    from click import ClickException as ArgumentError
 
 app = typer.Typer(
     help="Prune and quantize a PyTorch model against latency measured on the target device.",
@@ -37,8 +42,20 @@ def _root(
 
 
 # `pipeline run` options that override the run config's top level and its search section
-RUN_OPTIONS = ("model", "weights", "data", "num_classes", "policy", "budget_ms", "out", "seed")
+RUN_OPTIONS = (
+    "model",
+    "weights",
+    "random_init",
+    "data",
+    "num_classes",
+    "policy",
+    "budget_ms",
+    "out",
+    "seed",
+)
 SEARCH_OPTIONS = ("agent", "episodes", "reward", "candidate_steps")
+# Options whose default is not None: an option counts as given when it differs from these
+FLAG_DEFAULTS = {"progress": True, "allow_over_budget": False, "random_init": False}
 
 
 @app.command()
@@ -51,6 +68,10 @@ def run(
     weights: Annotated[
         Path | None, typer.Option(help="Weights: .safetensors or a state_dict file.")
     ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(help="Compress a torchvision --model from random weights, on purpose."),
+    ] = False,
     data: Annotated[
         str | None, typer.Option(help="digits | imagefolder:DIR | module:function.")
     ] = None,
@@ -86,19 +107,56 @@ def run(
     Without --policy, an agent searches per-layer keep ratios and precisions against latency
     measured on the target, under --budget-ms (default: 0.4 x the original's latency).
     """
-    given = dict(locals())  # the options by name; each is a RunConfig field of the same name
+    # the options by name; each is a RunConfig field of the same name
+    raise typer.Exit(_run(dict(locals())))
+
+
+def _run(given: dict[str, Any]) -> int:
+    """`pipeline run` with its options by name; the exit code."""
     from pipeline.core.config import load_config, resume_config
     from pipeline.core.profile import load_profile
     from pipeline.run import execute
 
-    prof = load_profile(target)
-    if resume is not None:
-        raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
-    overrides = {k: given[k] for k in RUN_OPTIONS} | {"show_progress": None if progress else False}
+    named = _given_options(given)
+    prof = load_profile(given["target"])
+    if given["resume"] is not None:
+        _refuse_with("--resume", named - {"--target", "--resume", "--no-progress"})
+        cfg = resume_config(given["resume"])
+        cfg = cfg if given["progress"] else cfg.model_copy(update={"show_progress": False})
+        return execute(prof, cfg, run_dir=given["resume"], resume=True)
+    overrides = {k: given[k] for k in RUN_OPTIONS}
+    overrides["show_progress"] = None if given["progress"] else False
+    overrides["random_init"] = True if given["random_init"] else None
     search = {k: given[k] for k in SEARCH_OPTIONS}
-    search["allow_over_budget"] = True if allow_over_budget else None
-    sections = {"search": search, "finetune": {"steps": finetune_steps}}
-    raise typer.Exit(execute(prof, load_config(config, overrides, sections)))
+    search["allow_over_budget"] = True if given["allow_over_budget"] else None
+    sections = {"search": search, "finetune": {"steps": given["finetune_steps"]}}
+    cfg = load_config(given["config"], overrides, sections)
+    if cfg.policy is not None:  # a fixed policy skips the search: its options would do nothing
+        searching = {"--agent", "--episodes", "--reward", "--candidate-steps"}
+        _refuse_with("--policy", named & (searching | {"--allow-over-budget"}))
+    return execute(prof, cfg)
+
+
+def _given_options(given: dict[str, object]) -> set[str]:
+    """The `run` options the user gave, as spelt on the command line."""
+    names = set()
+    for key, value in given.items():
+        if value is not None and value != FLAG_DEFAULTS.get(key):
+            flag = "--no-progress" if key == "progress" else f"--{key.replace('_', '-')}"
+            names.add(flag)
+    return names
+
+
+def _refuse_with(option: str, others: set[str]) -> None:
+    """Options that would be ignored beside `option` are an error, not silently dropped."""
+    if others:
+        from pipeline.core.errors import ConfigError
+
+        why = {
+            "--resume": "a resumed run continues with the settings it started with",
+            "--policy": "a fixed policy skips the search",
+        }[option]
+        raise ConfigError(f"{', '.join(sorted(others))} does not apply with {option}: {why}")
 
 
 @app.command()
@@ -108,25 +166,24 @@ def bench(
         Path, typer.Argument(help="An .onnx or .engine file, or a run directory (both models).")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            max=86_400,
+            help="Each measurement (one model, one round) is stopped after this many seconds.",
+        ),
+    ] = 600,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs."""
     from pipeline.core.profile import load_profile
-    from pipeline.measure.bench import bench_artifact, format_bench
+    from pipeline.measure.bench import bench_with_timeout, format_bench, format_bench_run
 
-    if artifact.is_dir():  # a run directory: original.onnx and model.onnx side by side
-        from pipeline.measure.bench import bench_run_dir, format_bench_run
-
-        pair = bench_run_dir(load_profile(target), artifact)
-        if as_json:
-            typer.echo(json.dumps(pair, indent=2))
-        else:
-            console.print(format_bench_run(pair))
-        return
-    result = bench_artifact(load_profile(target), artifact)
+    result = bench_with_timeout(load_profile(target), artifact, timeout_s)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(format_bench(result))
+    else:  # a run directory gives both models side by side, with the speedup
+        console.print(format_bench_run(result) if "speedup" in result else format_bench(result))
 
 
 @app.command()
@@ -178,7 +235,7 @@ def device_serve(
         Path | None, typer.Option(help="File holding the bearer token clients must send.")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: all).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8765,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, MiB.")] = 1024,
@@ -199,7 +256,14 @@ def main() -> None:
     """Entry point: bad input is one line and exit code 2; --debug shows tracebacks."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        # Not standalone: click's usage errors come here, to be printed as one line
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except ArgumentError as exc:  # click's usage errors: one line, not a box
+        _argument_error(exc)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except PipelineError as exc:
         if debug:
             raise
@@ -215,6 +279,18 @@ def main() -> None:
         if debug:
             raise
         _fail("internal error", exc, 1, hint=" (rerun with --debug for the traceback)")
+
+
+def _argument_error(exc: Exception) -> None:
+    """A command line click could not parse: one line and exit 2 (the help when none given)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help(), err=True)
+        sys.exit(2)
+    command = ctx.command_path if ctx is not None else "pipeline"
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    code = getattr(exc, "exit_code", 2)
+    _fail("error", RuntimeError(message), code, hint=f" (see `{command} --help`)")
 
 
 def _fail(kind: str, exc: BaseException, code: int, hint: str = "") -> None:

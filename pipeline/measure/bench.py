@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from rich.table import Table
 from pipeline.core.profile import TargetProfile
 from pipeline.measure.runners.base import LatencyStats
 from pipeline.measure.runners.floor import check_floor, physical_floor
-from pipeline.measure.runners.registry import get_runner
+from pipeline.measure.runners.registry import check_runtime, get_runner
 
 
 def measure_artifact(
@@ -146,9 +147,11 @@ def format_bench(result: dict[str, Any]) -> Table:
 RUN_DIR_MODELS = {"original": "original.onnx", "deployed": "model.onnx"}
 
 
-def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
+def bench_run_dir(
+    profile: TargetProfile, run_dir: Path, measure: Measure | None = None
+) -> dict[str, Any]:
     """Benchmark a run directory's original.onnx and deployed model.onnx with the same runner,
-    interleaved over the profile's `measure.rounds`.
+    interleaved over the profile's `measure.rounds`, in this process or with `measure`.
 
     Returns:
         `original` and `deployed` (each a `bench_interleaved` result) and `speedup`, the
@@ -168,7 +171,7 @@ def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
         )
     paths = {key: run_dir / name for key, name in RUN_DIR_MODELS.items()}
     result: dict[str, Any] = bench_interleaved(
-        lambda path: bench_artifact(profile, path), paths, profile.measure.rounds
+        measure or (lambda path: bench_artifact(profile, path)), paths, profile.measure.rounds
     )
     medians = [result[key]["latency_ms"]["median"] for key in RUN_DIR_MODELS]
     result["speedup"] = medians[0] / medians[1]
@@ -197,3 +200,29 @@ def _cost_model_for(artifact: Path) -> Path | None:
         return artifact
     sibling = artifact.with_suffix(".onnx")
     return sibling if sibling.is_file() else None
+
+
+def bench_with_timeout(profile: TargetProfile, target: Path, timeout_s: float) -> dict[str, Any]:
+    """`pipeline bench`: an artifact (`bench_artifact`) or a run directory (`bench_run_dir`)
+    measured in a child process that is killed after `timeout_s` per measurement, so a runtime
+    that hangs cannot hold the command.
+
+    Raises:
+        ModelError, RuntimeNotAvailable: The artifact cannot be used (checked here first).
+        ConfigError: A run directory lacks one of its two models.
+        MeasurementError: A measurement timed out, crashed or beat the physical floor.
+    """
+    from pipeline.measure.measure_worker import MeasureWorker
+
+    target = Path(target)
+    is_run_dir = os.path.isdir(target)  # False, not an error, for paths the OS refuses
+    paths = [target / name for name in RUN_DIR_MODELS.values()] if is_run_dir else [target]
+    runner = check_runtime(profile)
+    for path in paths:
+        if is_run_dir and not path.is_file():
+            break  # bench_run_dir names what the folder lacks
+        runner(path, profile)  # the file and its suffix, before a process starts
+    with MeasureWorker(profile, timeout_s, typed_errors=True) as worker:
+        if is_run_dir:
+            return bench_run_dir(profile, target, worker.measure)
+        return worker.measure(target)

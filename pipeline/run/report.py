@@ -10,9 +10,17 @@ import platform
 import time
 from typing import Any
 
+import numpy as np
+
 from pipeline.core.artifacts import atomic_write_text, sha256_file, versions, write_json
 from pipeline.core.records import LATENCY_KEYS, ModelFigures, RunRecord
-from pipeline.core.stats import accuracy_interval, paired_difference, ratio_interval
+from pipeline.core.stats import (
+    accuracy_interval,
+    at_chance,
+    chance_level,
+    paired_difference,
+    ratio_interval,
+)
 from pipeline.run.context import RunContext, console
 from pipeline.run.report_render import print_summary, render_markdown, write_pareto
 
@@ -100,6 +108,9 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
             f"the policy's precisions run slower than FP32 on this target "
             f"({check.speedup:.2f}x); try another int8 scheme or FP32"
         )
+    chance = _chance_gate(ctx, record)
+    if chance:
+        failed.append(chance)
     mismatched = (record.precision or {}).get("mismatched_layers")
     if mismatched:
         failed.append(
@@ -107,6 +118,25 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
             + ", ".join(mismatched[:5])
         )
     return {"passed": not failed, "failed": failed}
+
+
+def _chance_gate(ctx: RunContext, record: RunRecord) -> str:
+    """Why the run cannot be deployable when the original scores at chance on test (an
+    untrained network, or data it was not trained for): no accuracy drop measured against it
+    means anything. Empty when it is clearly better than guessing."""
+    correct = record.original.correct
+    if correct is None or ctx.splits is None or ctx.test is None or not len(correct):
+        return ""
+    chance = chance_level(ctx.test.labels, ctx.splits.num_classes)
+    n, right = len(correct), int(np.asarray(correct).sum())
+    if not at_chance(right, n, chance):
+        return ""
+    low, high = accuracy_interval(right, n).as_list()
+    return (
+        f"the original model scores at chance level on the test split ({right / n:.2%}, 95% "
+        f"interval [{low:.2%}, {high:.2%}], chance {chance:.2%}): it looks untrained or not "
+        "trained for this data; give its trained weights (--weights)"
+    )
 
 
 def _budget(ctx: RunContext, record: RunRecord) -> float | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.artifacts import write_json
+from pipeline.core.errors import ConfigError
+from pipeline.core.files import CONFIG_MAX_BYTES, load_json
 from pipeline.core.policy import Policy
 from pipeline.core.records import RunRecord, SearchRecord
 from pipeline.core.train_spec import TrainSpec
@@ -33,7 +34,11 @@ def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float:
     """The budget in ms; a resumed search keeps the one it started with."""
     path = ctx.run_dir / SETUP
     if resume and path.is_file():
-        return json.loads(path.read_text())["budget_ms"]
+        setup = load_json(path, "search setup", ConfigError, CONFIG_MAX_BYTES)
+        budget = setup.get("budget_ms") if isinstance(setup, dict) else None
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+            raise ConfigError(f"cannot resume: {path} is corrupt (no positive budget_ms)")
+        return float(budget)
     budget = ctx.config.budget_ms or ctx.profile.budget_ms
     source = "given"
     if budget is None:
