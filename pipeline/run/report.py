@@ -225,12 +225,13 @@ def write_report(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
     return summary
 
 
-def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
-    """When no candidate meets the budget: say so plainly; nothing is shipped."""
+def write_no_candidate(ctx: RunContext, record: RunRecord, reason: str | None = None) -> None:
+    """When no candidate meets the budget (or, with `reason`, none can): say so plainly;
+    nothing is shipped."""
     search = record.search
     assert search is not None, "only a search can find no candidate"
     closest = min((c["latency_ms"] for c in search.candidates), default=None)
-    message = (
+    message = reason or (
         f"no candidate met the {search.budget_ms:.3f} ms budget in "
         f"{search.summary.get('episodes')} episodes (fastest: "
         f"{'-' if closest is None else f'{closest:.3f} ms'}); nothing was shipped. "
@@ -252,4 +253,4 @@ def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
         ctx.run_dir / "report.md",
         f"# Run report: {ctx.profile.name}\n\n**Verdict: NOT deployable.** {message}.\n",
     )
-    console.print(f"[red]{message}[/]")
+    console.print(f"[red]{message}[/]", soft_wrap=True)  # one line, however long

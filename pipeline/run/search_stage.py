@@ -58,6 +58,12 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     sc = ctx.config.search
     base = _evaluator(ctx)
     budget = base.space.budget_ms
+    problem = _feasibility(ctx, base)
+    if problem and not sc.allow_over_budget:
+        base.close()
+        summary = {"agent": sc.agent, "episodes": 0, "infeasible": problem}
+        record.search = SearchRecord(summary, budget, base.space.original_latency_ms)
+        return None
     stage(
         f"searching with {sc.agent}: {sc.episodes} candidates, budget {budget:.3f} ms "
         f"({ctx.profile.measure.statistic})"
@@ -83,6 +89,26 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         "best under budget" if best else ("closest (over budget)" if chosen else None)
     )
     return policy_of(chosen) if chosen else None
+
+
+def _feasibility(ctx: RunContext, base: CandidateEvaluator) -> str | None:
+    """Why the budget cannot be met by any candidate (`pipeline.run.feasibility`), or None.
+
+    With --allow-over-budget the search still runs, to ship the closest candidate; the
+    reason is shown, not acted on.
+    """
+    from pipeline.run.feasibility import describe, fastest_policy, infeasible
+
+    space = base.space
+    policy = fastest_policy(space, ctx.config.search.agent)
+    what = describe(space, policy)
+    stage(f"measuring the fastest candidate the search can build ({what})")
+    stats, floor_ms = base.measure_untrained(policy)
+    statistic = ctx.profile.measure.statistic
+    problem = infeasible(space.budget_ms, stats, floor_ms, statistic, what)
+    if problem and ctx.config.search.allow_over_budget:
+        stage(f"{problem}; searching for the closest candidate (--allow-over-budget)")
+    return problem
 
 
 def _precision_of(evaluator: CandidateEvaluator) -> str:
