@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -229,11 +231,13 @@ def _as_dict(device: Any) -> Any:
 def resolve_profile_path(spec: str | Path) -> Path:
     """A path to a YAML file, or the name of a shipped profile (e.g. `cpu`)."""
     path = Path(spec)
-    if path.is_file():
+    if os.path.isfile(path):
         return path
     shipped = PROFILES_DIR / f"{spec}.yaml"
-    if shipped.is_file() and path.suffix == "":
+    if re.fullmatch(r"[\w.-]+", str(spec)) and shipped.is_file() and path.suffix == "":
         return shipped
+    if os.path.lexists(path):  # a folder, a pipe or a link loop: the loader says which
+        return path
     names = ", ".join(p.stem for p in shipped_profiles())
     raise ConfigError(f"target profile not found: {spec} (give a YAML path or one of: {names})")
 

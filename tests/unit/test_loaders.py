@@ -12,7 +12,6 @@ import pytest
 from cli_main import main_in_process
 from conftest import TINY_PROFILE
 
-from pipeline.core import files
 from pipeline.core.config import load_config, resume_config
 from pipeline.core.errors import ConfigError, ModelError, PipelineError, PolicyError
 from pipeline.core.policy import Policy
@@ -35,7 +34,7 @@ def bad_file(tmp_path: Path, kind: str) -> Path:
         os.symlink(path.name, path)
     elif kind == "huge":
         with open(path, "wb") as fh:  # sparse: no disk is written
-            fh.truncate(files.CONFIG_MAX_BYTES + 1)
+            fh.truncate((1 << 20) + 1)  # one byte over a profile's 1 MiB
     elif kind == "binary":
         path.write_bytes(bytes(range(256)) * 4)
     elif kind == "nul bytes":
@@ -78,7 +77,7 @@ KINDS = {
 def test_a_bad_profile_is_a_typed_one_line_error(tmp_path, kind) -> None:
     path = bad_file(tmp_path, kind)
     with pytest.raises(ConfigError) as info:
-        files.load_yaml_mapping(path, "target profile")
+        load_profile(path)
     assert KINDS[kind] in str(info.value) and len(str(info.value).splitlines()) == 1
 
 

@@ -15,7 +15,7 @@ from pipeline.core.config import RunConfig, load_config
 from pipeline.core.errors import ConfigError, PolicyError
 from pipeline.core.policy import Policy
 from pipeline.core.records import ModelFigures, RunRecord
-from pipeline.core.stats import at_chance, chance_level, correct_of
+from pipeline.core.stats import correct_of
 from pipeline.model.evaluate import stack, torch_logits
 from pipeline.run import context as run_context
 from pipeline.run.context import RunContext
@@ -81,6 +81,8 @@ def test_a_policy_with_keys_it_does_not_know_is_refused(tmp_path) -> None:
 
 
 def test_chance_level_is_the_better_of_uniform_and_majority_guessing() -> None:
+    from pipeline.core.stats import at_chance, chance_level
+
     assert chance_level(np.array([0, 1, 2, 3]), 4) == pytest.approx(0.25)
     assert chance_level(np.array([0, 0, 0, 1]), 2) == pytest.approx(0.75)
     # 12% of 360 images is within noise of a tenth; 60% is clearly better than guessing
