@@ -50,6 +50,7 @@ from exporters.tensorrt_meta import (
 from exporters.trtexec import trtexec_commands
 from pipeline.core.artifacts import atomic_write_bytes, sha256_file, write_json
 from pipeline.core.errors import ModelError, RuntimeNotAvailable
+from pipeline.core.files import ENGINE_MAX_BYTES, check_file
 from pipeline.core.profile import TargetProfile
 
 logger = logging.getLogger(__name__)
@@ -257,9 +258,7 @@ def load_engine(path: Path) -> LoadedEngine:
             engine built for another GPU model, compute capability or TensorRT version (the
             message says to rebuild it on this device).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"engine not found: {path} (check the path)")
+    path = check_file(path, "engine", ModelError, ENGINE_MAX_BYTES)
     meta = read_engine_metadata(path)
     env = current_environment()
     check_engine_metadata(meta, env["tensorrt_version"], env["device"], path)

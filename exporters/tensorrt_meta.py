@@ -7,7 +7,6 @@ feeds it what TensorRT reports.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 from pipeline.core.artifacts import utc_stamp
 from pipeline.core.errors import ModelError
+from pipeline.core.files import CONFIG_MAX_BYTES, load_json
 from pipeline.core.profile import TargetProfile
 
 ENGINE_FORMAT = 1
@@ -258,8 +258,8 @@ def read_engine_metadata(engine_path: Path) -> dict[str, Any]:
             "build the engine on this device from its ONNX graph"
         )
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = load_json(path, "engine metadata", ModelError, CONFIG_MAX_BYTES)
+    except ModelError as exc:
         raise ModelError(f"{path}: unreadable engine metadata ({squash(str(exc))})") from None
     missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing or not meta["inputs"]:

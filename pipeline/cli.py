@@ -14,6 +14,11 @@ from rich.markup import escape
 
 from pipeline.core.errors import MeasurementError, PipelineError, first_line
 
+try:  # typer carries its own copy of click from 0.2x on; before, its errors are click's
+    from typer import TyperException as ArgumentError
+except ImportError:  # pragma: no cover - older typer
+    from click import ClickException as ArgumentError
+
 app = typer.Typer(
     help="Prune and quantize a PyTorch model against latency measured on the target device.",
     no_args_is_help=True,
@@ -49,6 +54,7 @@ MaxDropOpt = Annotated[
 RUN_OPTIONS = (
     "model",
     "weights",
+    "random_init",
     "data",
     "num_classes",
     "policy",
@@ -58,6 +64,8 @@ RUN_OPTIONS = (
     "seed",
 )
 SEARCH_OPTIONS = ("agent", "episodes", "reward", "candidate_steps")
+# Options whose default is not None: an option counts as given when it differs from these
+FLAG_DEFAULTS = {"progress": True, "allow_over_budget": False, "random_init": False}
 
 
 @app.command()
@@ -70,6 +78,10 @@ def run(
     weights: Annotated[
         Path | None, typer.Option(help="Weights: .safetensors or a state_dict file.")
     ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(help="Compress a torchvision --model from random weights, on purpose."),
+    ] = False,
     data: Annotated[
         str | None, typer.Option(help="digits | imagefolder:DIR | module:function.")
     ] = None,
@@ -109,29 +121,57 @@ def run(
     latency), or with --max-accuracy-drop the fastest within that drop (with both, the fastest
     within the drop that also meets the budget).
     """
-    given = dict(locals())  # the options by name; each is a RunConfig field of the same name
+    # the options by name; each is a RunConfig field of the same name
+    raise typer.Exit(_run(dict(locals())))
+
+
+def _run(given: dict[str, Any]) -> int:
+    """`pipeline run` with its options by name; the exit code."""
     from pipeline.core.config import load_config, resume_config
-    from pipeline.core.profile import load_profile
+    from pipeline.core.profile import load_profile, parse_shape
     from pipeline.run import execute
 
-    prof = load_profile(target)
-    if resume is not None:
-        raise typer.Exit(execute(prof, resume_config(resume), run_dir=resume, resume=True))
-    overrides, sections = _run_overrides(given)
-    raise typer.Exit(execute(prof, load_config(config, overrides, sections)))
-
-
-def _run_overrides(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """`pipeline run`'s options as run-config overrides: top-level keys and sections (None
-    leaves the config file's value)."""
-    from pipeline.core.profile import parse_shape
-
+    named = _given_options(given)
+    prof = load_profile(given["target"])
+    if given["resume"] is not None:
+        _refuse_with("--resume", named - {"--target", "--resume", "--no-progress"})
+        cfg = resume_config(given["resume"])
+        cfg = cfg if given["progress"] else cfg.model_copy(update={"show_progress": False})
+        return execute(prof, cfg, run_dir=given["resume"], resume=True)
     overrides = {k: given[k] for k in RUN_OPTIONS}
     overrides["show_progress"] = None if given["progress"] else False
+    overrides["random_init"] = True if given["random_init"] else None
     overrides["input_shape"] = parse_shape(given["input_shape"]) if given["input_shape"] else None
     search = {k: given[k] for k in SEARCH_OPTIONS}
     search["allow_over_budget"] = True if given["allow_over_budget"] else None
-    return overrides, {"search": search, "finetune": {"steps": given["finetune_steps"]}}
+    sections = {"search": search, "finetune": {"steps": given["finetune_steps"]}}
+    cfg = load_config(given["config"], overrides, sections)
+    if cfg.policy is not None:  # a fixed policy skips the search: its options would do nothing
+        searching = {"--agent", "--episodes", "--reward", "--candidate-steps"}
+        _refuse_with("--policy", named & (searching | {"--allow-over-budget"}))
+    return execute(prof, cfg)
+
+
+def _given_options(given: dict[str, object]) -> set[str]:
+    """The `run` options the user gave, as spelt on the command line."""
+    names = set()
+    for key, value in given.items():
+        if value is not None and value != FLAG_DEFAULTS.get(key):
+            flag = "--no-progress" if key == "progress" else f"--{key.replace('_', '-')}"
+            names.add(flag)
+    return names
+
+
+def _refuse_with(option: str, others: set[str]) -> None:
+    """Options that would be ignored beside `option` are an error, not silently dropped."""
+    if others:
+        from pipeline.core.errors import ConfigError
+
+        why = {
+            "--resume": "a resumed run continues with the settings it started with",
+            "--policy": "a fixed policy skips the search",
+        }[option]
+        raise ConfigError(f"{', '.join(sorted(others))} does not apply with {option}: {why}")
 
 
 @app.command()
@@ -141,30 +181,30 @@ def bench(
         Path, typer.Argument(help="An .onnx or .engine file, or a run directory (both models).")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            max=86_400,
+            help="Each measurement (one model, one round) is stopped after this many seconds.",
+        ),
+    ] = 600,
     input_shape: ShapeOpt = None,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs. The input shape
     is --input-shape, else the ONNX graph's when static, else the profile's."""
     from pipeline.core.profile import load_profile, parse_shape, with_input_shape
-    from pipeline.measure.bench import bench_artifact, format_bench, graph_input_shape
+    from pipeline.measure.bench import format_bench, format_bench_run, graph_input_shape
+    from pipeline.measure.bench_command import bench_with_timeout
 
     given = parse_shape(input_shape) if input_shape else None
     graph = artifact / "model.onnx" if artifact.is_dir() else artifact
     profile = with_input_shape(load_profile(target), given or graph_input_shape(graph))
-    if artifact.is_dir():  # a run directory: original.onnx and model.onnx side by side
-        from pipeline.measure.bench import bench_run_dir, format_bench_run
-
-        pair = bench_run_dir(profile, artifact)
-        if as_json:
-            typer.echo(json.dumps(pair, indent=2))
-        else:
-            console.print(format_bench_run(pair))
-        return
-    result = bench_artifact(profile, artifact)
+    result = bench_with_timeout(profile, artifact, timeout_s)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(format_bench(result))
+    else:  # a run directory gives both models side by side, with the speedup
+        console.print(format_bench_run(result) if "speedup" in result else format_bench(result))
 
 
 @app.command()
@@ -216,7 +256,7 @@ def device_serve(
         Path | None, typer.Option(help="File holding the bearer token clients must send.")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: all).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8765,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, MiB.")] = 1024,
@@ -226,43 +266,25 @@ def device_serve(
     work_dir: Annotated[
         Path | None, typer.Option(help="Job folders (default $PIPELINE_CACHE/device-jobs).")
     ] = None,
-    max_work_mb: Annotated[
-        float, typer.Option(help="Job folders above this total, MiB, are pruned, oldest first.")
-    ] = 8192,
-    max_connections: Annotated[int, typer.Option(help="Open connections at most.")] = 64,
-    max_unauthenticated: Annotated[
-        int, typer.Option(help="Connections yet to show the token; beyond, the oldest closes.")
-    ] = 16,
-    header_timeout_s: Annotated[
-        float, typer.Option(help="A request's headers must arrive within this (else 408).")
-    ] = 10,
-    body_timeout_s: Annotated[
-        float, typer.Option(help="An upload idle for this long is refused (408).")
-    ] = 30,
-    keep_alive_s: Annotated[
-        int, typer.Option(help="An idle kept-alive connection closes after this.")
-    ] = 5,
 ) -> None:
     """Run the device agent on the target: measures and runs models sent by `pipeline run`."""
-    from pipeline.device.guard import ConnectionLimits
-    from pipeline.device.serve import ServeOptions, serve
+    from pipeline.device.server import serve
 
-    limits = ConnectionLimits(
-        max_connections=max_connections,
-        max_unauthenticated=max_unauthenticated,
-        header_timeout_s=header_timeout_s,
-        body_timeout_s=body_timeout_s,
-        keep_alive_s=keep_alive_s,
-    )
-    options = ServeOptions(max_upload_mb, job_timeout_s, work_dir, max_work_mb, limits)
-    serve(host, port, token_file, tls_cert, tls_key, options)
+    serve(host, port, token_file, tls_cert, tls_key, max_upload_mb, job_timeout_s, work_dir)
 
 
 def main() -> None:
     """Entry point: bad input is one line and exit code 2; --debug shows tracebacks."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        # Not standalone: click's usage errors come here, to be printed as one line
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except ArgumentError as exc:  # click's usage errors: one line, not a box
+        _argument_error(exc)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except PipelineError as exc:
         if debug:
             raise
@@ -278,6 +300,18 @@ def main() -> None:
         if debug:
             raise
         _fail("internal error", exc, 1, hint=" (rerun with --debug for the traceback)")
+
+
+def _argument_error(exc: Exception) -> None:
+    """A command line click could not parse: one line and exit 2 (the help when none given)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help(), err=True)
+        sys.exit(2)
+    command = ctx.command_path if ctx is not None else "pipeline"
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    code = getattr(exc, "exit_code", 2)
+    _fail("error", RuntimeError(message), code, hint=f" (see `{command} --help`)")
 
 
 def _fail(kind: str, exc: BaseException, code: int, hint: str = "") -> None:

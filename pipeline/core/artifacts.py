@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.errors import ConfigError
 
 
 def _file_mode() -> int:
@@ -94,14 +97,49 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def check_out_dir(root: Path) -> None:
+    """Refuse an output folder no run directory can be created in, before any work.
+
+    Raises:
+        ConfigError: `root`, or a folder above it, is a file; or the nearest existing folder is
+            not writable (permissions, a read-only file system).
+    """
+    root = Path(root)
+    existing = root
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--out {root}: {_reason(exc)}") from None
+    if not is_dir:
+        raise ConfigError(f"--out {root}: {existing} is a file, not a folder; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out {root}: {existing} is not writable (permissions or a read-only file "
+            "system); give a folder you can write to"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
 def new_run_dir(root: Path, profile_name: str) -> Path:
-    """Create `root/<profile>-<UTC timestamp>/`, adding a suffix if that name is taken."""
-    base = root / f"{profile_name}-{utc_stamp()}"
+    """Create `root/<profile>-<UTC timestamp>/`, adding a suffix if that name is taken.
+
+    The profile's name is reduced to file-name characters: it must not lead out of `root`.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", profile_name).lstrip(".") or "run"
+    base = root / f"{safe}-{utc_stamp()}"
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    candidate.mkdir(parents=True)
+    try:
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        candidate.mkdir(parents=True)
+    except (OSError, ValueError) as exc:  # a file in the way, a read-only disk, a full one
+        raise ConfigError(f"cannot create the run directory {candidate}: {_reason(exc)}") from None
     return candidate
 
 

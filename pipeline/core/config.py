@@ -3,33 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.manifest import MANIFEST, load_manifest
 from pipeline.core.parallel_config import ParallelConfig
+from pipeline.core.profile import MAX_BUDGET_MS
 from pipeline.core.schema import StrictModel, parse_model, read_yaml
 from pipeline.core.train_spec import TrainSpec
+
+# Upper bounds of a run's numbers: far beyond any real run, so that a typo is refused in one
+# line instead of running for weeks or exhausting memory.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_EPISODES = 100_000
+MAX_TIMEOUT_S = 86_400.0  # one day per measurement
+# Seeds reach numpy, which takes them below 2**32; agents add small offsets to them.
+MAX_SEED = 2**31 - 1
+# The newest opset torch's exporter writes (it refuses 24 and above)
+MAX_OPSET = 23
 
 
 class FinetuneConfig(StrictModel):
     """The recovery fine-tune after pruning; `kd_weight` > 0 distils from the original."""
 
-    steps: int = Field(300, ge=0)
-    lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(64, ge=1)
-    kd_weight: float = Field(1.0, ge=0)
+    steps: int = Field(300, ge=0, le=MAX_STEPS)
+    lr: float = Field(0.01, gt=0, le=100)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
+    kd_weight: float = Field(1.0, ge=0, le=1000)
     qat: Literal["auto", "always", "never"] = Field(
         "auto",
         description="quantization-aware recovery of INT8 layers "
         "(pipeline/search/int8_recovery.py): auto = when post-training INT8 loses more val "
         "accuracy than the profile's max_accuracy_drop",
     )
-    qat_steps: int = Field(200, ge=0)
-    qat_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the QAT fine-tune")
+    qat_steps: int = Field(200, ge=0, le=MAX_STEPS)
+    qat_lr: float = Field(1e-4, gt=0, le=100, description="Adam learning rate of the QAT fine-tune")
 
     def spec(self, seed: int) -> TrainSpec:
         return TrainSpec(
@@ -48,8 +60,8 @@ class FinetuneConfig(StrictModel):
 class SearchConfig(StrictModel):
     """The policy search: which agent, how many candidates, how each is judged."""
 
-    agent: str = "ppo"
-    episodes: int = Field(40, ge=1)
+    agent: str = Field("ppo", max_length=64)
+    episodes: int = Field(40, ge=1, le=MAX_EPISODES)
     reward: Literal["budget", "amc", "accuracy"] = "budget"
     budget_fraction: float = Field(
         0.4,
@@ -58,7 +70,9 @@ class SearchConfig(StrictModel):
         description="budget as a fraction of the original's latency, when no "
         "budget_ms is given by the flag, the config or the profile",
     )
-    candidate_steps: int = Field(30, ge=0, description="fine-tune steps of each candidate")
+    candidate_steps: int = Field(
+        30, ge=0, le=MAX_STEPS, description="fine-tune steps of each candidate"
+    )
     candidate_bn_batches: int = Field(
         0,
         ge=0,
@@ -66,13 +80,16 @@ class SearchConfig(StrictModel):
         description="training batches on which each pruned candidate's BatchNorm statistics are "
         "re-estimated after its fine-tune, before it is scored (0: none)",
     )
-    checkpoint_every: int = Field(2, ge=1)
-    timeout_s: float = Field(120, gt=0, description="per measurement; a hung runtime is killed")
+    checkpoint_every: int = Field(2, ge=1, le=MAX_EPISODES)
+    timeout_s: float = Field(
+        120, gt=0, le=MAX_TIMEOUT_S, description="per measurement; a hung runtime is killed"
+    )
     allow_over_budget: bool = False
     baselines: bool = True
     matched_accuracy_steps: int = Field(
         0,
         ge=0,
+        le=64,
         description="bisection steps (each a full fine-tune, about a minute for the demo) for "
         "uniform baselines at the deployed model's test accuracy; 0 skips them",
     )
@@ -95,12 +112,23 @@ class SearchConfig(StrictModel):
 class RunConfig(StrictModel):
     """Everything about a run that is not the target. CLI flags override these keys."""
 
-    model: str | None = Field(None, description="torchvision name or module:function; none = demo")
+    model: str | None = Field(
+        None, max_length=1024, description="torchvision name or module:function; none = demo"
+    )
     weights: Path | None = None
-    num_classes: int | None = Field(None, ge=2)
-    data: str | None = Field(None, description="digits | imagefolder:DIR | module:function")
-    policy: str | None = Field(None, description="a fixed policy instead of the search")
-    budget_ms: float | None = Field(None, gt=0)
+    random_init: bool = Field(
+        False,
+        description="compress a --model without --weights from its random initialisation "
+        "(tests and benchmarks); without it a model needs weights",
+    )
+    num_classes: int | None = Field(None, ge=2, le=1_000_000)
+    data: str | None = Field(
+        None, max_length=4096, description="digits | imagefolder:DIR | module:function"
+    )
+    policy: str | None = Field(
+        None, max_length=4096, description="a fixed policy instead of the search"
+    )
+    budget_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
     max_accuracy_drop: float | None = Field(
         None,
         ge=0,
@@ -112,9 +140,9 @@ class RunConfig(StrictModel):
     input_shape: tuple[int, int, int] | None = Field(
         None, description="channels, height, width of the model's input; default: the profile's"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     out: Path = Path("runs")
-    opset: int = Field(17, ge=17)
+    opset: int = Field(17, ge=17, le=MAX_OPSET)
     finetune: FinetuneConfig = FinetuneConfig()
     search: SearchConfig = SearchConfig()
     show_progress: bool = True
@@ -138,15 +166,46 @@ def load_config(
             if not isinstance(section, dict):
                 raise ConfigError(f"{path}: '{name}' must be a mapping")
             data[name] = {**section, **given}
-    return parse_model(RunConfig, data, str(path) if path else "command line")
+    source = str(path) if path else "command line"
+    config = parse_model(RunConfig, data, source)
+    check_combination(config, source)
+    return config
 
 
 def resume_config(run_dir: Path) -> RunConfig:
     """The configuration an interrupted run started with (from its manifest.json)."""
-    manifest = Path(run_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(f"cannot resume {run_dir}: it has no manifest.json (not a run directory)")
-    data = json.loads(manifest.read_text())
-    if data.get("status") == "complete":
+    manifest = load_manifest(run_dir, "cannot resume")
+    if manifest.status == "complete":
         raise ConfigError(f"{run_dir} is already complete; nothing to resume")
-    return parse_model(RunConfig, data["config"], str(manifest))
+    return parse_model(RunConfig, manifest.config, f"{run_dir}/{MANIFEST}")
+
+
+def check_combination(config: RunConfig, source: str) -> None:
+    """Refuse settings that would be silently ignored, or a model that would be compressed
+    from random weights without anyone asking for it.
+
+    Raises:
+        ConfigError: `weights`, `num_classes` or `random_init` without `model`; `random_init`
+            with `weights`; a torchvision architecture with neither.
+    """
+    if config.model is None:
+        given = [k for k in ("weights", "num_classes", "random_init") if getattr(config, k)]
+        if given:
+            raise ConfigError(
+                f"{source}: {given[0]} is given without model; it applies to a --model only "
+                "(without --model the embedded demo runs with its own trained weights): give "
+                "--model too, or drop it"
+            )
+        return
+    if config.random_init and config.weights is not None:
+        raise ConfigError(
+            f"{source}: random_init and weights are both given; drop one (random_init "
+            "compresses the untrained network, weights load a trained one)"
+        )
+    # A torchvision architecture is built untrained; a module:function may load its own weights
+    if ":" not in config.model and config.weights is None and not config.random_init:
+        raise ConfigError(
+            f"{source}: --model {config.model} has no --weights: it would be compressed from "
+            "random weights and score at chance; give --weights FILE, or --random-init to do "
+            "so on purpose"
+        )

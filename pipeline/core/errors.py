@@ -9,10 +9,24 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\n`, `\\x00`): a key or a path taken from a
+    user's file cannot break a message over lines or into the terminal's control codes."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class PipelineError(Exception):
-    """Bad input from the user: the message says what is wrong, where, and how to fix it."""
+    """Bad input from the user: the message says what is wrong, where, and how to fix it.
+
+    The message is always one line (`printable`), as the CLI prints it.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (printable(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(PipelineError):

@@ -47,9 +47,9 @@ class ParallelConfig(StrictModel):
         description="a Ray cluster to join: `auto` (the one `ray start --head` started on this "
         "machine), HOST:6379 or ray://HOST:10001; none starts a local Ray for the run",
     )
-    workers: int = Field(1, ge=1, description="candidates evaluated at once")
+    workers: int = Field(1, ge=1, le=1024, description="candidates evaluated at once")
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs (and torch threads) each Ray worker's fine-tunes use"
+        1.0, gt=0, le=1024, description="CPUs (and torch threads) each Ray worker's fine-tunes use"
     )
 
     @model_validator(mode="after")

@@ -74,17 +74,23 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "policy") -> Policy:
+        """Read `to_dict`'s form back; anything else is a PolicyError naming what is wrong.
+
+        Raises:
+            PolicyError: Not an object with a 'layers' mapping, a `version` other than
+                `POLICY_VERSION`, a key this version does not have, or a malformed part.
+        """
         layers = data.get("layers") if isinstance(data, dict) else None
         if not isinstance(layers, dict):
             raise PolicyError(f"{source}: expected an object with a 'layers' mapping")
+        _check_header(data, source)
         parsed: dict[str, LayerAction] = {}
         for name, raw in layers.items():
-            parsed[name] = _parse_action(raw, f"{source}: layer '{name}'")
+            parsed[str(name)] = _parse_action(raw, f"{source}: layer '{name}'")
         removed = data.get("removed", [])
-        scores = data.get("channel_scores", {})
-        if not isinstance(removed, list) or not isinstance(scores, dict):
-            raise PolicyError(f"{source}: 'removed' must be a list and 'channel_scores' a mapping")
-        return cls(parsed, tuple(removed), {n: tuple(map(float, v)) for n, v in scores.items()})
+        if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+            raise PolicyError(f"{source}: 'removed' must be a list of module names")
+        return cls(parsed, tuple(removed), _parse_scores(data.get("channel_scores", {}), source))
 
     def save(self, path: Path) -> None:
         from pipeline.core.artifacts import atomic_write_text
@@ -93,13 +99,40 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path) -> Policy:
-        if not path.is_file():
-            raise PolicyError(f"policy file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        return cls.from_dict(data, str(path))
+        from pipeline.core.files import POLICY_MAX_BYTES, load_json
+
+        return cls.from_dict(load_json(path, "policy", PolicyError, POLICY_MAX_BYTES), str(path))
+
+
+POLICY_VERSION = 1
+_POLICY_KEYS = ("version", "layers", "removed", "channel_scores")
+
+
+def _check_header(data: dict[str, Any], source: str) -> None:
+    """A version this tool does not know, or keys it would not read, are refused: a policy
+    read differently from how it was meant would compress the wrong model silently."""
+    version = data.get("version", POLICY_VERSION)  # files written by hand may omit it
+    if version != POLICY_VERSION or isinstance(version, bool):
+        raise PolicyError(
+            f"{source}: policy version {version!r} is not supported (this tool reads version "
+            f"{POLICY_VERSION}); write the policy in version {POLICY_VERSION}'s form"
+        )
+    unknown = sorted(str(k) for k in data if k not in _POLICY_KEYS)
+    if unknown:
+        raise PolicyError(
+            f"{source}: unknown key '{unknown[0]}'; a policy has {', '.join(_POLICY_KEYS)}"
+        )
+
+
+def _parse_scores(scores: Any, source: str) -> dict[str, tuple[float, ...]]:
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        )
+
+    if not isinstance(scores, dict) or not all(numbers(v) for v in scores.values()):
+        raise PolicyError(f"{source}: 'channel_scores' must map layer names to lists of numbers")
+    return {str(n): tuple(float(x) for x in v) for n, v in scores.items()}
 
 
 def _parse_action(raw: Any, where: str) -> LayerAction:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,24 +21,49 @@ Runtime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "ten
 # Runtimes that hand the graph to TensorRT (or CUDA kernels built for its Q/DQ rules).
 SYMMETRIC_INT8_RUNTIMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt")
 
+# Upper bounds of the numbers a profile holds. Each lies far beyond what a real target needs;
+# without them a typo (threads: 100000) hangs a measurement or exhausts memory.
+MAX_THREADS = 1024  # the largest servers have a few hundred hardware threads
+MAX_BATCH = 4096
+MAX_DIM = 16384  # channels, height or width of the input
+MAX_INPUT_ELEMENTS = 1 << 28  # one input batch: 1 GiB of float32
+MAX_WARMUP = 100_000
+MAX_REPEATS = 10_000_000  # a soak of a fast model; the timings stay under 100 MB
+MAX_ROUNDS = 100
+MAX_TIMEOUT_S = 86_400.0  # one day
+MAX_BUDGET_MS = 3_600_000.0  # one hour per inference
+
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+
 
 class InputSpec(StrictModel):
     """The model input as the target sees it: (channels, height, width) and batch size."""
 
-    shape: tuple[int, int, int] = (3, 32, 32)
-    batch: int = Field(1, ge=1)
+    shape: tuple[Dim, Dim, Dim] = (3, 32, 32)
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> InputSpec:
+        elements = self.batch * self.shape[0] * self.shape[1] * self.shape[2]
+        if elements > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"batch x shape is {elements:,} values per input, over the limit of "
+                f"{MAX_INPUT_ELEMENTS:,} (1 GiB of float32); lower input.batch or input.shape"
+            )
+        return self
 
 
 class MeasureSpec(StrictModel):
     """How latency is measured: warm-up runs, timed runs, the statistic the search uses."""
 
-    warmup: int = Field(10, ge=1)
-    repeats: int = Field(50, ge=30)
+    warmup: int = Field(10, ge=1, le=MAX_WARMUP)
+    repeats: int = Field(50, ge=30, le=MAX_REPEATS)
     statistic: Literal["median", "p90", "mean"] = "median"
     max_cv: float = Field(0.25, gt=0, description="above this the report flags a noisy measure")
     rounds: int = Field(
         3,
         ge=1,
+        le=MAX_ROUNDS,
         description="rounds of the final comparisons: each round measures every side once, in "
         "turn, and each side's figure is its median over rounds",
     )
@@ -54,7 +81,7 @@ class Int8Scheme(StrictModel):
     weight_type: Literal["int8", "uint8"] = "int8"
     per_channel: bool = True
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
-    calib_samples: int = Field(500, ge=1)
+    calib_samples: int = Field(500, ge=1, le=100_000)
 
 
 class Tolerance(StrictModel):
@@ -76,37 +103,38 @@ class Tolerances(StrictModel):
 class RemoteDevice(StrictModel):
     """A device agent reached over HTTP (the agent runs on the target)."""
 
-    url: str
-    token_env: str = "PIPELINE_DEVICE_TOKEN"
-    timeout_s: float = Field(300, gt=0)
-    retries: int = Field(3, ge=0)
+    url: str = Field(max_length=2048)
+    token_env: str = Field("PIPELINE_DEVICE_TOKEN", max_length=256)
+    timeout_s: float = Field(300, gt=0, le=MAX_TIMEOUT_S)
+    retries: int = Field(3, ge=0, le=100)
 
 
 class Peaks(StrictModel):
     """The device's peak throughput, used for the physical latency floor (measured if absent)."""
 
-    gflops: float | None = Field(None, gt=0)
-    bandwidth_gbs: float | None = Field(None, gt=0)
+    gflops: float | None = Field(None, gt=0, le=1e9)  # 1 EFLOP/s
+    bandwidth_gbs: float | None = Field(None, gt=0, le=1e7)  # 10 PB/s
 
 
 class TargetProfile(StrictModel):
     """A deployment target: its runtime, device, precisions and measurement settings."""
 
-    name: str
-    description: str = ""
+    name: str = Field(min_length=1, max_length=128)
+    description: str = Field("", max_length=4096)
     runtime: Runtime
     device: Literal["local"] | RemoteDevice = "local"
     devices: list[RemoteDevice] = Field(
         default_factory=list,
+        max_length=256,
         description="several identical device agents that share a search's measurements "
         "(pipeline.search.parallel); `device` is then the first of them",
     )
-    precisions: list[Precision] = Field(default_factory=lambda: [Precision.FP32])
+    precisions: list[Precision] = Field(default_factory=lambda: [Precision.FP32], max_length=3)
     input: InputSpec = InputSpec()
-    threads: int = Field(1, ge=1, description="intra-op threads of the runtime")
-    channel_multiple: int = Field(8, ge=1)
+    threads: int = Field(1, ge=1, le=MAX_THREADS, description="intra-op threads of the runtime")
+    channel_multiple: int = Field(8, ge=1, le=1024)
     min_keep_ratio: float = Field(0.1, gt=0, le=1)
-    budget_ms: float | None = Field(None, gt=0)
+    budget_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
     max_accuracy_drop: float = Field(0.015, ge=0, le=1)
     measure: MeasureSpec = MeasureSpec()
     int8: Int8Scheme = Int8Scheme()
@@ -204,13 +232,15 @@ def resolve_profile_path(spec: str | Path) -> Path:
     """A path to a YAML file, or the name of a shipped profile (`cpu`, or `jetson.yaml` when no
     such file is in the working directory: the command the tool is known by works anywhere)."""
     path = Path(spec)
-    if path.is_file():
+    if os.path.isfile(path):
         return path
     name = path.stem if path.suffix in (".yaml", ".yml") else path.name
     shipped = PROFILES_DIR / f"{name}.yaml"
     bare = path.parent == Path(".") and path.suffix in ("", ".yaml", ".yml")
-    if bare and shipped.is_file():
+    if bare and re.fullmatch(r"[\w.-]+", name) and shipped.is_file():
         return shipped
+    if os.path.lexists(path):  # a folder, a pipe or a link loop: the loader says which
+        return path
     names = ", ".join(p.stem for p in shipped_profiles())
     raise ConfigError(f"target profile not found: {spec} (give a YAML path or one of: {names})")
 

@@ -75,6 +75,20 @@ def accuracy_interval(correct: int, n: int) -> Interval:
     return Interval(correct / n, float(ci.low), float(ci.high))
 
 
+def chance_level(labels: np.ndarray, num_classes: int) -> float:
+    """What guessing scores without looking at the input: the better of a uniform guess
+    (1 / classes) and always answering the most frequent class of `labels`."""
+    labels = np.asarray(labels)
+    majority = np.bincount(labels).max() / len(labels) if len(labels) else 0.0
+    return max(1.0 / max(num_classes, 1), float(majority))
+
+
+def at_chance(correct: int, n: int, chance: float) -> bool:
+    """Whether `correct` of `n` cannot be told apart from guessing: the accuracy's Wilson 95%
+    interval reaches down to `chance` (or below)."""
+    return accuracy_interval(correct, n).low <= chance
+
+
 def correct_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(N,) bool: which images the model's top-1 gets right. logits (N, K), labels (N,)."""
     return np.asarray(logits).argmax(axis=1) == np.asarray(labels)

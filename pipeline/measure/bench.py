@@ -146,9 +146,11 @@ def format_bench(result: dict[str, Any]) -> Table:
 RUN_DIR_MODELS = {"original": "original.onnx", "deployed": "model.onnx"}
 
 
-def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
+def bench_run_dir(
+    profile: TargetProfile, run_dir: Path, measure: Measure | None = None
+) -> dict[str, Any]:
     """Benchmark a run directory's original.onnx and deployed model.onnx with the same runner,
-    interleaved over the profile's `measure.rounds`.
+    interleaved over the profile's `measure.rounds`, in this process or with `measure`.
 
     Returns:
         `original` and `deployed` (each a `bench_interleaved` result) and `speedup`, the
@@ -168,7 +170,7 @@ def bench_run_dir(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
         )
     paths = {key: run_dir / name for key, name in RUN_DIR_MODELS.items()}
     result: dict[str, Any] = bench_interleaved(
-        lambda path: bench_artifact(profile, path), paths, profile.measure.rounds
+        measure or (lambda path: bench_artifact(profile, path)), paths, profile.measure.rounds
     )
     medians = [result[key]["latency_ms"]["median"] for key in RUN_DIR_MODELS]
     result["speedup"] = medians[0] / medians[1]

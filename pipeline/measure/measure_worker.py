@@ -12,29 +12,56 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import MeasurementError, first_line
+from pipeline.core.errors import (
+    ConfigError,
+    DataError,
+    MeasurementError,
+    ModelError,
+    PipelineError,
+    PolicyError,
+    RuntimeNotAvailable,
+    first_line,
+)
 from pipeline.core.profile import TargetProfile
 from pipeline.measure.child import ChildDied, ChildTimeout, answer_requests, ask_child, stop_child
 
+# Bad input found in the child (a graph onnxruntime cannot load) keeps its type across the pipe
+_TYPED: dict[str, type[PipelineError]] = {
+    cls.__name__: cls
+    for cls in (ConfigError, DataError, ModelError, PolicyError, RuntimeNotAvailable)
+}
+
+
+def _describe(exc: Exception) -> dict[str, str]:
+    return {
+        "kind": type(exc).__name__,
+        "text": first_line(exc),
+        "message": f"{type(exc).__name__}: {first_line(exc)}",
+    }
+
 
 def _serve(conn: Connection, profile_data: dict[str, Any]) -> None:
-    """Child process: measure each artifact path received, answer (ok, result or message)."""
+    """Child process: measure each artifact path received, answer (ok, result or error)."""
     from pipeline.measure.bench import bench_artifact
 
     profile = TargetProfile.model_validate(profile_data)
-    answer_requests(
-        conn,
-        lambda path: bench_artifact(profile, Path(path)),
-        lambda exc: f"{type(exc).__name__}: {first_line(exc)}",
-    )
+    answer_requests(conn, lambda path: bench_artifact(profile, Path(path)), _describe)
 
 
 class MeasureWorker:
-    """A persistent measuring process for one profile."""
+    """A persistent measuring process for one profile.
 
-    def __init__(self, profile: TargetProfile, timeout_s: float = 120.0) -> None:
+    By default every failure is a `MeasurementError` (a search records it and goes on); with
+    `typed_errors`, bad input the child finds (a graph that cannot be loaded) is raised as its
+    own `PipelineError`, as `pipeline bench` reports it.
+    """
+
+    def __init__(
+        self, profile: TargetProfile, timeout_s: float = 120.0, typed_errors: bool = False
+    ) -> None:
         self.profile = profile
         self.timeout_s = timeout_s
+        self.typed_errors = typed_errors
         self._ctx = mp.get_context("spawn")  # no fork: the parent holds torch's thread pools
         self._proc: Any = None
         self._conn: Connection | None = None
@@ -66,7 +93,8 @@ class MeasureWorker:
             self.close(kill=True)
             raise MeasurementError(f"the runner process died ({died})") from None
         if status != "ok":
-            raise MeasurementError(payload)
+            typed = _TYPED.get(payload["kind"]) if self.typed_errors else None
+            raise typed(payload["text"]) if typed else MeasurementError(payload["message"])
         return payload
 
     def close(self, kill: bool = False) -> None:

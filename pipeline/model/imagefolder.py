@@ -8,6 +8,7 @@ record hashes the (file, label) list, since the split indices refer to its exact
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from pipeline.core.errors import DataError
+from pipeline.model.image_scan import Scan, find_classes, scan_images
 from pipeline.model.splits import Splits, check_channels, split_indices, split_record, subset_splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,6 +48,7 @@ def load_imagefolder(folder: str, shape: tuple[int, int, int], seed: int) -> Spl
         "classes": list(dataset.classes),
         "num_samples": len(labels),
         "files_sha256": _files_digest(dataset, root),
+        "skipped_files": dataset.scan.record(),
         "in_memory": in_memory,
         **split_record(seed, stratified),
         "preprocessing": {
@@ -64,13 +67,32 @@ def load_imagefolder(folder: str, shape: tuple[int, int, int], seed: int) -> Spl
 def _image_folder(root: Path, shape: tuple[int, int, int]) -> Any:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    class SafeImageFolder(ImageFolder):
+        """torchvision's ImageFolder with the listing of `pipeline.model.image_scan`: each
+        real file once, no walk around a link loop, what was left out counted."""
+
+        def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
+            self.scan = Scan()
+            classes = find_classes(Path(directory), self.scan)
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+        def make_dataset(self, directory: Any, class_to_idx: dict[str, int], *_: Any, **__: Any):
+            found = scan_images(Path(directory), list(class_to_idx), IMG_EXTENSIONS)
+            found.skipped.update(self.scan.skipped)
+            self.scan = found
+            _check_every_class_has_images(Path(directory), class_to_idx, found)
+            return found.samples
 
     c, h, w = shape
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD)
     steps = [T.Resize((h, w))] + ([T.Grayscale(1)] if c == 1 else [])
     transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = SafeImageFolder(str(root), transform=transform)
     except FileNotFoundError as exc:  # no class folders, or class folders without images
         raise DataError(
             f"no images found in {root}: expected {root}/<class>/<image>.png (or .jpg, .jpeg, "
@@ -82,6 +104,22 @@ def _image_folder(root: Path, shape: tuple[int, int, int]) -> Any:
             "two: put each class's images in its own sub-folder"
         )
     return dataset
+
+
+def _check_every_class_has_images(root: Path, class_to_idx: dict[str, int], scan: Scan) -> None:
+    """A class whose every file was left out (say, a link to another class's folder) would
+    silently shift the labels: refuse it, naming it."""
+    if not scan.samples:
+        raise FileNotFoundError(f"no images in {root}")
+    counts = Counter(label for _, label in scan.samples)
+    empty = [name for name, i in class_to_idx.items() if counts[i] == 0]
+    if empty:
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(scan.skipped.items()))
+        raise DataError(
+            f"class folder {root / empty[0]} has no images of its own"
+            + (f" (left out: {skipped})" if skipped else "")
+            + "; give each class its own images, or remove the folder"
+        )
 
 
 def _decode_all(dataset: Any) -> TensorDataset:

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.core.artifacts import atomic_write_with
 from pipeline.core.errors import ModelError, PipelineError
+from pipeline.core.files import WEIGHTS_MAX_BYTES, check_file
 
 # "package.module:function" or "package.module:Class.factory"
 _CALLABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -148,9 +149,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         ModelError: missing file, a file that needs pickle, an unreadable file, or keys and
             shapes that do not match the model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
+    path = check_file(path, "weights", ModelError, WEIGHTS_MAX_BYTES)
     state = _strip_prefix(_read_state_dict(path), model)
     _check_matches(model, state, path)
     model.load_state_dict(state, strict=False)  # strictness checked above, with a better message

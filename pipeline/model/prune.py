@@ -12,14 +12,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
+from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
 from pipeline.core.artifacts import atomic_write_text
 from pipeline.core.errors import ModelError, first_line
+from pipeline.core.files import POLICY_MAX_BYTES, load_json
 from pipeline.core.policy import Policy, head_layer
 
 HISTORY_VERSION = 1
@@ -154,7 +156,11 @@ def _scores(policy: Policy, layers: list[str], group: Any, importance: Any) -> t
 def remove_block(model: nn.Module, name: str) -> None:
     """Replace a residual block by identity (N2N layer removal); its shapes must allow it."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"the model has no block '{name}' to remove") from None
     setattr(parent, child, nn.Identity())
 
 
@@ -175,20 +181,67 @@ def save_history(path: Path, history: list[list[Any]], arch: dict[str, Any]) -> 
     atomic_write_text(path, json.dumps(data) + "\n")
 
 
+class HistoryArch(BaseModel):
+    """The `arch` of a run's history: what `pipeline validate` rebuilds the model from."""
+
+    model: str
+    num_classes: int = Field(ge=1)
+    input_shape: tuple[int, int, int]
+    removed: list[str] = []
+
+
+class _History(BaseModel):
+    """What `load_history` checks before a model is rebuilt from the file."""
+
+    version: Literal[1]
+    arch: dict[str, Any]
+    history: list[tuple[str, bool, list[int]]]
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+
+
 def load_history(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read pruning history {path}: {exc}") from None
-    if data.get("version") != HISTORY_VERSION:
+    """Read `pruning_history.json` back, refusing a corrupt or foreign one.
+
+    Raises:
+        ModelError: Unreadable, not JSON, another version, or missing parts.
+    """
+    data = load_json(path, "pruning history", ModelError, POLICY_MAX_BYTES)
+    if isinstance(data, dict) and data.get("version") != HISTORY_VERSION:
         raise ModelError(f"{path}: unsupported pruning history version {data.get('version')}")
+    try:
+        _History.model_validate(data)
+    except ValidationError as exc:
+        raise ModelError(f"{path}: corrupt pruning history ({_first_problem(exc)})") from None
     return data
+
+
+def history_arch(history: dict[str, Any], path: Path) -> HistoryArch:
+    """The architecture a loaded history says to rebuild.
+
+    Raises:
+        ModelError: It lacks the model, classes or input shape.
+    """
+    try:
+        return HistoryArch.model_validate(history["arch"])
+    except ValidationError as exc:
+        raise ModelError(f"{path}: corrupt pruning history (arch.{_first_problem(exc)})") from None
 
 
 def replay_history(
     model: nn.Module, history: list[list[Any]], input_shape: tuple[int, int, int]
 ) -> nn.Module:
-    """Redo recorded pruning steps on a freshly built original architecture (no pickle)."""
+    """Redo recorded pruning steps on a freshly built original architecture (no pickle).
+
+    Raises:
+        ModelError: The steps name layers or channels the architecture does not have.
+    """
     dg = dependency_graph(model.eval(), input_shape)
-    dg.load_pruning_history([[n, o, list(i)] for n, o, i in history])
+    try:
+        dg.load_pruning_history([[n, o, list(i)] for n, o, i in history])
+    except Exception as exc:  # torch-pruning's own errors: the history is for another model
+        raise ModelError(f"the pruning history does not fit the model: {first_line(exc)}") from exc
     return model

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.artifacts import new_run_dir
+from pipeline.core.artifacts import check_out_dir, new_run_dir
 from pipeline.core.config import RunConfig
 from pipeline.core.profile import TargetProfile, with_input_shape
 from pipeline.core.records import RunRecord
@@ -60,6 +60,8 @@ def execute(
         profile = profile.model_copy(update={"max_accuracy_drop": config.max_accuracy_drop / 100})
     profile = with_input_shape(profile, config.input_shape)
     ctx = RunContext(profile, config, Path(), resume=resume)
+    if run_dir is None:
+        check_out_dir(config.out)  # before loading and training anything
     stages.load_inputs(ctx)  # bad input fails here, before a run directory exists
     ctx.run_dir = run_dir or new_run_dir(config.out, profile.name)
     console.print(f"run directory: [bold]{ctx.run_dir}[/]")

@@ -10,10 +10,18 @@ import platform
 import time
 from typing import Any
 
+import numpy as np
+
 from pipeline.core.artifacts import atomic_write_text, sha256_file, versions, write_json
 from pipeline.core.choice import holds_floor
 from pipeline.core.records import LATENCY_KEYS, ModelFigures, RunRecord, SearchRecord
-from pipeline.core.stats import accuracy_interval, paired_difference, ratio_interval
+from pipeline.core.stats import (
+    accuracy_interval,
+    at_chance,
+    chance_level,
+    paired_difference,
+    ratio_interval,
+)
 from pipeline.run.context import RunContext, console
 from pipeline.run.report_render import print_summary, render_markdown, write_pareto
 from pipeline.run.validate import TENSORRT_RUNTIMES
@@ -103,6 +111,9 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
             f"the policy's precisions run slower than FP32 on this target "
             f"({check.speedup:.2f}x); try another int8 scheme or FP32"
         )
+    chance = _chance_gate(ctx, record)
+    if chance:
+        failed.append(chance)
     mismatched = (record.precision or {}).get("mismatched_layers")
     if mismatched:
         failed.append(
@@ -110,6 +121,25 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
             + ", ".join(mismatched[:5])
         )
     return {"passed": not failed, "failed": failed}
+
+
+def _chance_gate(ctx: RunContext, record: RunRecord) -> str:
+    """Why the run cannot be deployable when the original scores at chance on test (an
+    untrained network, or data it was not trained for): no accuracy drop measured against it
+    means anything. Empty when it is clearly better than guessing."""
+    correct = record.original.correct
+    if correct is None or ctx.splits is None or ctx.test is None or not len(correct):
+        return ""
+    chance = chance_level(ctx.test.labels, ctx.splits.num_classes)
+    n, right = len(correct), int(np.asarray(correct).sum())
+    if not at_chance(right, n, chance):
+        return ""
+    low, high = accuracy_interval(right, n).as_list()
+    return (
+        f"the original model scores at chance level on the test split ({right / n:.2%}, 95% "
+        f"interval [{low:.2%}, {high:.2%}], chance {chance:.2%}): it looks untrained or not "
+        "trained for this data; give its trained weights (--weights)"
+    )
 
 
 def _budget(ctx: RunContext, record: RunRecord) -> float | None:
@@ -203,12 +233,12 @@ def write_report(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
     return summary
 
 
-def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
-    """When no candidate meets the objective: say so plainly, and which constraint failed;
-    nothing is shipped."""
+def write_no_candidate(ctx: RunContext, record: RunRecord, reason: str | None = None) -> None:
+    """When no candidate meets the objective (or, with `reason`, none can): say so plainly, and
+    which constraint failed; nothing is shipped."""
     search = record.search
     assert search is not None, "only a search can find no candidate"
-    message = no_candidate_message(search)
+    message = reason or no_candidate_message(search)
     write_json(
         ctx.run_dir / "report.json",
         {
@@ -224,7 +254,7 @@ def write_no_candidate(ctx: RunContext, record: RunRecord) -> None:
         ctx.run_dir / "report.md",
         f"# Run report: {ctx.profile.name}\n\n**Verdict: NOT deployable.** {message}.\n",
     )
-    console.print(f"[red]{message}[/]")
+    console.print(f"[red]{message}[/]", soft_wrap=True)  # one line, however long
 
 
 def no_candidate_message(search: SearchRecord) -> str:

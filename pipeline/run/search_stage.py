@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.artifacts import write_json
+from pipeline.core.errors import ConfigError
+from pipeline.core.files import CONFIG_MAX_BYTES, load_json
 from pipeline.core.policy import Policy
 from pipeline.core.records import RunRecord, SearchRecord
 from pipeline.core.space import SearchSpace
@@ -35,7 +36,13 @@ def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float 
     objective has none unless one is given."""
     path = ctx.run_dir / SETUP
     if resume and path.is_file():
-        return json.loads(path.read_text())["budget_ms"]
+        setup = load_json(path, "search setup", ConfigError, CONFIG_MAX_BYTES)
+        budget = setup.get("budget_ms") if isinstance(setup, dict) else None
+        if budget is None and ctx.config.max_accuracy_drop is not None:
+            return None  # the accuracy-floor objective, without a budget
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+            raise ConfigError(f"cannot resume: {path} is corrupt (no positive budget_ms)")
+        return float(budget)
     budget = ctx.config.budget_ms or ctx.profile.budget_ms
     source = "given" if budget is not None else "none: the fastest within the accuracy floor"
     if budget is None and ctx.config.max_accuracy_drop is None:
@@ -55,6 +62,12 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     sc = ctx.config.search
     base = _evaluator(ctx)
     budget = base.space.budget_ms
+    problem = _feasibility(ctx, base) if budget is not None else None
+    if problem and not sc.allow_over_budget:
+        base.close()
+        summary = {"agent": sc.agent, "episodes": 0, "infeasible": problem}
+        record.search = SearchRecord(summary, budget, base.space.original_latency_ms)
+        return None
     stage(f"searching with {sc.agent}: {sc.episodes} candidates, {objective_text(base.space)}")
     outcome, parallel = _run_agent(ctx, base)
     prune_in = _precision_of(base)
@@ -90,6 +103,26 @@ def objective_text(space: SearchSpace) -> str:
         f"accuracy (floor {space.accuracy_floor:.2%})"
     )
     return f"{floor} and meeting {budget}" if budget else floor
+
+
+def _feasibility(ctx: RunContext, base: CandidateEvaluator) -> str | None:
+    """Why the budget cannot be met by any candidate (`pipeline.run.feasibility`), or None.
+
+    With --allow-over-budget the search still runs, to ship the closest candidate; the
+    reason is shown, not acted on.
+    """
+    from pipeline.run.feasibility import describe, fastest_policy, infeasible
+
+    space = base.space
+    policy = fastest_policy(space, ctx.config.search.agent)
+    what = describe(space, policy)
+    stage(f"measuring the fastest candidate the search can build ({what})")
+    stats, floor_ms = base.measure_untrained(policy)
+    statistic = ctx.profile.measure.statistic
+    problem = infeasible(space.budget_ms, stats, floor_ms, statistic, what)
+    if problem and ctx.config.search.allow_over_budget:
+        stage(f"{problem}; searching for the closest candidate (--allow-over-budget)")
+    return problem
 
 
 def _precision_of(evaluator: CandidateEvaluator) -> str:

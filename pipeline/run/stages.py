@@ -90,8 +90,9 @@ def search(ctx: RunContext, record: RunRecord) -> str | None:
 
     ctx.policy = search_policy(ctx, record)
     if ctx.policy is None:
-        report.write_no_candidate(ctx, record)
-        return "failed: no candidate met the budget"
+        infeasible = record.search.summary.get("infeasible") if record.search else None
+        report.write_no_candidate(ctx, record, infeasible)
+        return "failed: infeasible budget" if infeasible else "failed: no candidate met the budget"
     ctx.policy.save(ctx.run_dir / "policy.json")
     return None
 

@@ -10,7 +10,7 @@ Two comparisons, each through the profile's runner on the test split:
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,13 @@ import numpy as np
 from torch import nn
 
 from pipeline.core.artifacts import write_json
-from pipeline.core.errors import ConfigError
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.files import POLICY_MAX_BYTES, load_json
+from pipeline.core.manifest import MANIFEST, RunManifest, load_manifest
 from pipeline.core.policy import Policy, Precision
 from pipeline.core.profile import Int8Scheme, TargetProfile
+from pipeline.core.schema import parse_model
 from pipeline.model.evaluate import batched_logits, stack, torch_logits
 
 # The activation steps a quantization-aware fine-tune learned ({layer -> {input|output ->
@@ -89,10 +93,10 @@ def loosest_precision(precisions: set[Precision]) -> Precision:
     return Precision.FP32
 
 
-def _manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json)")
+def _manifest(run_dir: Path) -> RunManifest:
+    if not os.path.lexists(run_dir / MANIFEST):
+        raise ConfigError(f"{run_dir} is not a run directory (no {MANIFEST})")
+    manifest = load_manifest(run_dir, "cannot validate")
     for name in (
         "original.onnx",
         "model.onnx",
@@ -102,20 +106,21 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
     ):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} has no {name}: the run did not finish; run it again")
-    return json.loads(path.read_text())
+    return manifest
 
 
-def rebuild_pruned(run_dir: Path, manifest: dict[str, Any]) -> nn.Module:
+def rebuild_pruned(run_dir: Path) -> nn.Module:
     """The deployed PyTorch model, from pruning_history.json and weights.safetensors (no pickle)."""
     from pipeline.model.models import build_model, load_weights
-    from pipeline.model.prune import load_history, remove_block, replay_history
+    from pipeline.model.prune import history_arch, load_history, remove_block, replay_history
 
-    history = load_history(run_dir / "pruning_history.json")
-    arch = history["arch"]
-    model = build_model(arch["model"], arch["num_classes"])
-    for block in arch.get("removed", []):
+    path = run_dir / "pruning_history.json"
+    history = load_history(path)
+    arch = history_arch(history, path)
+    model = build_model(arch.model, arch.num_classes)
+    for block in arch.removed:
         remove_block(model, block)
-    replay_history(model, history["history"], tuple(arch["input_shape"]))
+    replay_history(model, history["history"], arch.input_shape)
     load_weights(model, run_dir / "weights.safetensors")
     return model.eval()
 
@@ -134,7 +139,8 @@ def source_logits(
         return torch_logits(model, inputs)
     from pipeline.model.fake_quant import fake_quantized_logits
 
-    return fake_quantized_logits(model, json.loads(path.read_text()), scheme, inputs)
+    scales = load_json(path, "QAT scales", ModelError, POLICY_MAX_BYTES)
+    return fake_quantized_logits(model, scales, scheme, inputs)
 
 
 TENSORRT_RUNTIMES = ("tensorrt", "onnxruntime-trt")
@@ -162,18 +168,19 @@ def validate_run(profile: TargetProfile, run_dir: Path) -> dict[str, Any]:
     from pipeline.model.data import load_data
 
     manifest = _manifest(run_dir)
-    cfg = manifest["config"]
-    shape = tuple(manifest["profile"]["input"]["shape"])
-    inputs, labels = stack(load_data(cfg.get("data"), shape, seed=cfg.get("seed", 0)).test)
+    source = f"{run_dir}/{MANIFEST}"
+    cfg = parse_model(RunConfig, manifest.config, source)
+    ran_on = parse_model(TargetProfile, manifest.profile, source)
+    inputs, labels = stack(load_data(cfg.data, ran_on.input.shape, seed=cfg.seed).test)
     policy = Policy.load(run_dir / "policy.json")
     result = compare_deployed(
         profile,
         deployed=onnx_logits(profile, run_dir / "model.onnx", inputs),
         source=source_logits(
-            rebuild_pruned(run_dir, manifest),
+            rebuild_pruned(run_dir),
             inputs,
             run_dir,
-            Int8Scheme.model_validate(manifest["profile"]["int8"]),
+            ran_on.int8,
         ),
         original=onnx_logits(profile, run_dir / "original.onnx", inputs),
         labels=labels,

@@ -207,6 +207,22 @@ class CandidateEvaluator:
         """The candidate's graph without its fine-tune: the same latency, for re-measuring it."""
         self._export(self._pruned_copy(policy).model, policy, path)
 
+    def measure_untrained(self, policy: Policy) -> tuple[dict[str, Any], float | None]:
+        """The latency statistics of the policy's graph without its fine-tune (which does not
+        change latency), measured on the target or from the cache, and the graph's physical
+        floor in ms (None when it cannot be known). Not counted as a search candidate."""
+        from pipeline.measure.runners.floor import physical_floor
+
+        pruned = self._pruned_copy(policy).model
+        key = candidate_key(pruned, policy, self.profile)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            self._export(pruned, policy, path)
+            floor = physical_floor(self.profile, path)
+            built = Built(key, path, 0, self.measured.features(pruned, policy))
+            estimate = self.measured.latency(built, lambda ms: True, counted=False)
+        return estimate.stats, floor["floor_ms"] if floor else None
+
     def _export(self, pruned: nn.Module, policy: Policy, path: Path) -> None:
         precisions = layer_precisions(pruned, policy)
         export_graph(pruned, precisions, self.profile, path, self.calib_inputs, self.opset)

@@ -79,19 +79,20 @@ def test_weights_that_need_pickle_are_refused(tmp_path):
 
 
 def test_unknown_architecture(tmp_path):
-    result = pipeline("run", "--target", CPU, "--model", "resnet19", cwd=tmp_path)
+    args = ("--model", "resnet19", "--random-init")
+    result = pipeline("run", "--target", CPU, *args, cwd=tmp_path)
     assert_bad_input(result, "resnet19", "module:function")
 
 
 def test_missing_data_folder(tmp_path):
-    args = ("--model", "resnet18", "--data", "imagefolder:nope")
+    args = ("--model", "resnet18", "--random-init", "--data", "imagefolder:nope")
     result = pipeline("run", "--target", CPU, *args, cwd=tmp_path)
     assert_bad_input(result, "nope")
 
 
 def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    args = ("--model", "resnet18", "--data", "imagefolder:empty")
+    args = ("--model", "resnet18", "--random-init", "--data", "imagefolder:empty")
     result = pipeline("run", "--target", CPU, *args, cwd=tmp_path)
     assert_bad_input(result, "no images")
 
@@ -109,7 +110,8 @@ def test_negative_budget_in_profile(tmp_path):
 
 def test_input_shape_the_model_rejects(tmp_path):
     profile = small_profile(tmp_path, input="{shape: [1, 32, 32], batch: 1}")
-    result = pipeline("run", "--target", profile, "--model", "resnet18", cwd=tmp_path)
+    args = ("--model", "resnet18", "--random-init")
+    result = pipeline("run", "--target", profile, *args, cwd=tmp_path)
     assert_bad_input(result, "rejects input shape", "input.shape")
 
 
@@ -118,7 +120,7 @@ def test_unknown_policy_layer(tmp_path):
         json.dumps({"layers": {"layer7.conv": {"keep_ratio": 0.5, "precision": "fp32"}}})
     )
     profile = small_profile(tmp_path, input="{shape: [3, 32, 32], batch: 1}")
-    args = ("--model", "resnet18", "--policy", "policy.json")
+    args = ("--model", "resnet18", "--random-init", "--policy", "policy.json")
     result = pipeline("run", "--target", profile, *args, cwd=tmp_path)
     assert_bad_input(result, "unknown layer 'layer7.conv'")
     assert not (tmp_path / "runs").exists()

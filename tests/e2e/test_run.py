@@ -154,6 +154,21 @@ def test_a_missed_budget_fails_the_gate_with_exit_1(workdir: Path):
     assert "NOT deployable" in (only_run_dir(workdir) / "report.md").read_text()
 
 
+def test_an_infeasible_budget_stops_before_the_search(workdir: Path):
+    # A nanosecond per inference: below what any candidate can measure, on any machine
+    args = run_args("--agent", "random", "--episodes", "4", "--budget-ms", "0.000001")
+    result = cli(*args, cwd=workdir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("infeasible:")]
+    assert "ms below" in line and "fastest candidate" in line, line
+    run_dir = only_run_dir(workdir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["search"]["episodes"] == 0 and report["gates"]["failed"] == [line]
+    assert not (run_dir / "episodes.jsonl").exists() and not (run_dir / "model.onnx").exists()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed: infeasible budget"
+
+
 def test_a_killed_run_leaves_nothing_that_looks_complete(workdir: Path):
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     args = run_args("--policy", "uniform:0.5")

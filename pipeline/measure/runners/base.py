@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.core.errors import ModelError
+from pipeline.core.files import ENGINE_MAX_BYTES, ONNX_MAX_BYTES, check_file
 from pipeline.core.profile import TargetProfile
 
 MIN_REPEATS = 30
@@ -144,8 +145,8 @@ class Runner:
         self.artifact = Path(artifact)
         self.profile = profile
         self._active = False
-        if not self.artifact.is_file():
-            raise ModelError(f"artifact not found: {self.artifact} (check the path)")
+        limit = ENGINE_MAX_BYTES if self.artifact.suffix == ".engine" else ONNX_MAX_BYTES
+        check_file(self.artifact, "artifact", ModelError, limit)
         if self.suffixes and self.artifact.suffix not in self.suffixes:
             wanted = " or ".join(self.suffixes)
             raise ModelError(
