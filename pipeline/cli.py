@@ -266,11 +266,36 @@ def device_serve(
     work_dir: Annotated[
         Path | None, typer.Option(help="Job folders (default $PIPELINE_CACHE/device-jobs).")
     ] = None,
+    max_work_mb: Annotated[
+        float, typer.Option(help="Job folders above this total, MiB, are pruned, oldest first.")
+    ] = 8192,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most.")] = 64,
+    max_unauthenticated: Annotated[
+        int, typer.Option(help="Connections yet to show the token; beyond, the oldest closes.")
+    ] = 16,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="A request's headers must arrive within this (else 408).")
+    ] = 10,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="An upload idle for this long is refused (408).")
+    ] = 30,
+    keep_alive_s: Annotated[
+        int, typer.Option(help="An idle kept-alive connection closes after this.")
+    ] = 5,
 ) -> None:
     """Run the device agent on the target: measures and runs models sent by `pipeline run`."""
-    from pipeline.device.server import serve
+    from pipeline.device.guard import ConnectionLimits
+    from pipeline.device.serve import ServeOptions, serve
 
-    serve(host, port, token_file, tls_cert, tls_key, max_upload_mb, job_timeout_s, work_dir)
+    limits = ConnectionLimits(
+        max_connections=max_connections,
+        max_unauthenticated=max_unauthenticated,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        keep_alive_s=keep_alive_s,
+    )
+    options = ServeOptions(max_upload_mb, job_timeout_s, work_dir, max_work_mb, limits)
+    serve(host, port, token_file, tls_cert, tls_key, options)
 
 
 def main() -> None:
