@@ -32,6 +32,7 @@ def run_args(*extra: str) -> list[str]:
         "remote.yaml",
         "--model",
         "conftest:make_tiny_resnet",  # untrained, seeded: the run's stages are what is tested
+        "--random-init",
         "--policy",
         "uniform:0.5",
         "--finetune-steps",

@@ -46,6 +46,7 @@ measure: {{warmup: 3, repeats: 30, rounds: 1}}
 
 CONFIG = """
 model: conftest:make_tiny_resnet
+random_init: true
 out: runs
 show_progress: false
 finetune: {steps: 10, qat: never}

@@ -10,7 +10,7 @@ import pytest
 from pipeline import cli
 from pipeline.core.config import RunConfig, SearchConfig
 
-TINY_MODEL = ("--model", "conftest:make_tiny_resnet", "--no-progress")
+TINY_MODEL = ("--model", "conftest:make_tiny_resnet", "--random-init", "--no-progress")
 
 
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
