@@ -117,7 +117,11 @@ def _feasibility(ctx: RunContext, base: CandidateEvaluator) -> str | None:
     policy = fastest_policy(space, ctx.config.search.agent)
     what = describe(space, policy)
     stage(f"measuring the fastest candidate the search can build ({what})")
-    stats, floor_ms = base.measure_untrained(policy)
+    try:
+        stats, floor_ms = base.measure_untrained(policy)
+    except Exception as exc:  # a model that cannot be pruned that far: candidates say so
+        stage(f"it could not be built ({type(exc).__name__}); the budget is not checked first")
+        return None
     statistic = ctx.profile.measure.statistic
     problem = infeasible(space.budget_ms, stats, floor_ms, statistic, what)
     if problem and ctx.config.search.allow_over_budget:
