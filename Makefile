@@ -1,16 +1,23 @@
-# The two commands of the README: `make demo` and `make test`. Each creates the virtual
-# environment on first use (torch and torchvision are pinned in pyproject.toml).
+# The two commands of the README: `make demo` and `make test` (lint, types, tests). Each creates
+# the virtual environment on first use (torch and torchvision are pinned in pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# TensorRT's type stubs, for mypy only. The oldest release of the stubs: nearest the TensorRT 10.3
+# of JetPack 6, so an API newer than the boards have is less likely to pass the check.
+# Installed with --no-deps: they require tensorrt itself, whose installer cannot run without
+# NVIDIA's index (and which would be of no use without a GPU).
+TRT_STUBS := tensorrt-stubs==10.8.0.43.1
 
 .PHONY: demo test lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile tools/fix_tensorrt_stubs.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(TRT_STUBS)
+	$(BIN)/python tools/fix_tensorrt_stubs.py
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +27,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -3,16 +3,16 @@
 The precisions live in the graph: Q/DQ nodes around INT8 layers, float16 tensors for FP16 layers.
 The network is created strongly typed, so TensorRT computes each tensor in the type the graph
 gives it; TF32 is switched off so an FP32 layer really computes in FP32. That is also the only
-mode TensorRT 11 has (it removed the builder precision flags and the INT8 calibrator, and ignores
-the STRONGLY_TYPED flag), while TensorRT 10 (JetPack) needs the flag: one build path serves both.
+mode TensorRT 11 has (it removed the builder precision flags and the INT8 calibrator), while
+TensorRT 10 (JetPack 6) needs the STRONGLY_TYPED flag: one build path serves both. Polygraphy
+(NVIDIA's) builds and loads the engines (`exporters.tensorrt_build` says what stays ours).
 
 An engine runs only on the GPU model and the TensorRT version that built it, so every engine is
 written with `<name>.engine.json` beside it (device, compute capability, TensorRT version, input
 shapes, hashes), and `load_engine` refuses an engine whose metadata does not match this machine.
 
-`tensorrt` is imported inside the functions that need it: importing this module needs neither
-TensorRT nor CUDA. The plain-data parts live in `exporters.tensorrt_meta`, the steps of a build
-in `exporters.tensorrt_build`.
+`tensorrt` and `polygraphy` are imported inside the functions that need them: importing this
+module needs neither TensorRT nor CUDA. The plain-data parts live in `exporters.tensorrt_meta`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,15 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporters.tensorrt_build import (
     TIMING_CACHE_NAME,
-    add_input_profile,
-    builder_config,
+    build_settings,
+    network_io,
     parse_network,
-    save_timing_cache,
     serialize_engine,
     timing_cache_file,
-    use_timing_cache,
 )
 from exporters.tensorrt_meta import (
     ShapeRange,
@@ -53,6 +50,9 @@ from pipeline.core.errors import ModelError, RuntimeNotAvailable
 from pipeline.core.files import ENGINE_MAX_BYTES, check_file
 from pipeline.core.profile import TargetProfile
 
+if TYPE_CHECKING:
+    import tensorrt as trt
+
 logger = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
@@ -67,10 +67,10 @@ __all__ = [
     "check_input_shape",
     "current_environment",
     "engine_for_onnx",
-    "import_tensorrt",
     "load_engine",
     "metadata_path",
     "profile_shapes",
+    "require_tensorrt",
     "tensorrt_unavailable_reason",
 ]
 
@@ -78,8 +78,8 @@ __all__ = [
 # --------------------------------------------------------------------------- TensorRT
 
 
-def import_tensorrt() -> ModuleType:
-    """The `tensorrt` module, version 10 or newer.
+def require_tensorrt() -> str:
+    """The version of the installed `tensorrt` module, 10 or newer.
 
     Raises:
         RuntimeNotAvailable: tensorrt is missing, cannot load its libraries, or is too old.
@@ -87,18 +87,26 @@ def import_tensorrt() -> ModuleType:
     try:
         import tensorrt as trt
     except ImportError:
-        raise RuntimeNotAvailable(f"tensorrt not installed ({INSTALL_HINT})") from None
+        raise RuntimeNotAvailable(f"tensorrt is not installed ({INSTALL_HINT})") from None
     except OSError as exc:  # the wheel is there but libnvinfer or CUDA libraries are not
         raise RuntimeNotAvailable(
             f"tensorrt cannot load its libraries ({squash(str(exc), 120)}); "
             f"reinstall it ({INSTALL_HINT})"
         ) from None
-    if _major(trt.__version__) < MIN_TENSORRT_MAJOR:
+    # The type stubs (tensorrt-stubs) alone install a `tensorrt` folder that imports as an
+    # empty namespace package, without a version.
+    version = getattr(trt, "__version__", None)
+    if not isinstance(version, str):
         raise RuntimeNotAvailable(
-            f"tensorrt {trt.__version__} is too old: {MIN_TENSORRT_MAJOR}.x or newer is needed "
+            f"tensorrt is not installed, only its type stubs are ({INSTALL_HINT})"
+        )
+    if _major(version) < MIN_TENSORRT_MAJOR:
+        raise RuntimeNotAvailable(
+            f"tensorrt {version} is too old: {MIN_TENSORRT_MAJOR}.x or newer is needed "
             f"({INSTALL_HINT})"
         )
-    return trt
+    _quiet_polygraphy()
+    return version
 
 
 def _major(version: str) -> int:
@@ -106,10 +114,21 @@ def _major(version: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _quiet_polygraphy() -> None:
+    """Polygraphy prints each build's configuration, progress and TensorRT's warnings: keep only
+    the errors (TensorRT's come through it), unless this run logs at debug level. No colours:
+    they need a package Polygraphy asks for in a line of its own."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False
+    if not logger.isEnabledFor(logging.DEBUG):
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """Why TensorRT cannot be used here (not installed, too old), or None when it can."""
     try:
-        import_tensorrt()
+        require_tensorrt()
     except RuntimeNotAvailable as exc:
         return str(exc)
     return None
@@ -123,36 +142,7 @@ def current_environment() -> dict[str, Any]:
     """
     from pipeline.core.cuda_device import device_info
 
-    trt = import_tensorrt()
-    return {"tensorrt_version": trt.__version__, "device": device_info()}
-
-
-def _make_logger(trt: ModuleType) -> Any:
-    """A TensorRT logger that keeps errors for one-line messages and sends the rest to logging."""
-    levels = trt.ILogger.Severity
-
-    class _Log(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (levels.INTERNAL_ERROR, levels.ERROR):
-                self.errors.append(msg)
-                logger.debug("tensorrt error: %s", msg)
-            elif severity == levels.WARNING:
-                logger.debug("tensorrt warning: %s", msg)
-
-        def last_error(self) -> str:
-            return squash(self.errors[-1]) if self.errors else "see the log with --debug"
-
-    return _Log()
-
-
-def network_flags(trt: ModuleType) -> int:
-    """Strongly typed creation flags: needed on TensorRT 10, accepted and ignored on 11."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 1 << int(flag) if flag is not None else 0
+    return {"tensorrt_version": require_tensorrt(), "device": device_info()}
 
 
 def build_engine(
@@ -187,27 +177,14 @@ def build_engine(
     if not onnx_path.is_file():
         raise ModelError(f"ONNX graph not found: {onnx_path} (check the path)")
     env = current_environment()
-    trt = import_tensorrt()
-    log = _make_logger(trt)
-    builder = trt.Builder(log)
-    network = builder.create_network(network_flags(trt))
-    # The parser owns the parsed weights: it stays alive until the engine is built.
-    parser = trt.OnnxParser(network, log)
-    parse_network(parser, onnx_path.read_bytes(), onnx_path)
-    config, settings = builder_config(trt, builder, workspace_bytes)
-    inputs, outputs = add_input_profile(builder, config, network, profile, onnx_path)
+    network = parse_network(onnx_path)
+    name, ranges, inputs, outputs = network_io(network[1], profile, onnx_path)
     cache_file = timing_cache_file(out_path, timing_cache)
-    reused = use_timing_cache(config, cache_file)
-    engine_bytes, build_s = serialize_engine(builder, network, config, log, onnx_path)
+    settings = build_settings(name, ranges, workspace_bytes, cache_file)
+    engine_bytes, build_s = serialize_engine(network, settings, onnx_path)
     atomic_write_bytes(out_path, engine_bytes)
-    if cache_file is not None:
-        save_timing_cache(config, cache_file)
-    settings.update(
-        timing_cache=str(cache_file) if cache_file else None,
-        timing_cache_reused=reused,
-        build_s=round(build_s, 3),
-    )
-    meta = _metadata(env, profile, onnx_path, engine_bytes, inputs, outputs, settings)
+    built = settings.metadata(build_s)
+    meta = _metadata(env, profile, onnx_path, engine_bytes, inputs, outputs, built)
     cache_name = cache_file.name if cache_file is not None else None
     mib = workspace_bytes >> 20
     meta["trtexec"] = trtexec_commands(onnx_path, profile, out_path.name, cache_name, mib)
@@ -240,11 +217,9 @@ def _metadata(
 
 @dataclass
 class LoadedEngine:
-    """A deserialised engine and what keeps it alive (its runtime and logger)."""
+    """A deserialised engine and the metadata it was checked against."""
 
-    engine: Any
-    runtime: Any
-    log: Any
+    engine: trt.ICudaEngine
     metadata: dict[str, Any]
     path: Path
 
@@ -268,16 +243,17 @@ def load_engine(path: Path) -> LoadedEngine:
             f"{path} does not match its metadata (the engine's sha256 differs): the file changed "
             "after it was built; rebuild the engine"
         )
-    trt = import_tensorrt()
-    log = _make_logger(trt)
-    runtime = trt.Runtime(log)
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
+    from polygraphy.backend.trt import engine_from_bytes
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        engine: trt.ICudaEngine = engine_from_bytes(data)
+    except PolygraphyException as exc:
         raise ModelError(
-            f"{path}: TensorRT could not load the engine ({log.last_error()}); rebuild it on this "
-            "device"
-        )
-    return LoadedEngine(engine=engine, runtime=runtime, log=log, metadata=meta, path=path)
+            f"{path}: TensorRT could not load the engine ({squash(str(exc))}); rebuild it on "
+            "this device"
+        ) from None
+    return LoadedEngine(engine=engine, metadata=meta, path=path)
 
 
 def engine_for_onnx(onnx_path: Path, profile: TargetProfile, cache_dir: Path | None = None) -> Path:

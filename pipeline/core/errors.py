@@ -46,7 +46,12 @@ class PolicyError(PipelineError):
 
 
 class RuntimeNotAvailable(PipelineError):
-    """The profile's runtime or device cannot be used on this machine."""
+    """The profile's runtime or device cannot be used on this machine; `reason` is why, without
+    the advice of the message."""
+
+    def __init__(self, *args: object, reason: str | None = None) -> None:
+        super().__init__(*args)
+        self.reason = printable(reason) if reason is not None else str(self)
 
 
 class MeasurementError(Exception):

@@ -50,6 +50,8 @@ class RunContext:
     model: nn.Module | None = None
     started: float = field(default_factory=time.time)
     measurer: MeasureWorker | None = None
+    # Why the TensorRT runtime cannot run here, when the run still exports (`stages.load_inputs`)
+    runtime_missing: str | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -44,7 +44,8 @@ def export_deployed(ctx: RunContext, record: RunRecord) -> None:
         if recovery.info["method"] == "qat":  # the deployed weights are the QAT-tuned ones
             ctx.model = recovery.model
             save_safetensors(ctx.model, ctx.run_dir / "weights.safetensors")
-        if {ctx.policy.action(n).precision for n in layers} != {Precision.FP32}:
+        measurable = ctx.runtime_missing is None
+        if measurable and {ctx.policy.action(n).precision for n in layers} != {Precision.FP32}:
             record.precision_check = _check_not_slower(ctx, record, fp32)
     shipped_fp32 = record.precision_check is not None and record.precision_check.shipped == "fp32"
     if recovery.qparams and not shipped_fp32:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from pipeline.core.artifacts import check_out_dir, new_run_dir
 from pipeline.core.config import RunConfig
+from pipeline.core.errors import RuntimeNotAvailable
 from pipeline.core.profile import TargetProfile, with_input_shape
 from pipeline.core.records import RunRecord
 from pipeline.run import floor_stage, report, stages
 from pipeline.run.context import RunContext, console
 from pipeline.run.export_stage import export_deployed
+
+EXPORTED_ONLY = "stopped: exported, runtime not available here"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ def _local_tensorrt(ctx: RunContext, record: RunRecord) -> bool:
     return ctx.profile.runtime == "tensorrt" and ctx.profile.device == "local"
 
 
+def _runtime_missing(ctx: RunContext, record: RunRecord) -> bool:
+    return ctx.runtime_missing is not None
+
+
 def _with_baselines(ctx: RunContext, record: RunRecord) -> bool:
     return record.search is not None and ctx.config.search.baselines
 
@@ -43,6 +50,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", stages.search, _searching),
     Stage("compress", stages.compress),
     Stage("export", export_deployed),
+    Stage("no runtime", stages.stop_without_runtime, _runtime_missing),
     Stage("floor", floor_stage.hold_floor, floor_stage.applies),
     Stage("engine", stages.build_engine, _local_tensorrt),
     Stage("measure", stages.measure),
@@ -78,8 +86,9 @@ def execute(
             report.write_manifest(ctx, stopped or "running", done)
             if stopped:
                 return 1
-    except BaseException:
-        report.write_manifest(ctx, "failed", done)
+    except BaseException as exc:
+        exported = isinstance(exc, RuntimeNotAvailable) and ctx.runtime_missing is not None
+        report.write_manifest(ctx, EXPORTED_ONLY if exported else "failed", done)
         raise
     finally:
         ctx.close()

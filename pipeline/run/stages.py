@@ -2,9 +2,10 @@
 directory and its findings into the `RunRecord`; `pipeline.run.plan.execute` walks them.
 
 load -> baseline -> search (no fixed policy) -> compress (prune + recovery fine-tune) ->
-export (precisions in the graph, `export_stage`) -> floor (the accuracy-floor objective,
-`floor_stage`) -> engine (local TensorRT) -> measure -> validate -> baselines (searched runs) ->
-report. A stage that fails raises; files already written are
+export (precisions in the graph, `export_stage`) -> no runtime (a local TensorRT target that
+cannot run here: stop once model.onnx is checked against its Q/DQ rules) -> floor (the
+accuracy-floor objective, `floor_stage`) -> engine (local TensorRT) -> measure -> validate ->
+baselines (searched runs) -> report. A stage that fails raises; files already written are
 complete (atomic) and `manifest.json` says the run did not finish.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.core.artifacts import write_json
+from pipeline.core.errors import RuntimeNotAvailable
 from pipeline.core.policy import check_policy, parse_policy_arg
 from pipeline.core.records import Latency, ModelFigures, RunRecord
 from pipeline.core.stats import correct_of
@@ -23,7 +25,7 @@ from pipeline.model.data import load_data
 from pipeline.model.evaluate import accuracy, stack, torch_logits
 from pipeline.model.models import build_model, check_input, load_weights, save_safetensors
 from pipeline.model.prune import count_macs_params, save_history
-from pipeline.run.context import RunContext, TestSet, stage
+from pipeline.run.context import RunContext, TestSet, console, stage
 from pipeline.search.materialize import Recovery, materialize, recover
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,7 @@ log = logging.getLogger(__name__)
 
 def load_inputs(ctx: RunContext) -> None:
     """Data splits, the original model (the demo's when none is given) and the policy."""
-    from pipeline.measure.runners import check_runtime
-
-    check_runtime(ctx.profile)  # fail fast, before any training, on a target we cannot use
+    _check_target(ctx)
     cfg = ctx.config
     stage("loading data")
     ctx.splits = load_data(cfg.data, ctx.input_shape, seed=cfg.seed)
@@ -46,6 +46,22 @@ def load_inputs(ctx: RunContext) -> None:
         from agents import agent_class
 
         agent_class(cfg.search.agent)  # an unknown agent is bad input: fail before any work
+
+
+def _check_target(ctx: RunContext) -> None:
+    """Fail fast, before any training, on a target we cannot use. A local TensorRT target with a
+    fixed policy needs no measurement to export: that run goes on, writes model.onnx and checks
+    it against TensorRT's rules (`stop_without_runtime`), for the device to build and time."""
+    from pipeline.measure.runners import check_runtime
+    from pipeline.run.validate import TENSORRT_RUNTIMES
+
+    try:
+        check_runtime(ctx.profile)
+    except RuntimeNotAvailable as exc:
+        local_trt = ctx.profile.runtime in TENSORRT_RUNTIMES and ctx.profile.device == "local"
+        if not local_trt or ctx.config.policy is None:
+            raise
+        ctx.runtime_missing = exc.reason
 
 
 def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -122,6 +138,30 @@ def compress(ctx: RunContext, record: RunRecord) -> None:
         )
     save_safetensors(result.model, ctx.run_dir / "weights.safetensors")
     ctx.model = result.model
+
+
+def stop_without_runtime(ctx: RunContext, record: RunRecord) -> str | None:
+    """Where TensorRT cannot run, stop once model.onnx is written: check it against TensorRT's
+    Q/DQ rules, write `tensorrt.json` (the problems, the trtexec commands that build and time it
+    on the device), then stop in one line, or fail the run if the graph breaks a rule."""
+    from exporters.trt_rules import check_trt_qdq
+    from exporters.trtexec import trtexec_commands
+
+    graph = ctx.run_dir / "model.onnx"
+    stage("checking model.onnx against TensorRT's Q/DQ rules")
+    problems = check_trt_qdq(graph)
+    commands = trtexec_commands(graph, ctx.profile)
+    notes = {"runtime_missing": ctx.runtime_missing, "tensorrt_qdq": problems, "trtexec": commands}
+    write_json(ctx.run_dir / "tensorrt.json", notes)
+    if problems:
+        console.print(f"model.onnx breaks TensorRT's Q/DQ rules ({len(problems)}): {problems[0]}")
+        return "failed: TensorRT Q/DQ rules"
+    raise RuntimeNotAvailable(
+        f"runtime '{ctx.profile.runtime}' (profile '{ctx.profile.name}') is not available on "
+        f"this machine: {ctx.runtime_missing}; {graph} is written and passes TensorRT's Q/DQ "
+        "rules: build and time it on the device with the trtexec commands in tensorrt.json "
+        "beside it"
+    )
 
 
 def build_engine(ctx: RunContext, record: RunRecord) -> None:

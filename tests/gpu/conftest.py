@@ -52,10 +52,12 @@ def cuda() -> None:
 @pytest.fixture(scope="session")
 def trt(cuda: None) -> Any:
     """The tensorrt module; skip unless TensorRT 10+ and a GPU are here."""
-    from exporters.tensorrt import import_tensorrt, tensorrt_unavailable_reason
+    from exporters.tensorrt import tensorrt_unavailable_reason
 
     _skip_unless(tensorrt_unavailable_reason())
-    return import_tensorrt()
+    import tensorrt
+
+    return tensorrt
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@
 memory bound with an io_binding), the output is preallocated there, and each timed run returns
 only once the GPU has finished (ONNX Runtime synchronises its providers at the end of a run, and
 the output binding is synchronised again). `infer` is the plain host-to-host path.
+Polygraphy's `OnnxrtRunner` does not fit here: it times `session.run` on host arrays, copies to
+and from the GPU included.
 """
 
 from __future__ import annotations

@@ -141,5 +141,6 @@ def _not_available(runtime: str, profile_name: str, reason: str) -> RuntimeNotAv
     hint = "" if runtime == "onnxruntime-cpu" else f"; {_FALLBACK}"
     return RuntimeNotAvailable(
         f"runtime '{runtime}' (profile '{profile_name}') is not available on this machine: "
-        f"{reason}{hint}"
+        f"{reason}{hint}",
+        reason=reason,
     )

@@ -4,14 +4,18 @@ It runs a `.engine` built by `exporters.tensorrt.build_engine` (refused unless i
 matches this GPU and TensorRT version), or an `.onnx` graph, whose engine it builds first and
 keeps in `$PIPELINE_CACHE/tensorrt`, keyed by the graph's sha256 and the profile's input shape.
 
-Buffers live in GPU memory allocated by torch, and the engine runs on its own CUDA stream with
-`execute_async_v3`. `measure` reports device time: each sample is the time between two CUDA
-events recorded on that stream around one execution, with the input already on the GPU.
+Polygraphy's `TrtRunner` holds the execution context, its CUDA stream and the buffers, and runs
+`infer`. `measure` reports device time: each sample is the time between two CUDA events recorded
+on that stream around one `execute_async_v3`, with the input already on the GPU. Polygraphy's own
+timing (`last_inference_time`) is the host's time of a whole `infer` call, argument checks and
+buffer set-up included, which at a fraction of a millisecond per batch would swamp the engine.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,16 +25,26 @@ from pipeline.core.errors import ModelError
 from pipeline.measure.runners.base import LatencyStats, Runner
 from pipeline.measure.runners.registry import register_runner
 
+if TYPE_CHECKING:
+    import tensorrt as trt
 
-def _torch_dtype(np_type: Any) -> Any:
-    import torch
 
-    return torch.from_numpy(np.empty(0, dtype=np_type)).dtype
+@contextmanager
+def _polygraphy_errors(what: str) -> Iterator[None]:
+    """Polygraphy's failures (it logs TensorRT's errors, then raises) as one-line ModelErrors."""
+    from polygraphy.exception import PolygraphyException
+
+    from exporters.tensorrt_meta import squash
+
+    try:
+        yield
+    except PolygraphyException as exc:
+        raise ModelError(f"{what}: {squash(str(exc))}") from None
 
 
 @register_runner("tensorrt")
 class TrtRunner(Runner):
-    """A TensorRT engine and one execution context on a dedicated CUDA stream."""
+    """A TensorRT engine in Polygraphy's runner, with one execution context and CUDA stream."""
 
     suffixes = (".engine", ".onnx")
 
@@ -38,10 +52,13 @@ class TrtRunner(Runner):
     def unavailable_reason(cls) -> str | None:
         from exporters.tensorrt import tensorrt_unavailable_reason
 
-        return no_cuda_reason() or tensorrt_unavailable_reason()
+        missing = [r for r in (tensorrt_unavailable_reason(), no_cuda_reason()) if r]
+        return "; ".join(missing) or None
 
     def _activate_impl(self) -> None:
+        import tensorrt as trt
         import torch
+        from polygraphy.backend.trt import TrtRunner as PolygraphyRunner
 
         from exporters.tensorrt import check_input_shape, engine_for_onnx, load_engine
 
@@ -52,81 +69,44 @@ class TrtRunner(Runner):
         check_input_shape(
             loaded.metadata, (self.profile.input.batch, *self.profile.input.shape), path
         )
-        self._loaded = loaded
-        self._input, self._outputs, self._dtypes = self._io_tensors(loaded.engine)
-        self._context = loaded.engine.create_execution_context()
-        if self._context is None:
-            raise ModelError(
-                f"{path}: TensorRT could not create an execution context ({self._why()})"
-            )
         self.engine_path = path
-        self._stream = torch.cuda.Stream()
+        self._input = next(iter(loaded.metadata["inputs"]))
+        outputs = list(loaded.metadata["outputs"])
+        self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        engine: trt.ICudaEngine = loaded.engine
+        self._input_type = np.dtype(trt.nptype(engine.get_tensor_dtype(self._input)))
+        self._trt = PolygraphyRunner(engine)
+        with _polygraphy_errors(f"{path}: TensorRT could not create an execution context"):
+            self._trt.activate()
+        self._stream = torch.cuda.ExternalStream(self._trt.stream.ptr)
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        self._bound: tuple[np.ndarray, Any, dict[str, Any]] | None = None
+        self._bound: tuple[np.ndarray, Any] | None = None
         self._device_ms: list[float] = []
 
-    def _io_tensors(self, engine: Any) -> tuple[str, list[str], dict[str, Any]]:
-        """The input's name, the outputs' names, and the torch dtype of each."""
-        from exporters.tensorrt import import_tensorrt
-
-        trt = import_tensorrt()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        outputs.sort(key=lambda n: n != OUTPUT_NAME)  # the logits first, whatever TRT's order
-        if len(inputs) != 1 or not outputs:
-            raise ModelError(
-                f"{self.artifact}: expected one image input and an output, the engine has inputs "
-                f"{inputs} and outputs {outputs}"
-            )
-        dtypes = {n: _torch_dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        return inputs[0], outputs, dtypes
-
-    def _why(self) -> str:
-        return self._loaded.log.last_error()
+    def _infer_impl(self, feed: np.ndarray) -> np.ndarray:
+        host = np.ascontiguousarray(feed, dtype=self._input_type)
+        with _polygraphy_errors(f"{self.engine_path}: TensorRT failed to run the engine"):
+            outputs = self._trt.infer({self._input: host})
+        self._bound = None  # the context now reads Polygraphy's copy of this feed
+        return np.asarray(outputs[self._output], dtype=np.float32)
 
     def _bind(self, feed: np.ndarray) -> None:
-        """Copy `feed` to the GPU, size the outputs for its shape, give TensorRT the addresses."""
+        """Put `feed` on the GPU and run it once through Polygraphy, which sets the input's shape
+        and address and allocates the outputs: the timed runs then only execute."""
         import torch
 
-        with torch.cuda.stream(self._stream):
-            device_in = torch.from_numpy(np.ascontiguousarray(feed)).to(
-                device="cuda", dtype=self._dtypes[self._input]
-            )
-            if not self._context.set_input_shape(self._input, tuple(device_in.shape)):
-                raise ModelError(
-                    f"{self.engine_path}: TensorRT refused input shape {tuple(feed.shape)} "
-                    f"({self._why()})"
-                )
-            outs = {
-                name: torch.empty(
-                    tuple(self._context.get_tensor_shape(name)),
-                    dtype=self._dtypes[name],
-                    device="cuda",
-                )
-                for name in self._outputs
-            }
-        self._context.set_tensor_address(self._input, device_in.data_ptr())
-        for name, tensor in outs.items():
-            self._context.set_tensor_address(name, tensor.data_ptr())
-        self._stream.synchronize()  # the input is on the GPU before anything is timed
-        self._bound = (feed, device_in, outs)
+        device_in = torch.from_numpy(np.ascontiguousarray(feed, dtype=self._input_type)).cuda()
+        torch.cuda.synchronize()  # the copy ran on torch's stream, the engine runs on its own
+        with _polygraphy_errors(f"{self.engine_path}: TensorRT failed to run the engine"):
+            self._trt.infer({self._input: device_in}, copy_outputs_to_host=False)
+        self._bound = (feed, device_in)
 
     def _execute(self) -> None:
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
+        context: trt.IExecutionContext = self._trt.context
+        if not context.execute_async_v3(self._trt.stream.ptr):
             raise ModelError(
-                f"{self.engine_path}: TensorRT failed to run the engine ({self._why()})"
+                f"{self.engine_path}: TensorRT failed to run the engine (see its errors above)"
             )
-
-    def _infer_impl(self, feed: np.ndarray) -> np.ndarray:
-        import torch
-
-        self._bind(feed)
-        assert self._bound is not None
-        with torch.cuda.stream(self._stream):
-            self._execute()
-            logits = self._bound[2][self._outputs[0]].float().cpu()  # waits for the stream
-        return logits.numpy()
 
     def _timed_run_impl(self, feed: np.ndarray) -> None:
         if self._bound is None or self._bound[0] is not feed:
@@ -149,5 +129,4 @@ class TrtRunner(Runner):
     def _deactivate_impl(self) -> None:
         self._stream.synchronize()
         self._bound = None
-        del self._context
-        del self._loaded
+        self._trt.deactivate()
