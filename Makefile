@@ -12,12 +12,12 @@ TRT_STUBS := tensorrt-stubs==10.8.0.43.1
 
 .PHONY: demo test lint format clean
 
-$(STAMP): pyproject.toml Makefile tools/fix_tensorrt_stubs.py
+$(STAMP): pyproject.toml Makefile tests/fix_tensorrt_stubs.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(TRT_STUBS)
-	$(BIN)/python tools/fix_tensorrt_stubs.py
+	$(BIN)/python tests/fix_tensorrt_stubs.py
 	touch $(STAMP)
 
 demo: $(STAMP)
