@@ -38,6 +38,14 @@ class Collect:
 TESTS_DIR = Path(__file__).resolve().parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on two cores: one compute thread each (CLI subprocesses
+        # inherit it) instead of four threads contending for two cores.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`pipeline ARGS` in a real subprocess; tests/ is importable (for module:function models)."""
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR)}

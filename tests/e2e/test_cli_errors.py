@@ -1,26 +1,47 @@
-"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, no run dir."""
+"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, no run dir.
+
+The CLI runs in this process (`cli_main`), in the test's folder; the last test runs it as
+users do, in a subprocess.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import run_cli as pipeline
+from cli_main import Result, main_in_process
+from conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 CPU = str(ROOT / "profiles" / "cpu.yaml")
 
 
-def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    err = result.stderr.strip()
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    assert len(err.splitlines()) == 1, err
+@contextlib.contextmanager
+def _inside(folder: Path) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def pipeline(*args: str, cwd: Path) -> Result:
+    with _inside(cwd):
+        return main_in_process(*args)
+
+
+def assert_bad_input(result: Result, *fragments: str) -> None:
+    err = result.err.strip()
+    assert result.code == 2, (result.code, result.out, result.err)
+    assert result.one_line_error, err
     for fragment in fragments:
         assert fragment in err, err
 
@@ -127,7 +148,7 @@ def test_unknown_policy_layer(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = pipeline("--debug", "run", "--target", "nowhere.yaml", cwd=tmp_path)
+    result = run_cli("--debug", "run", "--target", "nowhere.yaml", cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" in result.stderr
 
@@ -139,3 +160,10 @@ def test_bench_missing_artifact(tmp_path):
 def test_validate_not_a_run_dir(tmp_path):
     result = pipeline("validate", "--target", CPU, str(tmp_path), cwd=tmp_path)
     assert_bad_input(result, "not a run directory")
+
+
+def test_the_installed_command_in_a_subprocess(tmp_path):
+    result = run_cli("run", "--target", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "target profile not found" in lines[0]

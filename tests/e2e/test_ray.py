@@ -25,7 +25,8 @@ from agents.rewards import budget_reward
 from pipeline.search import run_search
 from pipeline.search.parallel import ParallelConfig, parallel_evaluator
 
-pytestmark = pytest.mark.e2e
+# One worker runs every test of a local Ray cluster: two clusters at once would share 2 cores
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 TOKEN = "ray-fleet-token-" + "x" * 24
 
 PROFILE = """

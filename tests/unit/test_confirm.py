@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,25 @@ from pipeline.search.confirm import confirm_pick
 def _bench(evaluator):
     def bench(artifacts: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
         return bench_interleaved(evaluator.worker.measure, artifacts, rounds=3)
+
+    return bench
+
+
+def _by_size_bench(evaluator):
+    """Latency in proportion to the graph's size, the unpruned graph at the original's: the
+    outcome of a confirmation then depends on the policy, never on how busy the machine is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unpruned = Path(tmp) / "unpruned.onnx"
+        evaluator.export_untrained(uniform_policy(evaluator.model, 1.0, Precision.FP32), unpruned)
+        unpruned_bytes = unpruned.stat().st_size
+    original = evaluator.space.original_latency_ms
+
+    def measure(path: Path) -> dict[str, Any]:
+        ms = original * path.stat().st_size / unpruned_bytes
+        return {"latency_ms": {"median": ms, "p90": ms}, "floor_ms": None, "noisy": False}
+
+    def bench(artifacts: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
+        return bench_interleaved(measure, artifacts, rounds=3)
 
     return bench
 
@@ -39,9 +59,8 @@ def test_a_pick_that_misses_when_measured_again_gives_way_to_the_next(tiny_evalu
     original = tiny_evaluator.space.original_latency_ms
     records = _records(tiny_evaluator, 0.1 * original)
     resolution = 1 / len(tiny_evaluator.val_labels)
-    pick, tries = confirm_pick(
-        tiny_evaluator, records, resolution, _bench(tiny_evaluator), "median"
-    )
+    bench = _by_size_bench(tiny_evaluator)
+    pick, tries = confirm_pick(tiny_evaluator, records, resolution, bench, "median")
     assert [t["episode"] for t in tries] == [0, 1]
     assert [t["meets_budget"] for t in tries] == [False, True]
     assert tries[0]["confirmed_ms"] > tiny_evaluator.space.budget_ms >= tries[1]["confirmed_ms"]

@@ -20,6 +20,9 @@ from pipeline.core.profile import TargetProfile
 from pipeline.core.schema import parse_model
 from pipeline.search.parallel import ParallelConfig, parallel_evaluator
 
+# One worker runs every test of a local Ray cluster: two clusters at once would share 2 cores
+pytestmark = pytest.mark.xdist_group("ray")
+
 TOKEN_VAR = "PIPELINE_TEST_FLEET_TOKEN"
 TOKEN = "fleet-token-" + "x" * 24
 
