@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.policy import Policy
+from agents.precisions import search_precision
+from pipeline.core.policy import Policy, Precision
 from pipeline.core.space import CandidateResult, EpisodeCallback, Evaluator, RewardFn
 
 
@@ -42,6 +43,12 @@ class Agent(ABC):
     def progress(self) -> float:
         """Fraction of the search done, for rewards annealed over the search."""
         return min(self.episodes_done / max(self.total_episodes, 1), 1.0)
+
+    def prune_precision(self) -> Precision:
+        """The precision this agent's pruning ran every layer in, for the report and for the
+        matched-latency baselines: the one the original measured fastest in unless the agent
+        chose another for the objective."""
+        return search_precision(self.space)
 
     def evaluate(
         self, policy: Policy, on_episode: EpisodeCallback

@@ -1,14 +1,14 @@
 """Baselines every search is compared against: uniform pruning and random policies.
 
-`UniformAgent` is plain uniform pruning in the default precision, its keep ratio found by
-bisection on measured latency; `RandomAgent` draws keep ratios and precisions at random.
-Both evaluate through `Agent.evaluate`, like the RL agents, and save a small JSON state.
+`UniformAgent` is plain uniform pruning, its keep ratio found by bisection (on measured latency
+for a budget, on validation accuracy for a floor); `RandomAgent` draws keep ratios and
+precisions at random. Both evaluate through `Agent.evaluate`, like the RL agents, and save a
+small JSON state.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent
-from agents.env import build_policy, decision_units, layer_shares
-from agents.precisions import ordered_precisions, precision_factor, search_precision
+from agents.bisection import TOLERANCE, AnchorSearch
+from agents.env import build_policy, decision_units
+from agents.precisions import ordered_precisions
 from pipeline.core.artifacts import write_json
-from pipeline.core.choice import holds_floor
 from pipeline.core.errors import ConfigError
-from pipeline.core.policy import Policy
+from pipeline.core.policy import Policy, Precision
 from pipeline.core.space import CandidateResult, EpisodeCallback
 
 STATE_FILE = "agent.json"
@@ -46,117 +46,38 @@ def read_state(folder: Path, name: str) -> dict[str, Any]:
     return state
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-Trial = tuple[float, float | None, float | None]
-"""A uniform keep ratio tried: (keep, measured latency, validation accuracy); None if failed."""
-
-
-def read_trials(rows: list[list[Any]]) -> list[Trial]:
-    """Saved trials (states saved before accuracies were kept have two fields)."""
-    return [
-        (float(row[0]), _float_or_none(row[1]), _float_or_none(row[2] if len(row) > 2 else None))
-        for row in rows
-    ]
-
-
 class UniformAgent(Agent):
-    """The same keep ratio for every prunable layer, all in `search_precision` (the precision in
-    which the whole original measured fastest on the target; FP32 when none beats it).
-
-    With a budget: the first keep ratio is the one whose estimated latency matches the budget
-    (latency share of the prunable layers scaling with keep**2, since uniform pruning shrinks
-    both the inputs and the outputs of inner layers); after that, bisection on the measured
-    latency between the largest ratio known to meet the budget and the smallest known to miss
-    it. The search ends early once that bracket is narrower than `TOLERANCE` (any further
-    candidate would prune to the same channel counts). Without a budget: a sweep of evenly
-    spaced ratios from 1.0 down to min_keep, one per episode.
+    """The same keep ratio for every prunable layer, all in one precision, found by bisection
+    (`agents.bisection`): with a budget or an accuracy floor, one bisection in the precision
+    the original measured fastest in and one in the next wider precision, keeping the better
+    for the objective; without either, a sweep of evenly spaced ratios in the fastest.
     """
 
     name = "uniform"
-    TOLERANCE = 0.01
+    TOLERANCE = TOLERANCE
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.units = decision_units(self.space)
-        self.min_keep = float(min(max(self.space.min_keep, 1e-3), 1.0))
-        # The bracket: with a budget, met at low and missed at high; with an accuracy floor,
-        # held at high and lost at low (the smallest keep that holds it is the fastest).
-        self.low, self.high = self.min_keep, 1.0
-        self.results: list[Trial] = []  # (keep, measured latency, validation accuracy)
-
-    def policy(self, keep: float) -> Policy:
-        """The uniform policy: every prunable unit keeps `keep`, all in the search precision."""
-        precision = search_precision(self.space)
-        keeps = [keep] * len(self.units)
-        return build_policy(self.space, self.units, keeps, [precision] * len(self.units))
-
-    def estimated_keep(self) -> float:
-        """The keep ratio whose estimated latency equals the budget (1.0 without a budget)."""
-        budget, original = self.space.budget_ms, self.space.original_latency_ms
-        if budget and original:  # the unpruned model in the search precision is the start
-            original *= precision_factor(self.space, search_precision(self.space))
-        if not budget or not original or budget >= original:
-            return 1.0
-        shares = layer_shares(self.space)
-        prunable = sum(shares[x.name] for x in self.space.prunable)
-        if prunable <= 0:
-            return self.min_keep
-        needed = (budget / original - (1.0 - prunable)) / prunable
-        return float(np.clip(math.sqrt(max(needed, 0.0)), self.min_keep, 1.0))
-
-    def next_keep(self, episodes: int) -> float | None:
-        """The next keep ratio to evaluate, or None when the bisection has converged."""
-        floor = self.space.accuracy_floor
-        if self.space.budget_ms is None and floor is None:
-            steps = max(episodes - 1, 1)
-            return 1.0 - (1.0 - self.min_keep) * min(len(self.results), steps) / steps
-        if not self.results:
-            return self.estimated_keep() if floor is None else (self.low + self.high) / 2.0
-        if self.high - self.low < self.TOLERANCE:
-            return None
-        return (self.low + self.high) / 2.0
-
-    def record(self, keep: float, latency: float | None, accuracy: float | None = None) -> None:
-        """Narrow the bracket with a measured (or failed: None) keep ratio."""
-        self.results.append((keep, latency, accuracy))
-        floor, budget = self.space.accuracy_floor, self.space.budget_ms
-        if floor is not None:
-            if latency is not None and accuracy is not None and holds_floor(accuracy, floor):
-                self.high = min(self.high, keep)
-            else:  # lost the floor, or failed: look at larger networks
-                self.low = max(self.low, keep)
-                self.high = max(self.high, self.low)
-            return
-        if budget is None:
-            return
-        if latency is not None and math.isfinite(latency) and latency <= budget:
-            self.low = max(self.low, keep)
-        else:  # over budget, or failed: look at smaller networks
-            self.high = min(self.high, keep)
-            self.low = min(self.low, self.high)
+        self.anchors = AnchorSearch(self.space)
 
     def _search_impl(self, episodes: int, on_episode: EpisodeCallback) -> None:
         while self.episodes_done < episodes:
-            keep = self.next_keep(episodes)
-            if keep is None:
+            step = self.anchors.next(episodes)
+            if step is None:
                 return
-            result, _reward = self.evaluate(self.policy(keep), on_episode)
+            bisection, keep = step
+            result, _reward = self.evaluate(bisection.policy(keep), on_episode)
             ok = result.ok
-            self.record(keep, result.latency_ms if ok else None, result.accuracy if ok else None)
+            bisection.record(
+                keep, result.latency_ms if ok else None, result.accuracy if ok else None
+            )
 
     def best_keep(self) -> float | None:
-        """The keep ratio the bisection found for the objective: the largest measured to meet
-        the budget, or with a floor, the smallest that held it (and met any budget)."""
-        floor, budget = self.space.accuracy_floor, self.space.budget_ms
-        ran = [(k, ms, acc) for k, ms, acc in self.results if ms is not None]
-        met = [(k, acc) for k, ms, acc in ran if budget is None or ms <= budget]
-        if floor is None:
-            return max((k for k, _ in met), default=None) if budget else None
-        held = [k for k, acc in met if acc is not None and holds_floor(acc, floor)]
-        return min(held, default=None)
+        """The keep ratio found for the objective, in `prune_precision`."""
+        return self.anchors.best_keep()
+
+    def prune_precision(self) -> Precision:
+        return self.anchors.precision()
 
     def save(self, folder: Path) -> None:
         write_json(
@@ -164,16 +85,17 @@ class UniformAgent(Agent):
             {
                 "agent": self.name,
                 "episodes_done": self.episodes_done,
-                "bracket": [self.low, self.high],
-                "results": [list(r) for r in self.results],
+                "bisections": self.anchors.state(),
             },
         )
 
     def load(self, folder: Path) -> None:
         state = read_state(folder, self.name)
         self.episodes_done = int(state["episodes_done"])
-        self.low, self.high = (float(x) for x in state["bracket"])
-        self.results = read_trials(state["results"])
+        saved = state.get("bisections")
+        if saved is None:  # saved before anchors: one bracket
+            saved = {"bracket": state["bracket"], "results": state["results"]}
+        self.anchors.restore(saved)
 
 
 class RandomAgent(Agent):

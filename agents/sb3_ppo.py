@@ -12,29 +12,31 @@ from typing import Any
 
 from stable_baselines3 import PPO
 
-from agents.baselines import UniformAgent, read_trials
+from agents.bisection import AnchorSearch
 from agents.env import CompressionEnv
-from agents.precisions import ordered_precisions, search_precision
+from agents.precisions import ordered_precisions
 from agents.sb3_base import POLICY_NET, SB3Agent, policy_from_state, policy_state, save_model
 from agents.vec_env import BatchVecEnv
-from pipeline.core.policy import LayerAction, Policy
+from pipeline.core.policy import LayerAction, Policy, Precision
 from pipeline.core.space import EpisodeCallback
 
 
 class TwoStagePPO(SB3Agent):
     """The two-stage DRL paper: PPO chooses keep ratios, then a second PPO chooses precisions.
 
-    Stage 1 (STAGE1_SHARE of the episodes) prunes with every layer in `search_precision`: the
-    precision in which the whole original measured fastest on the target (INT8 on a CPU with
-    VNNI, FP32 where INT8 does not pay); stage 2 chooses each unit's precision on the best
-    stage-1 policy. With a single allowed
+    Stage 1 (STAGE1_SHARE of the episodes) prunes with every layer in one precision: the
+    opening bisections' better anchor (below), else the one in which the whole original
+    measured fastest on the target (INT8 on a CPU with VNNI, FP32 where INT8 does not pay);
+    stage 2 chooses each unit's precision on the best stage-1 policy. With a single allowed
     precision there is nothing for stage 2 to choose, and stage 1 gets every episode.
 
-    With a budget, the search opens with a short bisection on measured latency for the uniform
-    keep ratio that meets it (at most WARMUP_EPISODES candidates); stage 1's actions then scale
-    that ratio per unit (from half to twice it), so PPO starts at a policy that meets the
-    budget and learns where to prune more and where less, instead of spending its few episodes
-    finding the budget's level (AMC reaches the same end by limiting its actions).
+    With a budget or an accuracy floor, the search opens with short bisections for the uniform
+    keep ratio that serves the objective, one per anchor precision (`agents.bisection`: the
+    fastest and the next wider; at most WARMUP_EPISODES candidates each); stage 1 then prunes
+    in the better anchor's precision, its actions scaling that ratio per unit (from half to
+    twice it), so PPO starts at a policy that meets the objective and learns where to prune
+    more and where less, instead of spending its few episodes finding the budget's level (AMC
+    reaches the same end by limiting its actions).
 
     Stage 2 opens by measuring the best stage-1 policy with every layer in each other precision
     (its "anchors"). Measured here, a graph that is INT8 only in part often runs slower than
@@ -46,14 +48,14 @@ class TwoStagePPO(SB3Agent):
 
     name = "ppo"
     STAGE1_SHARE = 0.6
-    WARMUP_EPISODES = 5
+    WARMUP_EPISODES = 4
     PRECISION_MARGIN = 0.005
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stage = 1
         self._anchors_done = 0
-        self.bisection = UniformAgent(self.evaluator, self.reward, self.seed)
+        self.bisection = AnchorSearch(self.space)
         self.warmup_end: int | None = None  # episodes done when the bisection ended
         self.best_stage1: tuple[float, Policy] | None = None
         self.best_stage1_accuracy: float | None = None
@@ -68,30 +70,35 @@ class TwoStagePPO(SB3Agent):
         return min(max(1, math.ceil(self.STAGE1_SHARE * episodes)), episodes)
 
     def warmup_episodes(self, episodes: int) -> int:
-        """At most how many of `episodes` the opening bisection may use (none without a budget
+        """At most how many of `episodes` the opening bisections may use (none without a budget
         or an accuracy floor to bisect for)."""
         if self.space.budget_ms is None and self.space.accuracy_floor is None:
             return 0
-        return min(self.WARMUP_EPISODES, episodes // 4)
+        return min(self.WARMUP_EPISODES * len(self.bisection.bisections), episodes // 4)
 
     @property
     def center(self) -> float | None:
-        """The uniform keep ratio the opening bisection found for the objective, once it ended
-        (`UniformAgent.best_keep`)."""
+        """The uniform keep ratio the opening bisections found for the objective, once they
+        ended (`AnchorSearch.best_keep`)."""
         return self.bisection.best_keep() if self.warmup_end is not None else None
 
+    def prune_precision(self) -> Precision:
+        """Stage 1's precision: the better anchor's once the opening bisections ended."""
+        return self.bisection.precision()
+
     def _warm_up(self, episodes: int) -> None:
-        """The opening bisection, through `_score` so its candidates count for stage 1."""
+        """The opening bisections, through `_score` so their candidates count for stage 1."""
         limit = self.warmup_episodes(episodes)
         while self.warmup_end is None and self.episodes_done < limit:
-            keep = self.bisection.next_keep(limit)
-            if keep is None:
+            step = self.bisection.next(limit)
+            if step is None:
                 break
-            self._score(self.bisection.policy(keep))
+            bisection, keep = step
+            self._score(bisection.policy(keep))
             result = self.last_result
             ok = result is not None and result.ok
             latency, accuracy = (result.latency_ms, result.accuracy) if ok else (None, None)
-            self.bisection.record(keep, latency, accuracy)
+            bisection.record(keep, latency, accuracy)
         if self.warmup_end is None:
             self.warmup_end = self.episodes_done
 
@@ -112,7 +119,7 @@ class TwoStagePPO(SB3Agent):
     def _env(self, stage: int) -> CompressionEnv | BatchVecEnv:
         if stage not in self.envs:
             if stage == 1:
-                precision, center = search_precision(self.space), self.center
+                precision, center = self.prune_precision(), self.center
                 self.envs[stage] = self._make_env(
                     lambda fn: CompressionEnv(
                         self.space, fn, mode="prune", precision=precision, center=center
@@ -164,7 +171,7 @@ class TwoStagePPO(SB3Agent):
         if self.best_stage1 is None:
             return []
         base = self.best_stage1[1]
-        default = search_precision(self.space)
+        default = self.prune_precision()
         return [
             Policy(
                 {n: LayerAction(a.keep_ratio, p) for n, a in base.layers.items()},
@@ -194,10 +201,7 @@ class TwoStagePPO(SB3Agent):
         extra = {"best_stage1": None if best is None else [best[0], policy_state(best[1])]}
         extra["warmup_end"] = self.warmup_end
         extra["accuracy"] = {"stage1": self.best_stage1_accuracy, "anchors": self.anchor_accuracy}
-        extra["bisection"] = {
-            "bracket": [self.bisection.low, self.bisection.high],
-            "results": [list(r) for r in self.bisection.results],
-        }
+        extra["bisections"] = self.bisection.state()
         self._write_state(folder, {**extra, "stage": self._stage, "anchors": self._anchors_done})
 
     def load(self, folder: Path) -> None:
@@ -211,9 +215,7 @@ class TwoStagePPO(SB3Agent):
         accuracies = state.get("accuracy", {})
         self.best_stage1_accuracy = accuracies.get("stage1")
         self.anchor_accuracy = accuracies.get("anchors")
-        bisection = state.get("bisection", {"bracket": [self.space.min_keep, 1.0], "results": []})
-        self.bisection.low, self.bisection.high = (float(x) for x in bisection["bracket"])
-        self.bisection.results = read_trials(bisection["results"])
+        self.bisection.restore(state.get("bisections") or state.get("bisection") or {})
         self.models, self.envs = {}, {}
         for stage in (1, 2):
             path = folder / f"ppo_stage{stage}.zip"

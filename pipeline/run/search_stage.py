@@ -70,7 +70,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         return None
     stage(f"searching with {sc.agent}: {sc.episodes} candidates, {objective_text(base.space)}")
     outcome, parallel = _run_agent(ctx, base)
-    prune_in = _precision_of(base)
+    prune_in = outcome.prune_precision or _precision_of(base)
     summary = {
         **outcome.summary(),
         "objective": base.space.objective,

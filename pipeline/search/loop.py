@@ -45,6 +45,7 @@ class SearchOutcome:
     predicted_measurements: int = 0
     latency_model: dict[str, Any] | None = None  # its error against real measurements
     wall_s: float = 0.0
+    prune_precision: str | None = None  # the precision the agent's pruning ran every layer in
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -229,6 +230,7 @@ def run_search(
         predicted_measurements=evaluator.predicted_measurements,
         latency_model=evaluator.latency_model.summary() if evaluator.latency_model else None,
         wall_s=time.time() - started,
+        prune_precision=agent.prune_precision().value,
     )
 
 

@@ -75,16 +75,24 @@ def _check_two_stage(agent: TwoStagePPO, collect: Collect) -> None:
 
 
 def _check_bisection(agent: UniformAgent, collect: Collect) -> None:
-    """Uniform keep ratios, starting at the budget's estimate, moved by every measurement."""
+    """Uniform keep ratios in each anchor precision, each bisection starting at the budget's
+    estimate and moved by every measurement."""
     space = agent.space
-    keeps = [_uniform_keep(r.policy, space) for r in collect.results]
-    assert keeps[0] == pytest.approx(agent.estimated_keep())
-    assert len(set(keeps)) == 3
-    for keep, result in zip(keeps, collect.results, strict=True):
-        if result.latency_ms <= space.budget_ms:
-            assert agent.low >= keep
-        else:
-            assert agent.high <= keep
+    for bisection in agent.anchors.bisections:
+        mine = [r for r in collect.results if _precisions(r.policy) == {bisection.precision}]
+        assert len(mine) == len(bisection.results)
+        keeps = [_uniform_keep(r.policy, space) for r in mine]
+        assert not keeps or keeps[0] == pytest.approx(bisection.estimated_keep())
+        for keep, result in zip(keeps, mine, strict=True):
+            if result.latency_ms <= space.budget_ms:
+                assert bisection.low >= keep
+            else:
+                assert bisection.high <= keep
+    assert agent.anchors.trials() == len(collect.results) == 3
+
+
+def _precisions(policy: Policy) -> set:
+    return {a.precision for a in policy.layers.values()}
 
 
 def _uniform_keep(policy: Policy, space) -> float:
@@ -107,16 +115,20 @@ def test_ppo_opens_with_a_bisection_and_searches_around_it(tiny_evaluator, tmp_p
     space = tiny_evaluator.space
     for result in collect.results[:warm]:
         _uniform_keep(result.policy, space)  # one keep ratio for every prunable layer
-    met = [r for r in collect.results[:warm] if r.latency_ms <= space.budget_ms]
+    prune_in = agent.prune_precision()  # the better anchor's, the fastest's without one
+    met = [
+        r
+        for r in collect.results[:warm]
+        if r.latency_ms <= space.budget_ms and _precisions(r.policy) == {prune_in}
+    ]
     if met:
         assert agent.center == max(_uniform_keep(r.policy, space) for r in met)
         assert agent.envs[1].center == agent.center
     # Episode 6 is the anchor (the best stage-1 pruning in the other precision); when it is no
     # more accurate, stage 1 goes on instead of searching per-layer precisions.
     assert agent.anchor_accuracy == collect.results[5].accuracy
-    fastest = search_precision(space)
     later = {a.precision for r in collect.results[6:] for a in r.policy.layers.values()}
-    assert agent.precision_matters() or later == {fastest}
+    assert agent.precision_matters() or later == {prune_in}
     agent.save(tmp_path / "state")
     resumed = TwoStagePPO(tiny_evaluator, budget_reward, seed=0)
     resumed.load(tmp_path / "state")

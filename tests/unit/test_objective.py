@@ -92,4 +92,49 @@ def test_the_uniform_bisection_finds_the_smallest_keep_that_holds_the_floor() ->
     agent.search(episodes=12, on_episode=lambda result, _: seen.append(result))
     assert agent.best_keep() == pytest.approx(0.7, abs=UniformAgent.TOLERANCE)
     assert agent.best_keep() >= 0.7 - 1e-9  # never one that loses the floor
-    assert agent.high - agent.low < UniformAgent.TOLERANCE or len(seen) == 12
+    (bisection,) = agent.anchors.bisections  # the original measured in no precision: FP32
+    assert bisection.high - bisection.low < UniformAgent.TOLERANCE or len(seen) == 12
+
+
+class _Precisions(_Curve):
+    """INT8 runs at half FP32's latency and loses `int8_loss` of accuracy at every keep."""
+
+    def __init__(self, space: SearchSpace, int8_loss: float) -> None:
+        super().__init__(dataclasses.replace(space, precision_latency_ms={"int8": 5, "fp32": 10}))
+        self.int8_loss = int8_loss
+
+    def evaluate(self, policy: Policy) -> CandidateResult:
+        result = super().evaluate(policy)
+        if {a.precision for a in policy.layers.values()} != {Precision.INT8}:
+            return result
+        accuracy = result.accuracy - self.int8_loss
+        return CandidateResult(policy, accuracy, 0.5 * result.latency_ms)
+
+
+@pytest.mark.parametrize(
+    ("budget", "drop", "int8_loss", "chosen"),
+    [
+        # Floor 0.87: FP32 holds it from keep 0.7 (7.3 ms); INT8 losing 0.01 from keep 0.8
+        # (4.1 ms), losing 0.04 never.
+        (None, 0.03, 0.01, Precision.INT8),
+        (None, 0.03, 0.04, Precision.FP32),
+        # Budget 5 ms: INT8 meets it unpruned (0.90 - loss); FP32 from keep 0.44 (0.844).
+        (5.0, None, 0.04, Precision.INT8),
+        (5.0, None, 0.06, Precision.FP32),
+    ],
+)
+def test_the_uniform_search_prunes_in_the_precision_that_serves_the_objective(
+    budget, drop, int8_loss, chosen
+) -> None:
+    curve = _Precisions(_space(budget=budget, drop=drop), int8_loss)
+    agent = UniformAgent(curve, reward, seed=0)
+    assert [b.precision for b in agent.anchors.bisections] == [Precision.INT8, Precision.FP32]
+    seen: list[CandidateResult] = []
+    agent.search(episodes=16, on_episode=lambda result, _: seen.append(result))
+    assert agent.prune_precision() == chosen
+    keep = agent.best_keep()
+    ran = [r for r in seen if {a.precision for a in r.policy.layers.values()} == {chosen}]
+    best = [r for r in ran if min(a.keep_ratio for a in r.policy.layers.values()) == keep]
+    assert best, "the anchor's keep ratio was evaluated in its precision"
+    # Both precisions were bisected, each within its share of the episodes
+    assert {len(b.results) for b in agent.anchors.bisections} <= set(range(1, 9))
