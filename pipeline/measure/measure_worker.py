@@ -40,11 +40,18 @@ def _describe(exc: Exception) -> dict[str, str]:
     }
 
 
+STARTUP_TIMEOUT_S = 600.0
+"""How long the measuring process may take to start (its imports), apart from each job's
+timeout: on a busy machine starting can take longer than a measurement is allowed to."""
+
+
 def _serve(conn: Connection, profile_data: dict[str, Any]) -> None:
-    """Child process: measure each artifact path received, answer (ok, result or error)."""
+    """Child process: say it is ready once its imports are done, then measure each artifact
+    path received and answer (ok, result or error)."""
     from pipeline.measure.bench import bench_artifact
 
     profile = TargetProfile.model_validate(profile_data)
+    conn.send(("ready", None))
     answer_requests(conn, lambda path: bench_artifact(profile, Path(path)), _describe)
 
 
@@ -65,6 +72,7 @@ class MeasureWorker:
         self._ctx = mp.get_context("spawn")  # no fork: the parent holds torch's thread pools
         self._proc: Any = None
         self._conn: Connection | None = None
+        self._ready = False
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -73,7 +81,30 @@ class MeasureWorker:
         )
         self._proc.start()
         child.close()
-        self._conn = parent
+        self._conn, self._ready = parent, False
+
+    def _await_ready(self) -> None:
+        """Wait for the process to start (STARTUP_TIMEOUT_S), so that a job's timeout counts
+        the job alone."""
+        if self._ready:
+            return
+        assert self._conn is not None
+        try:
+            if not self._conn.poll(STARTUP_TIMEOUT_S):
+                raise MeasurementError(
+                    f"the measuring process did not start within {STARTUP_TIMEOUT_S:.0f} s"
+                )
+            self._conn.recv()
+        except (EOFError, OSError):
+            code = self._proc.exitcode if self._proc is not None else None
+            self.close(kill=True)
+            raise MeasurementError(
+                f"the runner process died while starting (exit code {code})"
+            ) from None
+        except MeasurementError:
+            self.close(kill=True)
+            raise
+        self._ready = True
 
     def start(self) -> None:
         """Start the measuring process now, else the first `measure` waits for it."""
@@ -83,6 +114,7 @@ class MeasureWorker:
     def measure(self, artifact: Path) -> dict[str, Any]:
         """bench_artifact's result for `artifact`, or MeasurementError on crash/timeout/error."""
         self.start()
+        self._await_ready()
         assert self._conn is not None
         try:
             status, payload = ask_child(self._proc, self._conn, str(artifact), self.timeout_s)
