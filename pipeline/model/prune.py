@@ -63,6 +63,31 @@ def channels_to_keep(channels: int, keep_ratio: float, multiple: int, min_keep: 
     return min(keep, channels)
 
 
+ROOTS = (nn.Conv2d, nn.Linear)
+# Attention layers of torchvision's transformers (ViT, Swin, MaxViT), by class name
+ATTENTION = ("MultiheadAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+             "RelativePositionalMultiHeadAttention")  # fmt: skip
+
+
+def unpruned_roots(model: nn.Module, head: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels are never pruned: the classifier head, and in a model with
+    attention every layer but the hidden layers of its MLPs.
+
+    In a transformer the residual stream's width is tied to the attention heads, to parameters
+    (class token, position embedding) and to reshapes into heads or windows that torch-pruning
+    cannot follow (on Swin's windows it runs out of memory); an MLP's hidden layer (a Linear
+    followed by another Linear in the same Sequential) is coupled to nothing else.
+    """
+    if not any(type(m).__name__ in ATTENTION for m in model.modules()):
+        return [head]
+    hidden = set()
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            linears = [m for m in seq if isinstance(m, nn.Linear)]
+            hidden.update(id(m) for m in linears[:-1])
+    return [m for m in model.modules() if isinstance(m, ROOTS) and id(m) not in hidden]
+
+
 def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced at batch 1.
 
@@ -141,10 +166,11 @@ def prune_model(
     dg = dependency_graph(model, input_shape)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     result = PruneResult(model=model, history=[], removed=tuple(policy.removed))
-    roots = (nn.Conv2d, nn.Linear)
     # Lazily: each group is built after the previous ones were pruned, so index mappings through
     # concatenations (DenseNet, Inception) refer to the channels that are left.
-    for group in dg.get_all_groups(ignored_layers=[head], root_module_types=roots):
+    for group in dg.get_all_groups(
+        ignored_layers=unpruned_roots(model, head), root_module_types=ROOTS
+    ):
         _prune_group(dg, group, policy, importance, multiple, min_keep, result)
     result.history = [_plain(entry) for entry in dg.pruning_history()]
     return result

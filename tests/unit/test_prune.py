@@ -170,3 +170,26 @@ def test_an_operation_torch_pruning_cannot_map_is_one_line_naming_the_layer():
     assert "\n" not in message
     assert "torch-pruning could not trace the model at the reshape after layer 'stage" in message
     assert "cannot prune this architecture" in message
+
+
+def _tiny_vit() -> torch.nn.Module:
+    return torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+
+
+def _tiny_swin() -> torch.nn.Module:
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [1, 1], [1, 2], [4, 4], num_classes=10).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_vit, _tiny_swin], ids=["vit", "swin"])
+def test_transformers_prune_only_their_mlp_hidden_layers(build):
+    """The residual stream of a transformer is tied to its heads, tokens and window reshapes,
+    which torch-pruning cannot follow: only each MLP's hidden layer shrinks."""
+    model = build()
+    result = prune_model(model, uniform_policy(model, 0.3, Precision.FP32), SHAPE, 8, 0.1)
+    changed = {n for n, (before, after) in result.channels.items() if after < before}
+    assert changed and all(n.endswith("mlp.0") for n in changed), changed
+    assert set(coupling_groups(build(), SHAPE)) == set(result.channels)
+    out = model(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
