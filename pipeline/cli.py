@@ -218,9 +218,10 @@ def validate(
 
     result = validate_run(load_profile(target), run_dir)
     verdict = "passed" if result["passed"] else "FAILED"
+    error = result["max_abs_error"]  # None when the outputs hold NaN or inf
     console.print(
         f"validation {verdict}: top-1 agreement {result['top1_agreement']:.2%}, "
-        f"max abs error {result['max_abs_error']:.4g}"
+        f"max abs error {'n/a' if error is None else f'{error:.4g}'}"
     )
     for reason in result.get("reasons", []):
         console.print(f"  {reason}")

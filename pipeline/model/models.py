@@ -27,6 +27,11 @@ from pipeline.core.files import WEIGHTS_MAX_BYTES, check_file
 _CALLABLE_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 # Buffers that do not change inference; old checkpoints often lack them
 _OPTIONAL_KEYS = ("num_batches_tracked",)
+# Training-only auxiliary classifiers: not on the inference graph, so pruning never sees them,
+# yet a training-mode forward would run them on pruned features. Built without them; their
+# weights in a checkpoint are left out.
+_AUX_ARCHS = ("googlenet", "inception_v3")
+_AUX_HEADS = {"GoogLeNet": ("aux1", "aux2"), "Inception3": ("AuxLogits",)}
 _SHOWN_KEYS = 3
 
 
@@ -106,8 +111,12 @@ def _build_torchvision(name: str, num_classes: int) -> nn.Module:
     known = torchvision.models.list_models(module=torchvision.models)
     if name.lower() not in known:
         raise ModelError(_unknown_arch_message(name, known))
+    # init_weights: torchvision's own initialisation, without its warning about a future default
+    extra = {"aux_logits": False, "init_weights": True} if name.lower() in _AUX_ARCHS else {}
     try:
-        return torchvision.models.get_model(name.lower(), weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(
+            name.lower(), weights=None, num_classes=num_classes, **extra
+        )
     except Exception as exc:  # e.g. an architecture that rejects the class count
         raise ModelError(f"building torchvision '{name}' failed: {_one_line(exc)}") from exc
 
@@ -150,7 +159,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
             shapes that do not match the model.
     """
     path = check_file(path, "weights", ModelError, WEIGHTS_MAX_BYTES)
-    state = _strip_prefix(_read_state_dict(path), model)
+    state = _drop_aux_heads(_strip_prefix(_read_state_dict(path), model), model)
     _check_matches(model, state, path)
     model.load_state_dict(state, strict=False)  # strictness checked above, with a better message
 
@@ -208,6 +217,14 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[s
     if state and all(k.startswith(prefix) for k in state) and not any(k in own for k in state):
         return {k[len(prefix) :]: v for k, v in state.items()}
     return dict(state)
+
+
+def _drop_aux_heads(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint without the training-only auxiliary classifiers the model was built
+    without (GoogLeNet's aux1/aux2, Inception v3's AuxLogits)."""
+    heads = _AUX_HEADS.get(type(model).__name__, ())
+    absent = {h for h in heads if getattr(model, h, None) is None}
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] not in absent}
 
 
 def _check_matches(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -63,12 +63,70 @@ def channels_to_keep(channels: int, keep_ratio: float, multiple: int, min_keep: 
     return min(keep, channels)
 
 
+ROOTS = (nn.Conv2d, nn.Linear)
+# Attention layers of torchvision's transformers (ViT, Swin, MaxViT), by class name
+ATTENTION = ("MultiheadAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+             "RelativePositionalMultiHeadAttention")  # fmt: skip
+
+
+def unpruned_roots(model: nn.Module, head: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels are never pruned: the classifier head, and in a model with
+    attention every layer but the hidden layers of its MLPs.
+
+    In a transformer the residual stream's width is tied to the attention heads, to parameters
+    (class token, position embedding) and to reshapes into heads or windows that torch-pruning
+    cannot follow (on Swin's windows it runs out of memory); an MLP's hidden layer (a Linear
+    followed by another Linear in the same Sequential) is coupled to nothing else.
+    """
+    if not any(type(m).__name__ in ATTENTION for m in model.modules()):
+        return [head]
+    hidden = set()
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            linears = [m for m in seq if isinstance(m, nn.Linear)]
+            hidden.update(id(m) for m in linears[:-1])
+    return [m for m in model.modules() if isinstance(m, ROOTS) and id(m) not in hidden]
+
+
 def dependency_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model`, traced at batch 1.
+
+    Raises:
+        ModelError: torch-pruning cannot trace the model or map channels through one of its
+            operations (ShuffleNet's channel shuffle); the message names the layer nearest to
+            the operation it stopped at.
+    """
     example = torch.zeros(1, *input_shape)
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as exc:  # tracing failures come in many types; report them as one line
-        raise ModelError(f"torch-pruning could not trace the model: {first_line(exc)}") from None
+        where = _failing_layer(exc, model)
+        at = f" at {where}" if where else ""
+        raise ModelError(
+            f"torch-pruning could not trace the model{at}: {first_line(exc)} "
+            f"({type(exc).__name__}); torch-pruning cannot prune this architecture"
+        ) from None
+
+
+def _failing_layer(exc: BaseException, model: nn.Module) -> str:
+    """Where torch-pruning stopped: its innermost graph node in the traceback, named by the
+    nearest layer upstream of it ('' when the traceback shows no node)."""
+    node = None
+    tb = exc.__traceback__
+    while tb is not None:
+        nodes = [v for v in tb.tb_frame.f_locals.values() if isinstance(v, tp.dependency.Node)]
+        node = nodes[0] if nodes else node
+        tb = tb.tb_next
+    names = {id(m): n for n, m in model.named_modules() if n}
+    queue, seen = ([node] if node is not None else []), set()
+    while queue:
+        current = queue.pop(0)
+        if id(current.module) in names:
+            op = "" if current is node else f"the {node.type.name.lower()} after "
+            return f"{op}layer '{names[id(current.module)]}'"
+        seen.add(id(current))
+        queue.extend(n for n in current.inputs if id(n) not in seen)
+    return ""
 
 
 def is_grouped_conv(module: nn.Module) -> bool:
@@ -108,8 +166,11 @@ def prune_model(
     dg = dependency_graph(model, input_shape)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     result = PruneResult(model=model, history=[], removed=tuple(policy.removed))
-    roots = (nn.Conv2d, nn.Linear)
-    for group in list(dg.get_all_groups(ignored_layers=[head], root_module_types=roots)):
+    # Lazily: each group is built after the previous ones were pruned, so index mappings through
+    # concatenations (DenseNet, Inception) refer to the channels that are left.
+    for group in dg.get_all_groups(
+        ignored_layers=unpruned_roots(model, head), root_module_types=ROOTS
+    ):
         _prune_group(dg, group, policy, importance, multiple, min_keep, result)
     result.history = [_plain(entry) for entry in dg.pruning_history()]
     return result

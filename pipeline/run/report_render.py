@@ -186,11 +186,13 @@ def _search_precision_markdown(search: dict[str, Any]) -> list[str]:
 
 def _checks_markdown(summary: dict[str, Any]) -> list[str]:
     v = summary["validation"]
+    # No error figure when the outputs hold NaN or inf: the comparator leaves it None
+    error = "n/a" if v["max_abs_error"] is None else f"{v['max_abs_error']:.4g}"
     lines = [
         "## Checks",
         "",
         f"- Validation: {'passed' if v['passed'] else 'FAILED'} (top-1 agreement "
-        f"{v['top1_agreement']:.2%}, max abs logit error {v['max_abs_error']:.4g}, "
+        f"{v['top1_agreement']:.2%}, max abs logit error {error}, "
         f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})",
     ]
     if summary["budget_ms"] is not None:

@@ -61,13 +61,15 @@ def _cost_hook(name: str, costs: dict[str, dict[str, int]]):
 
 def coupling_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, str]:
     """{layer -> first layer of its torch-pruning coupling group} (in forward order)."""
-    from pipeline.model.prune import dependency_graph, group_layers
+    from pipeline.model.prune import ROOTS, dependency_graph, group_layers, unpruned_roots
 
     order = {n: i for i, n in enumerate(policy_layers(model))}
     head = model.get_submodule(head_layer(model))
     dg = dependency_graph(model, input_shape)
     group_of: dict[str, str] = {}
-    for group in dg.get_all_groups(ignored_layers=[head], root_module_types=(nn.Conv2d, nn.Linear)):
+    for group in dg.get_all_groups(
+        ignored_layers=unpruned_roots(model, head), root_module_types=ROOTS
+    ):
         members = sorted(group_layers(dg, group), key=lambda n: order.get(n, 1 << 30))
         for name in members:
             group_of.setdefault(name, members[0])

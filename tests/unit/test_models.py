@@ -158,3 +158,19 @@ def test_check_input_wants_logits():
     with pytest.raises(ModelError) as exc:
         check_input(nn.Conv2d(3, 4, 1), (3, 8, 8))
     assert "(batch, classes)" in one_line(exc)
+
+
+def test_auxiliary_classifiers_are_left_out(tmp_path):
+    """GoogLeNet's training-only classifiers are not built (a training-mode forward would run
+    them on pruned features); a checkpoint trained with them still loads."""
+    import torchvision
+
+    model = build_model("googlenet", num_classes=10)
+    assert model.aux1 is None and model.aux2 is None
+    model.train()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # plain logits, no aux outputs
+    trained = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False)
+    assert any(k.startswith("aux1.") for k in trained.state_dict())
+    torch.save(trained.state_dict(), tmp_path / "googlenet.pt")
+    load_weights(model, tmp_path / "googlenet.pt")
+    torch.testing.assert_close(model.fc.weight, trained.fc.weight)

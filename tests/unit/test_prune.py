@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from pipeline.core.errors import ModelError
 from pipeline.core.policy import LayerAction, Policy, Precision, uniform_policy
 from pipeline.model.prune import (
     channels_to_keep,
@@ -120,3 +121,75 @@ def test_rebuild_from_history_without_pickle(tmp_path):
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(2, *SHAPE)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def _tiny_densenet() -> torch.nn.Module:
+    return torchvision.models.DenseNet(32, (2, 2), 32, bn_size=2, num_classes=10).eval()
+
+
+def _tiny_googlenet() -> torch.nn.Module:
+    from torchvision.models.googlenet import BasicConv2d, Inception
+
+    return torch.nn.Sequential(
+        BasicConv2d(3, 32, kernel_size=3, padding=1),
+        Inception(32, 32, 16, 32, 16, 32, 32),  # four branches concatenated: 32 + 32 + 32 + 32
+        Inception(128, 32, 16, 32, 16, 32, 32),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_densenet, _tiny_googlenet], ids=["densenet", "inception"])
+def test_concatenated_branches_prune_and_rebuild(build, tmp_path):
+    """DenseNet concatenates every layer's features with its inputs, GoogLeNet its branches: a
+    group pruned earlier moves the offsets of the concatenations that later groups pass through,
+    so each group must be built after the ones before it were pruned."""
+    torch.manual_seed(0)
+    model = build()
+    macs0, params0 = count_macs_params(model, SHAPE)
+    result = prune_model(model, uniform_policy(model, 0.3, Precision.FP32), SHAPE, 8, 0.1)
+    macs1, params1 = count_macs_params(model, SHAPE)
+    assert macs1 < 0.8 * macs0 and params1 < 0.8 * params0
+    x = torch.randn(2, *SHAPE)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    save_history(tmp_path / "h.json", result.history, {"model": "tiny"})
+    fresh = replay_history(build(), load_history(tmp_path / "h.json")["history"], SHAPE)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), out)
+
+
+def test_an_operation_torch_pruning_cannot_map_is_one_line_naming_the_layer():
+    """ShuffleNet's channel shuffle (a reshape that interleaves channels) has no index mapping in
+    torch-pruning: bad input for pruning, reported as one line at the layer before it."""
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    with pytest.raises(ModelError) as exc:
+        prune_model(model, uniform_policy(model, 0.5, Precision.FP32), SHAPE)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert "torch-pruning could not trace the model at the reshape after layer 'stage" in message
+    assert "cannot prune this architecture" in message
+
+
+def _tiny_vit() -> torch.nn.Module:
+    return torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+
+
+def _tiny_swin() -> torch.nn.Module:
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [1, 1], [1, 2], [4, 4], num_classes=10).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_vit, _tiny_swin], ids=["vit", "swin"])
+def test_transformers_prune_only_their_mlp_hidden_layers(build):
+    """The residual stream of a transformer is tied to its heads, tokens and window reshapes,
+    which torch-pruning cannot follow: only each MLP's hidden layer shrinks."""
+    model = build()
+    result = prune_model(model, uniform_policy(model, 0.3, Precision.FP32), SHAPE, 8, 0.1)
+    changed = {n for n, (before, after) in result.channels.items() if after < before}
+    assert changed and all(n.endswith("mlp.0") for n in changed), changed
+    assert set(coupling_groups(build(), SHAPE)) == set(result.channels)
+    out = model(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -92,3 +92,17 @@ def test_the_report_gives_intervals_and_says_within_noise_when_one_covers_zero()
     real = report.render_markdown(_summary([0.002, 0.008], False))
     assert "accuracy drop 0.50 points [0.20, 0.80] on 10,000" in real
     assert "within noise" not in real
+
+
+def test_markdown_of_a_deployed_model_that_outputs_nan():
+    """The comparator gives no error figures when the outputs hold NaN; the report still renders
+    and says so."""
+    summary = _summary([0.002, 0.008], False)
+    summary["validation"] = {
+        "passed": False,
+        "top1_agreement": 0.0,
+        "max_abs_error": None,
+        "nan_or_inf": True,
+    }
+    text = report.render_markdown(summary)
+    assert "Validation: FAILED" in text and "max abs logit error n/a, NaN/inf: yes" in text
