@@ -190,21 +190,27 @@ def bench(
         ),
     ] = 600,
     input_shape: ShapeOpt = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(help="Batch sizes, e.g. 1,8,32: each measured, in interleaved rounds."),
+    ] = None,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs. The input shape
     is --input-shape, else the ONNX graph's when static, else the profile's."""
     from pipeline.core.profile import load_profile, parse_shape, with_input_shape
-    from pipeline.measure.bench import format_bench, format_bench_run, graph_input_shape
-    from pipeline.measure.bench_command import bench_with_timeout
+    from pipeline.measure.batches import parse_batches
+    from pipeline.measure.bench import graph_input_shape
+    from pipeline.measure.bench_command import bench_command
 
     given = parse_shape(input_shape) if input_shape else None
+    batches = parse_batches(batch) if batch is not None else None
     graph = artifact / "model.onnx" if artifact.is_dir() else artifact
     profile = with_input_shape(load_profile(target), given or graph_input_shape(graph))
-    result = bench_with_timeout(profile, artifact, timeout_s)
+    result, table = bench_command(profile, artifact, timeout_s, batches)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-    else:  # a run directory gives both models side by side, with the speedup
-        console.print(format_bench_run(result) if "speedup" in result else format_bench(result))
+    else:
+        console.print(table)
 
 
 @app.command()
