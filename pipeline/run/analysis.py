@@ -66,6 +66,8 @@ class Analysis:
     groups: list[GroupRow]
     layers: list[LayerRow]
     int8_allowed: bool
+    # the original with every layer in one precision, measured on the target: {"int8": ms, ...}
+    precision_latency_ms: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -174,6 +176,7 @@ def write_analysis(result: Analysis, out: Path) -> None:
             "original": {
                 "accuracy": result.original_accuracy,
                 "latency_ms": result.original_latency_ms,
+                "precision_latency_ms": result.precision_latency_ms,
             },
             "val_images": result.val_images,
             "wall_s": result.wall_s,
@@ -272,6 +275,9 @@ def print_analysis(console: Console, result: Analysis, out: Path) -> None:
             share = _share_cell(lr.latency_share)
             layers.add_row(lr.layer, lr.group or "(not pruned)", share, _change_cell(lr.int8))
         console.print(layers)
+    every = ", ".join(f"{p} {ms:.3f} ms" for p, ms in result.precision_latency_ms.items())
+    if every:
+        console.print(f"the original with every layer in one precision: {every}")
     console.print(
         f"{result.val_images} validation images (one image is {100 / result.val_images:.2f} "
         "points); ~ marks a change whose 95% paired interval covers 0; \\[n] channels kept. "

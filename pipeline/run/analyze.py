@@ -43,9 +43,6 @@ from pipeline.run.analysis import (
 )
 from pipeline.run.context import RunContext, console, stage
 
-DEFAULT_KEEP_RATIOS = (0.25, 0.5, 0.75)
-
-
 # `pipeline analyze` options that are run config fields of the same name
 CONFIG_OPTIONS = ("model", "weights", "data", "num_classes", "seed")
 
@@ -105,10 +102,12 @@ def analyze(
     Raises:
         PipelineError: Bad input (profile, model, data), before any measurement.
     """
+    from pipeline.core.artifacts import check_out_dir
     from pipeline.run import stages
 
     profile = with_input_shape(profile, config.input_shape)
     ctx = RunContext(profile, config, out)
+    check_out_dir(out)  # before loading and training anything
     stages.load_inputs(ctx)  # bad input fails here, before the output folder exists
     _make_folder(out)
     result = _measure(ctx, keep_ratios)
@@ -198,6 +197,7 @@ def _trials(
         groups=groups,
         layers=layers,
         int8_allowed=int8,
+        precision_latency_ms=dict(space.precision_latency_ms),
     )
 
 

@@ -116,15 +116,16 @@ def test_analyze_writes_a_row_per_group_and_a_chart(workdir: Path) -> None:
     assert "prunable groups" in result.stdout and "conv2" in result.stdout
 
 
-def test_analyze_refuses_bad_keep_ratios_before_any_work(workdir: Path) -> None:
-    result = main_in_process(
-        "analyze",
-        "--target",
-        str(workdir / "tiny.yaml"),
-        "--keep-ratios",
-        "0.5,1.5",
-        "--out",
-        str(workdir / "a"),
-    )
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--keep-ratios", "0.5,1.5", "--keep-ratios"), ("--out", "a-file", "is a file")],
+)
+def test_analyze_refuses_bad_input_before_any_work(
+    workdir: Path, option: str, value: str, named: str
+) -> None:
+    (workdir / "a-file").write_text("")
+    args = ["analyze", "--target", str(workdir / "tiny.yaml"), "--out", str(workdir / "a")]
+    # no --model: the demo, which would train first were the input not checked before
+    result = main_in_process(*args, option, str(workdir / value) if option == "--out" else value)
     assert result.code == 2 and result.one_line_error, result.err
-    assert "--keep-ratios" in result.err and not (workdir / "a").exists()
+    assert named in result.err and not (workdir / "a").exists()
