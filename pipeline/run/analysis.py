@@ -258,8 +258,9 @@ def print_analysis(console: Console, result: Analysis, out: Path) -> None:
         title=f"prunable groups: val accuracy change in points ({stat} latency), pruned alone "
         f"- original {result.original_accuracy:.2%}, {result.original_latency_ms:.3f} ms"
     )
-    for col in ("group", "layers", "channels", "latency share"):
-        groups.add_column(col, justify="left" if col == "group" else "right")
+    groups.add_column("group", no_wrap=True)
+    for col in ("layers", "channels", "latency share"):
+        groups.add_column(col, justify="right")
     for r in result.keep_ratios:
         groups.add_column(f"keep {r:g}", justify="right")
     for row in result.groups:
