@@ -50,6 +50,21 @@ MaxDropOpt = Annotated[
     typer.Option(help="Points of accuracy the model may lose: search the fastest within."),
 ]
 
+# The model and data options `run` and `analyze` share
+ConfigOpt = Annotated[Path | None, typer.Option(help="Run config YAML (pipeline.yaml).")]
+ModelOpt = Annotated[str | None, typer.Option(help="torchvision architecture or module:function.")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="Weights: .safetensors or a state_dict file.")
+]
+RandomInitOpt = Annotated[
+    bool, typer.Option(help="Compress a torchvision --model from random weights, on purpose.")
+]
+DataOpt = Annotated[str | None, typer.Option(help="digits | imagefolder:DIR | module:function.")]
+ClassesOpt = Annotated[int | None, typer.Option(help="Classes of --model.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+StepsOpt = Annotated[int | None, typer.Option(help="Fine-tune steps of each search candidate.")]
+
 # `pipeline run` options that override the run config's top level and its search section
 RUN_OPTIONS = (
     "model",
@@ -71,21 +86,12 @@ FLAG_DEFAULTS = {"progress": True, "allow_over_budget": False, "random_init": Fa
 @app.command()
 def run(
     target: TargetOpt,
-    config: Annotated[Path | None, typer.Option(help="Run config YAML (pipeline.yaml).")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="torchvision architecture or module:function.")
-    ] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="Weights: .safetensors or a state_dict file.")
-    ] = None,
-    random_init: Annotated[
-        bool,
-        typer.Option(help="Compress a torchvision --model from random weights, on purpose."),
-    ] = False,
-    data: Annotated[
-        str | None, typer.Option(help="digits | imagefolder:DIR | module:function.")
-    ] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Classes of --model.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    data: DataOpt = None,
+    num_classes: ClassesOpt = None,
     policy: Annotated[
         str | None, typer.Option(help="uniform:KEEP[:int8|fp16|fp32] or a policy JSON file.")
     ] = None,
@@ -96,17 +102,15 @@ def run(
         int | None, typer.Option(help="Recovery fine-tune steps (default 300).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for run directories.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    seed: SeedOpt = None,
+    progress: ProgressOpt = True,
     agent: Annotated[
         str | None,
         typer.Option(help="Search agent: ppo, dqn, sac, td3, decore, n2n, uniform, random."),
     ] = None,
     episodes: Annotated[int | None, typer.Option(help="Candidates the search evaluates.")] = None,
     reward: Annotated[str | None, typer.Option(help="Reward: budget, amc, accuracy.")] = None,
-    candidate_steps: Annotated[
-        int | None, typer.Option(help="Fine-tune steps of each search candidate.")
-    ] = None,
+    candidate_steps: StepsOpt = None,
     allow_over_budget: Annotated[
         bool, typer.Option(help="Ship the closest candidate when none meets the budget.")
     ] = False,
@@ -190,21 +194,53 @@ def bench(
         ),
     ] = 600,
     input_shape: ShapeOpt = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(help="Batch sizes, e.g. 1,8,32: each measured, in interleaved rounds."),
+    ] = None,
 ) -> None:
     """Measure an artifact's latency on the target: warm-up, then timed runs. The input shape
     is --input-shape, else the ONNX graph's when static, else the profile's."""
     from pipeline.core.profile import load_profile, parse_shape, with_input_shape
-    from pipeline.measure.bench import format_bench, format_bench_run, graph_input_shape
-    from pipeline.measure.bench_command import bench_with_timeout
+    from pipeline.measure.batches import parse_batches
+    from pipeline.measure.bench import graph_input_shape
+    from pipeline.measure.bench_command import bench_command
 
     given = parse_shape(input_shape) if input_shape else None
+    batches = parse_batches(batch) if batch is not None else None
     graph = artifact / "model.onnx" if artifact.is_dir() else artifact
     profile = with_input_shape(load_profile(target), given or graph_input_shape(graph))
-    result = bench_with_timeout(profile, artifact, timeout_s)
+    result, table = bench_command(profile, artifact, timeout_s, batches)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-    else:  # a run directory gives both models side by side, with the speedup
-        console.print(format_bench_run(result) if "speedup" in result else format_bench(result))
+    else:
+        console.print(table)
+
+
+@app.command()
+def analyze(
+    target: TargetOpt,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    data: DataOpt = None,
+    num_classes: ClassesOpt = None,
+    input_shape: ShapeOpt = None,
+    keep_ratios: Annotated[
+        str, typer.Option(help="Keep ratios each group is pruned to, alone.")
+    ] = "0.25,0.5,0.75",
+    candidate_steps: StepsOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Folder the analysis is written to.")] = None,
+    seed: SeedOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Per prunable group: its measured share of the latency, and the candidate score and
+    latency when it alone is pruned; per layer: the accuracy change with it alone in INT8.
+    With no --model it analyses the embedded digits demo."""
+    from pipeline.run.analyze import analyze_command
+
+    analyze_command(dict(locals()))
 
 
 @app.command()

@@ -67,6 +67,12 @@ class MeasureSpec(StrictModel):
         description="rounds of the final comparisons: each round measures every side once, in "
         "turn, and each side's figure is its median over rounds",
     )
+    report_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="batch sizes at which a run's report also gives the original's and the "
+        "deployed model's latency and throughput, measured in one interleaved session",
+    )
 
 
 class Int8Scheme(StrictModel):
@@ -175,6 +181,18 @@ class TargetProfile(StrictModel):
                     "with both, `device` must be the first of `devices`"
                 )
         return data
+
+    @model_validator(mode="after")
+    def _report_batches_fit_in_memory(self) -> TargetProfile:
+        largest = max(self.measure.report_batches, default=1)
+        shape = self.input.shape
+        elements = largest * shape[0] * shape[1] * shape[2]
+        if elements > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"measure.report_batches: batch {largest} x shape is {elements:,} values per "
+                f"input, over the limit of {MAX_INPUT_ELEMENTS:,} (1 GiB of float32)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _devices_are_distinct(self) -> TargetProfile:

@@ -110,6 +110,9 @@ class RunRecord:
     precision: dict[str, Any] | None = None  # export: quantization, mismatches, INT8 recovery
     precision_check: PrecisionCheck | None = None  # export, for non-FP32 policies
     engine: dict[str, Any] | None = None  # engine, on local TensorRT targets
+    # measure: at each of the profile's `measure.report_batches`, {batch, original, deployed,
+    # speedup} (`pipeline.measure.batches.bench_batches`)
+    batches: list[dict[str, Any]] = field(default_factory=list)
     validation: dict[str, Any] | None = None  # validate
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # baselines
     baseline_correct: dict[str, np.ndarray] = field(default_factory=dict)  # baselines

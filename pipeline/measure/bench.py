@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.table import Table
@@ -89,20 +89,29 @@ def bench_artifact(
 Measure = Callable[[Path], dict[str, Any]]
 """A `bench_artifact`-like function of one artifact (in process, or in a `MeasureWorker`)."""
 
+K = TypeVar("K")
+A = TypeVar("A")
+
 
 def bench_interleaved(
-    measure: Measure, artifacts: Mapping[str, Path], rounds: int
-) -> dict[str, dict[str, Any]]:
+    measure: Callable[[A], dict[str, Any]], artifacts: Mapping[K, A], rounds: int
+) -> dict[K, dict[str, Any]]:
     """Measure each artifact once per round, in turn, for `rounds` rounds.
 
     A slow spell of the machine then hits every side of a comparison alike instead of one,
     and a single disturbed round cannot decide a gate: each side's statistics are their
     medians over the rounds, and `rounds_ms` lists the per-round medians.
 
+    Args:
+        measure: A `Measure` of one artifact (a path; or whatever `artifacts` holds, such as
+            a (batch, path) pair that `pipeline.measure.batches` measures).
+        artifacts: The sides, by key, in the order each round measures them.
+        rounds: Rounds of measurements.
+
     Returns:
         For each key of `artifacts`, a `bench_artifact`-shaped result.
     """
-    per_side: dict[str, list[dict[str, Any]]] = {key: [] for key in artifacts}
+    per_side: dict[K, list[dict[str, Any]]] = {key: [] for key in artifacts}
     for _ in range(rounds):
         for key, path in artifacts.items():
             per_side[key].append(measure(path))
@@ -160,21 +169,29 @@ def bench_run_dir(
         ConfigError: The folder lacks one of the two models.
         Same as `measure_artifact`.
     """
-    from pipeline.core.errors import ConfigError
-
-    run_dir = Path(run_dir)
-    missing = [name for name in RUN_DIR_MODELS.values() if not (run_dir / name).is_file()]
-    if missing:
-        raise ConfigError(
-            f"{run_dir} has no {' or '.join(missing)}: give a finished run directory or a model"
-        )
-    paths = {key: run_dir / name for key, name in RUN_DIR_MODELS.items()}
+    paths = run_dir_models(Path(run_dir))
     result: dict[str, Any] = bench_interleaved(
         measure or (lambda path: bench_artifact(profile, path)), paths, profile.measure.rounds
     )
     medians = [result[key]["latency_ms"]["median"] for key in RUN_DIR_MODELS]
     result["speedup"] = medians[0] / medians[1]
     return result
+
+
+def run_dir_models(run_dir: Path) -> dict[str, Path]:
+    """A run directory's original and deployed graphs, by `RUN_DIR_MODELS` key.
+
+    Raises:
+        ConfigError: The folder lacks one of the two models.
+    """
+    from pipeline.core.errors import ConfigError
+
+    missing = [name for name in RUN_DIR_MODELS.values() if not (run_dir / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{run_dir} has no {' or '.join(missing)}: give a finished run directory or a model"
+        )
+    return {key: run_dir / name for key, name in RUN_DIR_MODELS.items()}
 
 
 def format_bench_run(result: dict[str, Any]) -> Table:

@@ -74,6 +74,15 @@ class RunContext:
         rounds = rounds or self.profile.measure.rounds
         return bench_interleaved(self.measurer.measure, artifacts, rounds)
 
+    def bench_batches(self, artifacts: dict[str, Path]) -> list[dict[str, Any]]:
+        """Measure artifacts side by side at each of the profile's `measure.report_batches`,
+        interleaved over batches and models (`pipeline.measure.batches.bench_batches`)."""
+        from pipeline.measure.batches import batch_workers, bench_batches
+
+        batches = self.profile.measure.report_batches
+        with batch_workers(self.profile, batches, self.config.search.timeout_s) as workers:
+            return bench_batches(workers, artifacts, self.profile.measure.rounds)
+
     def close(self) -> None:
         if self.measurer is not None:
             self.measurer.close()

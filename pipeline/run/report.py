@@ -175,6 +175,7 @@ def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
         "precision": record.precision,
         "floor": {"original": o.latency.floor(), "deployed": d.latency.floor()},
         "noisy_measurements": noisy,
+        "latency_by_batch": [_batch_entry(entry) for entry in record.batches],
     }
     _add_intervals(record, summary)
     summary["gates"] = _gates(ctx, record, summary)
@@ -183,6 +184,18 @@ def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
 
         summary["trtexec"] = trtexec_commands(ctx.run_dir / "model.onnx", ctx.profile)
     return summary
+
+
+def _batch_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One of `latency_by_batch`: the batch, each side's latency and throughput, the speedup."""
+    sides = {
+        key: {
+            **{k: entry[key]["latency_ms"][k] for k in LATENCY_KEYS},
+            "throughput_ips": entry[key]["throughput_ips"],
+        }
+        for key in ("original", "deployed")
+    }
+    return {"batch": entry["batch"], **sides, "speedup": entry["speedup"]}
 
 
 def _add_intervals(record: RunRecord, summary: dict[str, Any]) -> None:

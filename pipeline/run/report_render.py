@@ -72,11 +72,32 @@ def render_markdown(summary: dict[str, Any]) -> str:
         *[f"| {name} | {a} | {b} |" for name, a, b in _rows(summary)],
         "",
     ]
+    lines += _batches_markdown(summary)
     lines += _baselines_markdown(summary)
     lines += _search_markdown(summary)
     lines += _checks_markdown(summary)
     lines += _trtexec_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _batches_markdown(summary: dict[str, Any]) -> list[str]:
+    entries = summary.get("latency_by_batch") or []
+    if not entries:
+        return []
+    lines = [
+        "## Latency per batch (one interleaved session)",
+        "",
+        "| batch | original median ms | deployed median ms | deployed p90 ms | "
+        "original images/s | deployed images/s | speedup |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        o, d = e["original"], e["deployed"]
+        lines.append(
+            f"| {e['batch']} | {o['median']:.3f} | {d['median']:.3f} | {d['p90']:.3f} | "
+            f"{o['throughput_ips']:,.1f} | {d['throughput_ips']:,.1f} | {e['speedup']:.2f}x |"
+        )
+    return [*lines, ""]
 
 
 def _baselines_markdown(summary: dict[str, Any]) -> list[str]:

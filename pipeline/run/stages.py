@@ -181,6 +181,10 @@ def measure(ctx: RunContext, record: RunRecord) -> None:
     sides = ctx.bench({key: ctx.run_dir / name for key, name in names.items()})
     record.original.latency = Latency.from_bench(sides["original"])
     record.deployed.latency = Latency.from_bench(sides["deployed"])
+    batches = ctx.profile.measure.report_batches
+    if batches:
+        stage(f"measuring latency at batch {', '.join(map(str, batches))}, {rounds} rounds")
+        record.batches = ctx.bench_batches({k: ctx.run_dir / n for k, n in names.items()})
 
 
 def validate(ctx: RunContext, record: RunRecord) -> None:

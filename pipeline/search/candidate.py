@@ -23,6 +23,7 @@ from pipeline.core.choice import holds_floor, tied
 from pipeline.core.policy import Policy
 from pipeline.core.profile import TargetProfile
 from pipeline.core.space import CandidateResult, SearchSpace
+from pipeline.core.stats import correct_of
 from pipeline.core.train_spec import TrainSpec
 from pipeline.measure.latency_model import LatencyModel
 from pipeline.measure.measure_worker import MeasureWorker
@@ -92,6 +93,11 @@ class CandidateEvaluator:
         # must beat to become the result (see `_could_win`).
         self._within: list[tuple[float, float]] = []
         self._accuracy_memo: dict[str, tuple[float, int, int]] = {}
+        # With `keep_val_correct`, each result's extra holds which validation images it gets
+        # right (`val_correct`, bool (N,)), for paired intervals against another model
+        # (`pipeline.run.analyze`); off in searches, whose records need only the accuracy.
+        self.keep_val_correct = False
+        self._val_correct: dict[str, np.ndarray] = {}
 
     def use_space(self, space: SearchSpace) -> None:
         """Search within another space, such as another budget: benchmarks and tests that sweep
@@ -172,7 +178,9 @@ class CandidateEvaluator:
         if not np.isfinite(acc):
             raise ValueError("validation accuracy is not finite")
         self._track_best(acc, estimate.ms, estimate.source)
-        extra = {"stats": estimate.stats}
+        extra: dict[str, Any] = {"stats": estimate.stats}
+        if self.keep_val_correct:
+            extra["val_correct"] = self._val_correct.get(_model_id(key, policy))
         return CandidateResult(policy, acc, estimate.ms, macs, params, estimate.source, extra=extra)
 
     def _trained_figures(
@@ -195,7 +203,7 @@ class CandidateEvaluator:
         if not pruning.unchanged:
             recover(pruned, self.recovery)
         self._export(pruned, policy, path)
-        acc = self._onnx_accuracy(path)
+        acc = self._onnx_accuracy(path, policy_id)
         macs, params = count_macs_params(pruned, self.input_shape)
         self._accuracy_memo[policy_id] = (acc, macs, params)
         return acc, macs, params
@@ -227,12 +235,14 @@ class CandidateEvaluator:
         precisions = layer_precisions(pruned, policy)
         export_graph(pruned, precisions, self.profile, path, self.calib_inputs, self.opset)
 
-    def _onnx_accuracy(self, path: Path) -> float:
+    def _onnx_accuracy(self, path: Path, policy_id: str) -> float:
         from exporters import run_onnx
 
         logits = run_onnx(path, self.val_inputs, threads=self.profile.threads)
         if not np.isfinite(logits).all():
             raise ValueError("the candidate outputs NaN or inf")
+        if self.keep_val_correct:
+            self._val_correct[policy_id] = correct_of(logits, self.val_labels)
         return accuracy(logits, self.val_labels)
 
     def _could_win(self, acc: float, latency_ms: float) -> bool:
