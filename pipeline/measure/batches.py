@@ -18,7 +18,7 @@ from rich.table import Table
 from pipeline.core.errors import ConfigError
 from pipeline.core.profile import MAX_BATCH, TargetProfile
 from pipeline.core.schema import parse_model
-from pipeline.measure.bench import bench_interleaved
+from pipeline.measure.bench import bench_interleaved, first_input_dims
 from pipeline.measure.measure_worker import MeasureWorker
 
 MAX_BATCHES = 16  # sizes in one session; each is a measuring process and a share of the rounds
@@ -55,16 +55,8 @@ def with_batch(profile: TargetProfile, batch: int) -> TargetProfile:
 def static_batch(path: Path) -> int | None:
     """The batch size an ONNX graph's first input is fixed to; None when its batch axis is
     dynamic (our exports') or the file is no readable ONNX graph (the runner reports that)."""
-    if path.suffix != ".onnx" or not path.is_file():
-        return None
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # unreadable here: the runner reports it properly when it loads it
-        return None
-    dims = graph.input[0].type.tensor_type.shape.dim if graph.input else []
-    return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
+    dims = first_input_dims(path)
+    return dims[0] if dims and dims[0] > 0 else None
 
 
 def check_batches(path: Path, batches: Sequence[int]) -> None:

@@ -211,9 +211,9 @@ def format_bench_run(result: dict[str, Any]) -> Table:
     return table
 
 
-def graph_input_shape(path: Path) -> tuple[int, int, int] | None:
-    """The (C, H, W) of an ONNX graph's first input when its dimensions are static; None for an
-    engine, a missing or unreadable file, or symbolic dimensions (the caller then decides)."""
+def first_input_dims(path: Path) -> list[int] | None:
+    """The dimensions of an ONNX graph's first input (0 where symbolic); None for an engine, a
+    missing or unreadable file, or a graph without inputs."""
     if path.suffix != ".onnx" or not path.is_file():
         return None
     import onnx
@@ -222,11 +222,19 @@ def graph_input_shape(path: Path) -> tuple[int, int, int] | None:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception:  # unreadable here: the runner reports it properly when it loads it
         return None
-    dims = graph.input[0].type.tensor_type.shape.dim[1:] if graph.input else []
-    values = [d.dim_value for d in dims]
+    if not graph.input:
+        return None
+    return [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+
+
+def graph_input_shape(path: Path) -> tuple[int, int, int] | None:
+    """The (C, H, W) of an ONNX graph's first input when its dimensions are static; None for an
+    engine, a missing or unreadable file, or symbolic dimensions (the caller then decides)."""
+    dims = first_input_dims(path)
+    values = dims[1:] if dims else []
     if len(values) != 3 or any(v <= 0 for v in values):
         return None
-    return tuple(values)  # type: ignore[return-value]
+    return (values[0], values[1], values[2])
 
 
 def _cost_model_for(artifact: Path) -> Path | None:
