@@ -108,8 +108,12 @@ def layer_node_map(
     """Map each module fqn (Conv2d / Linear) to the name of its ONNX node.
 
     Matching goes by module scope in the node name first, then by the weight's parameter name
-    (`fc.weight`, present when the exporter did not fold it), then by a unique last scope
-    segment (a module called from outside its parent).
+    (`fc.weight`, present when the exporter did not fold it), then by the bias's parameter name
+    on the Add that follows a MatMul (a parent calling `F.linear` with the module's weights, as
+    Swin's attention does: the nodes carry the parent's scope and a folded, renamed weight),
+    then by a unique last scope segment (a module called from outside its parent), then by a
+    unique scope that skips containers never called (a ModuleList's scope is missing from the
+    path, as in MaxViT: `blocks.0.layers.0.conv` is `/blocks.0/layers.0/conv`).
 
     Args:
         onnx_model: A graph exported by `export_onnx` (or quantized from one).
@@ -129,8 +133,14 @@ def layer_node_map(
         node = (
             _by_scope(nodes, fqn)
             or _by_weight_name(nodes, fqn, producers)
-            or _by_last_segment(nodes, fqn, set(found.values()))
+            or _by_bias_name(onnx_model, nodes, fqn, producers)
         )
+        if node is not None:
+            found[fqn] = node.name
+    # Looser rules second, among the nodes no exact rule took, and only when unambiguous
+    for fqn in [f for f in layers if f not in found]:
+        taken = set(found.values())
+        node = _by_last_segment(nodes, fqn, taken) or _by_called_scopes(nodes, fqn, taken)
         if node is not None:
             found[fqn] = node.name
     missing = [fqn for fqn in layers if fqn not in found]
@@ -187,6 +197,25 @@ def _by_weight_name(
     return None
 
 
+def _by_bias_name(
+    onnx_model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    fqn: str,
+    producers: dict[str, onnx.NodeProto],
+) -> onnx.NodeProto | None:
+    # The exporter keeps a bias's parameter name even when it deduplicates the value (the name
+    # is then an Identity's output), so `proj.bias` still points at the Add after proj's MatMul.
+    wanted, candidates = f"{fqn}.bias", {id(n) for n in nodes}
+    for add in onnx_model.graph.node:
+        if add.op_type != "Add" or wanted not in add.input:
+            continue
+        for name in add.input:
+            source = producers.get(name)
+            if source is not None and id(source) in candidates:
+                return source
+    return None
+
+
 def weight_source(name: str, producers: dict[str, onnx.NodeProto]) -> str:
     """The initializer behind a weight input, looking through a DequantizeLinear.
 
@@ -206,3 +235,23 @@ def _by_last_segment(
     hits = [n for n in nodes if _scope_of(n).endswith(segment) and n.name not in taken]
     # Only an unambiguous hit is safe: `conv1` alone names a layer in every ResNet block.
     return hits[0] if len(hits) == 1 else None
+
+
+def _by_called_scopes(
+    nodes: list[onnx.NodeProto], fqn: str, taken: set[str]
+) -> onnx.NodeProto | None:
+    # A scope names only the modules that were called, so some ancestors of `fqn` may be
+    # missing from it, never added: the scope's segments are a subsequence of the ancestors'.
+    names = module_scope(fqn).strip("/").split("/")
+    hits = [
+        n for n in nodes
+        if n.name not in taken and _is_called_path(_scope_of(n).strip("/").split("/"), names)
+    ]  # fmt: skip
+    return hits[0] if len(hits) == 1 else None
+
+
+def _is_called_path(segments: list[str], names: list[str]) -> bool:
+    if not segments or segments[-1] != names[-1]:
+        return False
+    remaining = iter(names[:-1])
+    return all(any(seg == name for name in remaining) for seg in segments[:-1])

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import RunConfig
+from pipeline.core.config import RunConfig, SearchConfig
 from pipeline.core.policy import LayerAction, Policy, Precision
 from pipeline.core.profile import TargetProfile, with_input_shape
 from pipeline.core.space import CandidateResult, SearchSpace
@@ -45,6 +45,8 @@ from pipeline.run.context import RunContext, console, stage
 
 # `pipeline analyze` options that are run config fields of the same name
 CONFIG_OPTIONS = ("model", "weights", "data", "num_classes", "seed")
+# The search settings an analysis reads: those of its candidates (the rest choose a policy)
+SEARCH_FIELDS_READ = ("candidate_steps", "candidate_bn_batches", "timeout_s")
 
 
 def analyze_command(given: dict[str, Any]) -> None:
@@ -66,9 +68,34 @@ def analyze_command(given: dict[str, Any]) -> None:
     overrides["input_shape"] = parse_shape(given["input_shape"]) if given["input_shape"] else None
     sections = {"search": {"candidate_steps": given["candidate_steps"]}}
     config = load_config(given["config"], overrides, sections)
+    refuse_search_settings(config, given["config"])
     out = given["out"] or Path("runs") / f"analyze-{_file_name(profile.name)}-{utc_stamp()}"
     result = analyze(profile, config, ratios, Path(out))
     print_analysis(console, result, Path(out))
+
+
+def refuse_search_settings(config: RunConfig, path: Path | None) -> None:
+    """A --config that chooses a policy (policy, budget, floor, agent...) would be silently
+    ignored by an analysis, which tries every group alone: refuse it, naming the settings.
+
+    Raises:
+        ConfigError: The config sets a field an analysis does not read.
+    """
+    from pipeline.core.errors import ConfigError
+
+    default, search = RunConfig(), SearchConfig()
+    ignored = [f for f in ("policy", "budget_ms", "max_accuracy_drop", "out")
+               if getattr(config, f) != getattr(default, f)]  # fmt: skip
+    ignored += [
+        f"search.{f}"
+        for f in type(search).model_fields
+        if f not in SEARCH_FIELDS_READ and getattr(config.search, f) != getattr(search, f)
+    ]
+    if ignored:
+        raise ConfigError(
+            f"{path}: pipeline analyze does not search or write a run, so it would ignore "
+            f"{', '.join(ignored)}; remove them or pass a config without them"
+        )
 
 
 def _file_name(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 import torch
 import torch_pruning as tp
 import torchvision
+from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from exporters import export_onnx, layer_node_map, run_onnx
 from exporters.onnx_export import module_scope
@@ -135,6 +138,81 @@ def test_linear_on_tokens_maps_to_matmul(tmp_path):
     ops = {n.name: n.op_type for n in proto.graph.node}
     assert ops[mapping["proj"]] == "MatMul"
     assert ops[mapping["stem"]] == "Conv"
+
+
+class _Attention(nn.Module):
+    """Swin's pattern: the parent calls `F.linear` with its children's weights, so the MatMul
+    nodes carry the parent's scope and folded, renamed weights; two biases are equal (zeros),
+    so the exporter keeps one value and names the other through an Identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+        for bias in (self.proj.bias, self.head.bias):
+            nn.init.zeros_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        q, k, v = F.linear(tokens, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        mixed = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+        out = F.linear(mixed, self.proj.weight, self.proj.bias)
+        return self.head(out.mean(dim=1))
+
+
+def test_linears_called_through_their_weights_map_by_bias_name(tmp_path):
+    path = export_onnx(_Attention().eval(), SHAPE, tmp_path / "attention.onnx")
+    proto = onnx.load(str(path))
+    mapping = layer_node_map(proto, ["stem", "qkv", "proj", "head"])
+    assert len(set(mapping.values())) == 4
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    consumers = {name: n for n in proto.graph.node for name in n.input}
+    for fqn in ("qkv", "proj"):
+        node = next(n for n in proto.graph.node if n.name == mapping[fqn])
+        assert node.op_type == "MatMul" and node.input[1] not in producers  # a folded weight
+        assert f"{fqn}.bias" in consumers[node.output[0]].input
+
+
+class _Blocks(nn.Module):
+    """MaxViT's pattern: blocks in a ModuleList (never called itself, so its scope is missing
+    from node names), each block's layers named alike (`conv_a`) in every block, and
+    BatchNorm folded into the convolutions, so their weights are renamed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                OrderedDict(
+                    conv_a=nn.Sequential(nn.Conv2d(3 if i == 0 else 4, 4, 3), nn.BatchNorm2d(4)),
+                    conv_b=nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                )
+            )
+            for i in range(2)
+        )
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_layers_inside_a_module_list_map_to_their_own_block(tmp_path):
+    model = _Blocks().eval()
+    path = export_onnx(model, SHAPE, tmp_path / "blocks.onnx")
+    proto = onnx.load(str(path))
+    layers = policy_layers(model)
+    mapping = layer_node_map(proto, layers)
+    assert mapping["blocks.1.conv_a.0"] == "/blocks.1/conv_a/conv_a.0/Conv"
+    assert len(set(mapping.values())) == len(layers) == 5
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for fqn in layers[:-1]:  # each conv's node carries that conv's weight (BatchNorm: identity)
+        node = next(n for n in proto.graph.node if n.name == mapping[fqn])
+        assert node.input[1] != f"{fqn}.weight", "BatchNorm was folded: the name is gone"
+        expected = model.get_submodule(fqn).weight.detach().numpy()
+        np.testing.assert_allclose(weights[node.input[1]], expected, rtol=1e-4)
 
 
 def test_pruned_resnet_exports_with_fewer_channels(tmp_path):

@@ -45,6 +45,33 @@ def test_options_that_would_be_ignored_are_errors(tmp_path, monkeypatch, args, n
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "named"),
+    [
+        ("policy: uniform:0.5\n", "policy"),
+        ("budget_ms: 2.0\nsearch:\n  agent: dqn\n", "budget_ms, search.agent"),
+        ("max_accuracy_drop: 1.0\n", "max_accuracy_drop"),
+    ],
+)
+def test_analyze_refuses_a_config_that_chooses_a_policy(tmp_path, monkeypatch, yaml_text, named):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipeline.yaml").write_text(yaml_text)
+    result = main_in_process(
+        "analyze", "--target", "cpu", "--config", "pipeline.yaml", "--no-progress"
+    )
+    assert result.code == 2 and result.one_line_error, result
+    assert f"would ignore {named}" in result.err, result.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_analyze_reads_the_candidate_settings_of_a_config(tmp_path) -> None:
+    from pipeline.run.analyze import refuse_search_settings
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("seed: 3\nsearch:\n  candidate_steps: 5\n  timeout_s: 60\n")
+    refuse_search_settings(load_config(path, {}), path)  # nothing ignored: no error
+
+
 def test_a_config_file_is_held_to_the_same_combinations(tmp_path) -> None:
     path = tmp_path / "pipeline.yaml"
     path.write_text("weights: w.safetensors\n")
