@@ -31,6 +31,10 @@ from pipeline.search.materialize import Recovery, materialize, recover
 log = logging.getLogger(__name__)
 
 
+# Training batches that estimate an untrained model's BatchNorm statistics
+RANDOM_INIT_BN_BATCHES = 8
+
+
 def load_inputs(ctx: RunContext) -> None:
     """Data splits, the original model (the demo's when none is given) and the policy."""
     _check_target(ctx)
@@ -76,7 +80,23 @@ def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
     info = {"arch": cfg.model, "weights": str(cfg.weights) if cfg.weights else None}
+    if cfg.random_init:
+        _batchnorm_from_data(model, ctx)
+        info["batchnorm"] = "statistics estimated on the training split (random init)"
     return model.eval(), info
+
+
+def _batchnorm_from_data(model: nn.Module, ctx: RunContext) -> None:
+    # Untrained BatchNorm statistics (mean 0, variance 1) describe no data: through a deep
+    # network (ResNet-101, Inception v3) activations then grow block by block until the logits
+    # overflow. Estimate them from training batches, as the first steps of any training would.
+    from pipeline.model.finetune import recalibrate_batchnorm
+
+    assert ctx.splits is not None
+    cfg = ctx.config
+    recalibrate_batchnorm(
+        model, ctx.splits.train, RANDOM_INIT_BN_BATCHES, cfg.finetune.batch_size, cfg.seed
+    )
 
 
 def baseline(ctx: RunContext, record: RunRecord) -> None:

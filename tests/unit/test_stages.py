@@ -124,3 +124,23 @@ def test_a_stage_added_to_the_list_runs_and_its_failure_is_recorded(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["stages_done"] == ["baseline"]
     assert not (run_dir / "report.json").exists()
+
+
+def test_an_untrained_model_gets_its_batchnorm_statistics_from_the_training_split(
+    tmp_path, tiny_profile
+) -> None:
+    import torch
+    from torch import nn
+
+    config, run_dir = _args(tmp_path)
+    ctx = RunContext(_profile(tiny_profile), config, run_dir)
+    try:
+        stages.load_inputs(ctx)
+    finally:
+        ctx.close()
+    norms = [m for m in ctx.original.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not ctx.original.training
+    # Untrained statistics are exactly mean 0 / variance 1; estimated ones are not
+    for m in norms:
+        assert not torch.equal(m.running_var, torch.ones_like(m.running_var)), m
+    assert ctx.model_info["batchnorm"].startswith("statistics estimated on the training split")
