@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.core.errors import DataError, ModelError
 from pipeline.core.profile import Tolerance
-from pipeline.model.evaluate import batched_logits
+from pipeline.model.evaluate import batched_logits, eval_batch_size
 
 _TINY = 1e-12  # floor of a sample's logit scale, so an all-zero reference cannot divide by zero
 
@@ -168,7 +168,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
 
 
 def run_onnx(
-    path: Path | str, inputs: np.ndarray, threads: int = 1, batch_size: int = 64
+    path: Path | str, inputs: np.ndarray, threads: int = 1, batch_size: int | None = None
 ) -> np.ndarray:
     """Logits of an ONNX model on ONNX Runtime's CPU provider.
 
@@ -176,8 +176,8 @@ def run_onnx(
         path: The `.onnx` file.
         inputs: Samples (N, C, H, W).
         threads: Intra-op threads (the comparator does not need speed, only determinism).
-        batch_size: Samples per run; a graph with a static batch axis uses its own size, the
-            last chunk padded and the padding dropped.
+        batch_size: Samples per run (default: up to 64, fewer for large inputs); a graph with a
+            static batch axis uses its own size, the last chunk padded and the padding dropped.
 
     Returns:
         float32 logits (N, classes) from the graph's first output.
@@ -197,4 +197,5 @@ def run_onnx(
     def infer(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {feed.name: batch})[0]
 
-    return batched_logits(infer, data, static or batch_size)
+    batch = static or batch_size or eval_batch_size(data.shape[1:], most=64)
+    return batched_logits(infer, data, batch)

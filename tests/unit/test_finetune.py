@@ -47,3 +47,17 @@ def test_a_spec_with_bn_batches_recalibrates_even_without_steps(
     spec = dataclasses.replace(TrainSpec(), steps=0, bn_batches=10)
     train(trained_tiny_resnet, digits_splits.train, spec, show_progress=False)
     assert model_accuracy(trained_tiny_resnet, digits_splits.val) > broken + 0.2
+
+
+def test_evaluation_batches_shrink_with_the_input_size() -> None:
+    import numpy as np
+
+    from pipeline.model.evaluate import eval_batch_size, torch_logits
+
+    assert eval_batch_size((3, 48, 48)) == 256  # the demo's size: unchanged
+    assert eval_batch_size((3, 224, 224)) == 27  # ~16 MB of input per batch, not 150 MB
+    assert eval_batch_size((3, 4096, 4096)) == 1
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 224 * 224, 4))
+    inputs = np.random.default_rng(0).random((60, 3, 224, 224), dtype=np.float32)
+    whole = torch_logits(model, inputs, batch_size=60)
+    np.testing.assert_allclose(torch_logits(model, inputs), whole, rtol=1e-5, atol=1e-5)
