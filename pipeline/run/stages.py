@@ -42,7 +42,10 @@ def load_inputs(ctx: RunContext) -> None:
     stage("loading data")
     ctx.splits = load_data(cfg.data, ctx.input_shape, seed=cfg.seed)
     ctx.original, ctx.model_info = _load_model(ctx)
-    check_input(ctx.original, ctx.input_shape)
+    check_input(ctx.original, ctx.input_shape)  # before any forward pass of ours
+    if cfg.random_init:
+        _batchnorm_from_data(ctx.original, ctx)
+        ctx.model_info["batchnorm"] = "statistics estimated on the training split (random init)"
     if cfg.policy is not None:
         ctx.policy = parse_policy_arg(cfg.policy, ctx.original, ctx.profile.default_precision)
         check_policy(ctx.policy, ctx.original, ctx.profile.precisions)
@@ -80,9 +83,6 @@ def _load_model(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
     info = {"arch": cfg.model, "weights": str(cfg.weights) if cfg.weights else None}
-    if cfg.random_init:
-        _batchnorm_from_data(model, ctx)
-        info["batchnorm"] = "statistics estimated on the training split (random init)"
     return model.eval(), info
 
 
