@@ -113,7 +113,9 @@ def layer_node_map(
     Swin's attention does: the nodes carry the parent's scope and a folded, renamed weight),
     then by a unique last scope segment (a module called from outside its parent), then by a
     unique scope that skips containers never called (a ModuleList's scope is missing from the
-    path, as in MaxViT: `blocks.0.layers.0.conv` is `/blocks.0/layers.0/conv`).
+    path, as in MaxViT: `blocks.0.layers.0.conv` is `/blocks.0/layers.0/conv`), then by the one
+    node left in the parent's scope with a constant weight (Swin V2's qkv, whose bias is a
+    computed copy and so has no name).
 
     Args:
         onnx_model: A graph exported by `export_onnx` (or quantized from one).
@@ -140,7 +142,11 @@ def layer_node_map(
     # Looser rules second, among the nodes no exact rule took, and only when unambiguous
     for fqn in [f for f in layers if f not in found]:
         taken = set(found.values())
-        node = _by_last_segment(nodes, fqn, taken) or _by_called_scopes(nodes, fqn, taken)
+        node = (
+            _by_last_segment(nodes, fqn, taken)
+            or _by_called_scopes(nodes, fqn, taken)
+            or _by_parent_scope(onnx_model, nodes, fqn, taken, producers)
+        )
         if node is not None:
             found[fqn] = node.name
     missing = [fqn for fqn in layers if fqn not in found]
@@ -255,3 +261,27 @@ def _is_called_path(segments: list[str], names: list[str]) -> bool:
         return False
     remaining = iter(names[:-1])
     return all(any(seg == name for name in remaining) for seg in segments[:-1])
+
+
+def _by_parent_scope(
+    onnx_model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    fqn: str,
+    taken: set[str],
+    producers: dict[str, onnx.NodeProto],
+) -> onnx.NodeProto | None:
+    # A parent calling F.linear puts the node in its own scope; a product of two activations
+    # (attention's q @ k) has no constant weight, so one untaken weighted node is this layer.
+    scope = module_scope(fqn.rsplit(".", 1)[0]) if "." in fqn else ""  # "": the model's own
+    constants = {t.name for t in onnx_model.graph.initializer}
+
+    def weighted(node: onnx.NodeProto) -> bool:
+        index = WEIGHT_INDEX.get(node.op_type, 1)
+        if len(node.input) <= index:
+            return False
+        source = producers.get(node.input[index])  # a quantized weight: through its DQ
+        name = source.input[0] if source and source.op_type == "DequantizeLinear" else ""
+        return (name or node.input[index]) in constants
+
+    hits = [n for n in nodes if n.name not in taken and _scope_of(n) == scope and weighted(n)]
+    return hits[0] if len(hits) == 1 else None

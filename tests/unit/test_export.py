@@ -143,10 +143,12 @@ def test_linear_on_tokens_maps_to_matmul(tmp_path):
 class _Attention(nn.Module):
     """Swin's pattern: the parent calls `F.linear` with its children's weights, so the MatMul
     nodes carry the parent's scope and folded, renamed weights; two biases are equal (zeros),
-    so the exporter keeps one value and names the other through an Identity."""
+    so the exporter keeps one value and names the other through an Identity. Swin V2 passes a
+    computed copy of the qkv bias (its k part zeroed), which has no name at all."""
 
-    def __init__(self) -> None:
+    def __init__(self, v2: bool) -> None:
         super().__init__()
+        self.v2 = v2
         self.stem = nn.Conv2d(3, 8, 4, stride=4)
         self.qkv = nn.Linear(8, 24)
         self.proj = nn.Linear(8, 8)
@@ -156,23 +158,29 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 64, 8)
-        q, k, v = F.linear(tokens, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        qkv_bias = self.qkv.bias
+        if self.v2:
+            qkv_bias = qkv_bias.clone()
+            qkv_bias[8:16] = 0.0
+        q, k, v = F.linear(tokens, self.qkv.weight, qkv_bias).chunk(3, dim=-1)
         mixed = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
         out = F.linear(mixed, self.proj.weight, self.proj.bias)
         return self.head(out.mean(dim=1))
 
 
-def test_linears_called_through_their_weights_map_by_bias_name(tmp_path):
-    path = export_onnx(_Attention().eval(), SHAPE, tmp_path / "attention.onnx")
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin-v2"])
+def test_linears_a_parent_calls_through_their_weights_map_to_their_own_matmul(tmp_path, v2):
+    model = _Attention(v2).eval()
+    path = export_onnx(model, SHAPE, tmp_path / "attention.onnx")
     proto = onnx.load(str(path))
     mapping = layer_node_map(proto, ["stem", "qkv", "proj", "head"])
     assert len(set(mapping.values())) == 4
-    producers = {out: n for n in proto.graph.node for out in n.output}
-    consumers = {name: n for n in proto.graph.node for name in n.input}
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     for fqn in ("qkv", "proj"):
         node = next(n for n in proto.graph.node if n.name == mapping[fqn])
-        assert node.op_type == "MatMul" and node.input[1] not in producers  # a folded weight
-        assert f"{fqn}.bias" in consumers[node.output[0]].input
+        assert node.op_type == "MatMul" and node.input[1] in weights  # a folded weight
+        expected = model.get_submodule(fqn).weight.detach().numpy().T
+        np.testing.assert_array_equal(weights[node.input[1]], expected)
 
 
 class _Blocks(nn.Module):
