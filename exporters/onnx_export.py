@@ -69,6 +69,10 @@ def _export_checked(model: nn.Module, input_shape: tuple[int, int, int], tmp: Pa
     # A fixed generator keeps the export deterministic without touching the global RNG.
     gen = torch.Generator().manual_seed(0)
     dummy = torch.randn((1, *input_shape), generator=gen)  # (1, C, H, W)
+    # nn.MultiheadAttention's fused inference kernel (ViT's attention, in eval mode without
+    # gradients) has no ONNX form; the unfused path computes the same and exports.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter is deprecated upstream but is the one that keeps module
@@ -93,6 +97,8 @@ def _export_checked(model: nn.Module, input_shape: tuple[int, int, int], tmp: Pa
             f"cannot export {name} to ONNX for input (batch, {', '.join(map(str, input_shape))}): "
             f"{one_line(exc)} (does the model accept this input? see the profile's input.shape)"
         ) from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

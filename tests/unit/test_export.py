@@ -183,6 +183,35 @@ def test_linears_a_parent_calls_through_their_weights_map_to_their_own_matmul(tm
         np.testing.assert_array_equal(weights[node.input[1]], expected)
 
 
+class _SelfAttention(nn.Module):
+    """ViT's attention: nn.MultiheadAttention without weights, whose fused inference kernel
+    (taken in eval mode without gradients) has no ONNX form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        mixed, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(mixed.mean(dim=1))
+
+
+def test_multi_head_attention_exports_and_its_projection_maps(tmp_path):
+    model = _SelfAttention().eval()
+    path = export_onnx(model, SHAPE, tmp_path / "mha.onnx")
+    assert torch.backends.mha.get_fastpath_enabled(), "the switch is restored after export"
+    proto = onnx.load(str(path))
+    mapping = layer_node_map(proto, policy_layers(model))
+    assert mapping["attention.out_proj"].startswith("/attention/")
+    inputs = _inputs(2, seed=3)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(inputs)).numpy()
+    np.testing.assert_allclose(run_onnx(path, inputs), expected, atol=1e-5, rtol=0)
+
+
 class _Blocks(nn.Module):
     """MaxViT's pattern: blocks in a ModuleList (never called itself, so its scope is missing
     from node names), each block's layers named alike (`conv_a`) in every block, and
