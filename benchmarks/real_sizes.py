@@ -208,6 +208,54 @@ def latency_model_error(arch: str, weights: Path, folder: Path, count: int) -> d
     }
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md's 224x224 section."""
+    lines = [
+        "| model | policy | original (ms) | deployed (ms) | speedup [95%] | accuracy "
+        "original -> deployed (test images) | wall (s) | peak RSS (MB) | exit |",
+        "|---|---|---:|---:|---|---|---:|---:|---|",
+    ]
+    for arch, entry in results.items():
+        for r in entry.get("runs", []) if isinstance(entry, dict) else []:
+            ci = r.get("speedup_ci95") or [float("nan")] * 2
+            lines.append(
+                f"| {arch} | `{r['policy']}` | {r.get('original_ms', 0):.2f} | "
+                f"{r.get('deployed_ms', 0):.2f} | {r.get('speedup', 0):.2f}x "
+                f"[{ci[0]:.2f}, {ci[1]:.2f}] | {_pct(r.get('original_accuracy'))} -> "
+                f"{_pct(r.get('deployed_accuracy'))} ({r.get('test_images')}) | "
+                f"{r['wall_s']:.0f} | {r['peak_rss_mb']} | {r['exit_code']} |"
+            )
+    lines += [
+        "",
+        "| model | random policies | predicted | median error | p90 error | original FP32 (ms) "
+        "| original INT8 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arch, entry in results.items():
+        lm = entry.get("latency_model") if isinstance(entry, dict) else None
+        if lm:
+            by = lm["precision_latency_ms"]
+            lines.append(
+                f"| {arch} | {lm['measured']} | {lm['predicted']} | "
+                f"{_pct(lm['median_abs_error'])} | {_pct(lm['p90_abs_error'])} | "
+                f"{by.get('fp32', 0):.2f} | {by.get('int8', 0):.2f} |"
+            )
+    stream = results.get("stream")
+    if stream:
+        lines += [
+            "",
+            f"Streaming: {stream['model']} on {stream['images']} images, "
+            f"in memory: {(stream.get('data') or {}).get('in_memory')}, peak RSS "
+            f"{stream['peak_rss_mb']} MB, wall {stream['wall_s']:.0f} s, "
+            f"exit {stream['exit_code']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
@@ -218,11 +266,16 @@ def main() -> None:
     parser.add_argument("--stream-images", type=int, default=5000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/real-sizes"))
     parser.add_argument("--out", type=Path, default=RESULTS / "real_sizes.json")
+    parser.add_argument("--table", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.table:
+        args.out.with_suffix(".md").write_text(markdown(results))
+        return
 
     def save() -> None:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results))
 
     small = write_images(args.work / "images-400", per_class=40)
     for arch in args.models:
@@ -253,7 +306,7 @@ def main() -> None:
             ),
         }  # fmt: skip
         save()
-    print(json.dumps({k: v for k, v in results.items()}, indent=1)[:4000])
+    print(markdown(results))
 
 
 if __name__ == "__main__":
