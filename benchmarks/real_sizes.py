@@ -126,9 +126,15 @@ def pipeline_run(
             accuracy_drop_ci95=r.get("accuracy_drop_ci95"),
             test_images=r.get("test_images"),
             failed_gates=r["gates"].get("failed", []),
-            data=json.loads((reports[-1].parent / "manifest.json").read_text()).get("data"),
+            data=_data_summary(reports[-1].parent / "manifest.json"),
         )
     return entry
+
+
+def _data_summary(manifest: Path) -> dict[str, Any]:
+    """How the run read its images (streamed or in memory), without the split indices."""
+    data = json.loads(manifest.read_text()).get("data") or {}
+    return {k: data.get(k) for k in ("num_samples", "in_memory", "sizes", "skipped_files")}
 
 
 def random_policy(space: Any, rng: np.random.Generator) -> Any:
@@ -212,12 +218,21 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _drop(run: dict[str, Any]) -> str:
+    low, high = run.get("accuracy_drop_ci95") or (None, None)
+    if low is None or "original_accuracy" not in run:
+        return "-"
+    drop = run["original_accuracy"] - run["deployed_accuracy"]
+    return f"{100 * drop:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables of docs/benchmarks.md's 224x224 section."""
     lines = [
         "| model | policy | original (ms) | deployed (ms) | speedup [95%] | accuracy "
-        "original -> deployed (test images) | wall (s) | peak RSS (MB) | exit |",
-        "|---|---|---:|---:|---|---|---:|---:|---|",
+        "original -> deployed | drop, points [95%] (test images) | wall (s) | peak RSS (MB) "
+        "| exit |",
+        "|---|---|---:|---:|---|---|---|---:|---:|---|",
     ]
     for arch, entry in results.items():
         for r in entry.get("runs", []) if isinstance(entry, dict) else []:
@@ -226,7 +241,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {arch} | `{r['policy']}` | {r.get('original_ms', 0):.2f} | "
                 f"{r.get('deployed_ms', 0):.2f} | {r.get('speedup', 0):.2f}x "
                 f"[{ci[0]:.2f}, {ci[1]:.2f}] | {_pct(r.get('original_accuracy'))} -> "
-                f"{_pct(r.get('deployed_accuracy'))} ({r.get('test_images')}) | "
+                f"{_pct(r.get('deployed_accuracy'))} | {_drop(r)} ({r.get('test_images')}) | "
                 f"{r['wall_s']:.0f} | {r['peak_rss_mb']} | {r['exit_code']} |"
             )
     lines += [
