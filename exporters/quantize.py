@@ -28,6 +28,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from exporters.calibration import calibration_reader, calibration_samples
+from exporters.compare import run_onnx
 from exporters.fp16 import convert_to_fp16
 from exporters.inspect_precision import layer_precisions
 from exporters.onnx_export import FLOAT_OPS, INT8_OPS, layer_node_map, one_line
@@ -84,7 +85,8 @@ def quantize_onnx(
     Raises:
         PolicyError: The policy names a layer the graph does not have.
         DataError: No calibration samples, or not (N, C, H, W).
-        ModelError: The written graph does not match the policy.
+        ModelError: The written graph does not match the policy, or the model outputs NaN or
+            inf on the calibration samples.
     """
     report = _initial_report(precisions, scheme)
     int8, fp16 = report["int8_layers"], report["fp16_layers"]
@@ -221,7 +223,6 @@ def _quantize_static(
     samples: np.ndarray,
     overrides: dict[str, list[dict[str, np.ndarray]]],
 ) -> None:
-    op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
     extra: dict[str, Any] = {
         # Signed activations are for TensorRT, which only takes a zero point of 0, and only
         # dequantizes int8: a bias quantized to int32 fails its parser, so biases stay float.
@@ -230,6 +231,29 @@ def _quantize_static(
     }
     if overrides:
         extra["TensorQuantOverrides"] = overrides
+    try:
+        _calibrate_and_quantize(prepared, out, model, int8_nodes, scheme, samples, extra)
+    except Exception:
+        # ONNX Runtime's message for non-finite activations is "scale issue": say what it means
+        if not np.isfinite(run_onnx(prepared, samples)).all():
+            raise ModelError(
+                "the model outputs NaN or inf on the calibration images, so INT8 cannot be "
+                "calibrated: its weights are broken or its fine-tune diverged (try a lower "
+                "finetune.lr)"
+            ) from None
+        raise
+
+
+def _calibrate_and_quantize(
+    prepared: Path,
+    out: Path,
+    model: onnx.ModelProto,
+    int8_nodes: list[str],
+    scheme: Int8Scheme,
+    samples: np.ndarray,
+    extra: dict[str, Any],
+) -> None:
+    op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
     quantize_static(
         str(prepared),
         str(out),

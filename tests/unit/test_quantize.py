@@ -16,7 +16,7 @@ from torch import nn
 
 from exporters import compare_logits, export_onnx, layer_precisions, quantize_onnx, run_onnx
 from exporters.onnx_export import layer_node_map
-from pipeline.core.errors import ConfigError, DataError, PolicyError
+from pipeline.core.errors import ConfigError, DataError, ModelError, PolicyError
 from pipeline.core.policy import Precision, policy_layers
 from pipeline.core.profile import Int8Scheme, TargetProfile, Tolerance, load_profile
 from pipeline.model.evaluate import stack
@@ -347,3 +347,18 @@ def test_tensorrt_profiles_default_to_s8s8_qdq_which_exports_and_runs(exports, t
     zero_points = _zero_points(out)
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     assert run_onnx(out, _calib(2)).shape == (2, 10)
+
+
+def test_a_model_that_outputs_nan_is_a_model_error_naming_the_cause(tmp_path):
+    # A fine-tune that diverged: weights large enough that the activations overflow to inf,
+    # which ONNX Runtime's calibrator reports only as "scale issue"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e38)
+    fp32_path = export_onnx(model, SHAPE, tmp_path / "fp32.onnx")
+    precisions = dict.fromkeys(policy_layers(model), INT8)
+    with pytest.raises(ModelError, match="NaN or inf on the calibration images") as info:
+        quantize_onnx(fp32_path, tmp_path / "m.onnx", precisions, QDQ_U8S8, _calib())
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m.onnx").exists()
