@@ -223,16 +223,22 @@ def _quantize_static(
     samples: np.ndarray,
     overrides: dict[str, list[dict[str, np.ndarray]]],
 ) -> None:
-    extra: dict[str, Any] = {
-        # Signed activations are for TensorRT, which only takes a zero point of 0, and only
-        # dequantizes int8: a bias quantized to int32 fails its parser, so biases stay float.
-        "ActivationSymmetric": scheme.activation_type == "int8",
-        "QuantizeBias": scheme.activation_type != "int8",
-    }
-    if overrides:
-        extra["TensorQuantOverrides"] = overrides
+    op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
     try:
-        _calibrate_and_quantize(prepared, out, model, int8_nodes, scheme, samples, extra)
+        quantize_static(
+            str(prepared),
+            str(out),
+            calibration_reader(model, samples),
+            quant_format=_FORMATS[scheme.format],
+            op_types_to_quantize=sorted(op_types),
+            per_channel=scheme.per_channel,
+            activation_type=_TYPES[scheme.activation_type],
+            weight_type=_TYPES[scheme.weight_type],
+            # Only the policy's INT8 layers; an empty list would mean "everything" to ORT.
+            nodes_to_quantize=int8_nodes,
+            calibrate_method=_CALIBRATION[scheme.calibration],
+            extra_options=_extra_options(scheme, overrides),
+        )
     except Exception:
         # ONNX Runtime's message for non-finite activations is "scale issue": say what it means
         if not np.isfinite(run_onnx(prepared, samples)).all():
@@ -244,30 +250,18 @@ def _quantize_static(
         raise
 
 
-def _calibrate_and_quantize(
-    prepared: Path,
-    out: Path,
-    model: onnx.ModelProto,
-    int8_nodes: list[str],
-    scheme: Int8Scheme,
-    samples: np.ndarray,
-    extra: dict[str, Any],
-) -> None:
-    op_types = {n.op_type for n in model.graph.node if n.name in set(int8_nodes)}
-    quantize_static(
-        str(prepared),
-        str(out),
-        calibration_reader(model, samples),
-        quant_format=_FORMATS[scheme.format],
-        op_types_to_quantize=sorted(op_types),
-        per_channel=scheme.per_channel,
-        activation_type=_TYPES[scheme.activation_type],
-        weight_type=_TYPES[scheme.weight_type],
-        # Only the policy's INT8 layers; an empty list would mean "everything" to ORT.
-        nodes_to_quantize=int8_nodes,
-        calibrate_method=_CALIBRATION[scheme.calibration],
-        extra_options=extra,
-    )
+def _extra_options(
+    scheme: Int8Scheme, overrides: dict[str, list[dict[str, np.ndarray]]]
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        # Signed activations are for TensorRT, which only takes a zero point of 0, and only
+        # dequantizes int8: a bias quantized to int32 fails its parser, so biases stay float.
+        "ActivationSymmetric": scheme.activation_type == "int8",
+        "QuantizeBias": scheme.activation_type != "int8",
+    }
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
+    return extra
 
 
 def _prepared(
