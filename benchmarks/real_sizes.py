@@ -123,6 +123,8 @@ def pipeline_run(
             deployed_ms=r["deployed"]["latency_ms"]["median"],
             original_accuracy=r["original"]["accuracy"],
             deployed_accuracy=r["deployed"]["accuracy"],
+            original_accuracy_ci95=r["original"].get("accuracy_ci95"),
+            deployed_accuracy_ci95=r["deployed"].get("accuracy_ci95"),
             accuracy_drop_ci95=r.get("accuracy_drop_ci95"),
             test_images=r.get("test_images"),
             failed_gates=r["gates"].get("failed", []),
@@ -214,8 +216,10 @@ def latency_model_error(arch: str, weights: Path, folder: Path, count: int) -> d
     }
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, ci: list[float] | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def _drop(run: dict[str, Any]) -> str:
@@ -240,8 +244,10 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {arch} | `{r['policy']}` | {r.get('original_ms', 0):.2f} | "
                 f"{r.get('deployed_ms', 0):.2f} | {r.get('speedup', 0):.2f}x "
-                f"[{ci[0]:.2f}, {ci[1]:.2f}] | {_pct(r.get('original_accuracy'))} -> "
-                f"{_pct(r.get('deployed_accuracy'))} | {_drop(r)} ({r.get('test_images')}) | "
+                f"[{ci[0]:.2f}, {ci[1]:.2f}] | "
+                f"{_pct(r.get('original_accuracy'), r.get('original_accuracy_ci95'))} -> "
+                f"{_pct(r.get('deployed_accuracy'), r.get('deployed_accuracy_ci95'))} | "
+                f"{_drop(r)} ({r.get('test_images')}) | "
                 f"{r['wall_s']:.0f} | {r['peak_rss_mb']} | {r['exit_code']} |"
             )
     lines += [
