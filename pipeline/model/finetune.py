@@ -7,7 +7,9 @@ between the student's and the teacher's logits (Ba & Caruana's logit matching).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,8 +18,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline.core.errors import ModelError
 from pipeline.core.train_spec import TrainSpec
 from pipeline.model.evaluate import loader
+
+log = logging.getLogger(__name__)
+
+# A fine-tune that goes to NaN or inf starts again from its starting weights with the learning
+# rate divided by 10, up to this many times: an untrained or badly scaled network (EfficientNet-B6
+# at random init has a first gradient norm near 1e4) can blow up in one SGD step
+DIVERGENCE_RETRIES = 3
 
 _train_device = "cpu"  # a Ray worker given a GPU switches its whole process to "cuda"
 
@@ -64,9 +74,43 @@ def train(
     description: str = "fine-tune",
     show_progress: bool = True,
 ) -> nn.Module:
-    """Train `model` in place for `spec.steps` SGD steps and return it in eval mode."""
+    """Train `model` in place for `spec.steps` SGD steps and return it in eval mode.
+
+    A run that diverges (a non-finite loss, or non-finite outputs after it) is restarted from the
+    starting weights at a tenth of the learning rate, at most `DIVERGENCE_RETRIES` times; then
+    ModelError.
+    """
     if spec.steps <= 0:
         return recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
+    start = copy.deepcopy(model.state_dict())
+    for retry in range(DIVERGENCE_RETRIES + 1):
+        tried = replace(spec, lr=spec.lr / 10**retry)
+        if _train_once(model, dataset, tried, teacher, description, show_progress):
+            return model
+        model.load_state_dict(start)
+        if retry < DIVERGENCE_RETRIES:
+            log.warning(
+                "%s diverged at lr %g; starting again at lr %g",
+                description,
+                tried.lr,
+                tried.lr / 10,
+            )
+    raise ModelError(
+        f"{description} diverged (NaN or inf) at every learning rate from {spec.lr:g} down to "
+        f"{spec.lr / 10**DIVERGENCE_RETRIES:g}: the model's weights or inputs are badly scaled "
+        "(check its normalization and the input data)"
+    )
+
+
+def _train_once(
+    model: nn.Module,
+    dataset: Dataset,
+    spec: TrainSpec,
+    teacher: nn.Module | None,
+    description: str,
+    show_progress: bool,
+) -> bool:
+    """One fine-tune; False (and `model` left mid-way, in train mode) if it diverged."""
     torch.manual_seed(spec.seed)
     device = _train_device
     home = next(model.parameters(), torch.empty(0)).device
@@ -86,13 +130,26 @@ def train(
             with torch.no_grad():
                 t_logits = teacher(x) if teacher is not None and spec.kd_weight > 0 else None
             loss = distillation_loss(model(x), y, t_logits, spec.kd_weight)
+            if not torch.isfinite(loss):
+                model.to(home)
+                return False
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             progress.update(task, advance=1, loss=loss.item())
     recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
-    return model.to(home).eval()  # export and evaluation run where the model came from
+    model.to(home).eval()  # export and evaluation run where the model came from
+    return _outputs_finite(model, dataset, spec)
+
+
+@torch.no_grad()
+def _outputs_finite(model: nn.Module, dataset: Dataset, spec: TrainSpec) -> bool:
+    """Whether the trained model's outputs on one training batch are all finite: one SGD step
+    can leave weights that overflow only on the next forward pass."""
+    x, _ = next(batch_stream(dataset, spec.batch_size, spec.seed))
+    device = next(model.parameters(), torch.empty(0)).device
+    return bool(torch.isfinite(model(x.to(device))).all())
 
 
 def _progress(show: bool) -> Progress:

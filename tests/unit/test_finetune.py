@@ -1,11 +1,14 @@
-"""BatchNorm re-estimation: statistics that no longer fit the network are measured again."""
+"""Fine-tune: BatchNorm re-estimation, and a run that diverges starting again at a lower rate."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
+from conftest import make_tiny_resnet
 
+from pipeline.core.errors import ModelError
 from pipeline.core.train_spec import TrainSpec
 from pipeline.model.evaluate import model_accuracy
 from pipeline.model.finetune import recalibrate_batchnorm, train
@@ -61,3 +64,32 @@ def test_evaluation_batches_shrink_with_the_input_size() -> None:
     inputs = np.random.default_rng(0).random((60, 3, 224, 224), dtype=np.float32)
     whole = torch_logits(model, inputs, batch_size=60)
     np.testing.assert_allclose(torch_logits(model, inputs), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fine_tune_that_diverges_starts_again_at_a_lower_learning_rate(
+    digits_splits, caplog
+) -> None:
+    model = make_tiny_resnet()
+    # lr 1e4 sends this untrained net to inf within 5 steps; lr 1e2 does not
+    spec = dataclasses.replace(TrainSpec(), steps=5, lr=1e4)
+    with caplog.at_level("WARNING", logger="pipeline.model.finetune"):
+        train(model, digits_splits.train, spec, show_progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model_accuracy(model, digits_splits.val) >= 0.0 and not model.training
+    retries = [r.getMessage() for r in caplog.records]
+    assert retries == [
+        "fine-tune diverged at lr 10000; starting again at lr 1000",
+        "fine-tune diverged at lr 1000; starting again at lr 100",
+    ]
+
+
+def test_a_fine_tune_that_diverges_at_every_learning_rate_is_a_model_error(
+    digits_splits,
+) -> None:
+    model = make_tiny_resnet()
+    start = [p.detach().clone() for p in model.parameters()]
+    spec = dataclasses.replace(TrainSpec(), steps=5, lr=1e6)
+    with pytest.raises(ModelError, match=r"diverged .* from 1e\+06 down to 1000"):
+        train(model, digits_splits.train, spec, show_progress=False)
+    # the caller gets its model back as it was, not half-way to inf
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
