@@ -29,7 +29,7 @@ from pipeline.model.fake_quant import (
     attach_fake_quant,
     detach_fake_quant,
 )
-from pipeline.model.finetune import batch_stream, distillation_loss
+from pipeline.model.finetune import backward_in_chunks, batch_stream
 from pipeline.model.splits import Splits
 
 QatMode = Literal["auto", "always", "never"]
@@ -88,11 +88,8 @@ def _train(
     batches = batch_stream(splits.train, spec.batch_size, spec.seed)
     for _ in range(spec.steps):
         x, y = next(batches)
-        with torch.no_grad():
-            t_logits = teacher(x) if teacher is not None else None
-        loss = distillation_loss(model(x), y, t_logits, spec.kd_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_in_chunks(model, x, y, teacher, spec.kd_weight)
         opt.step()
         sched.step()
     model.eval()

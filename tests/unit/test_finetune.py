@@ -93,3 +93,25 @@ def test_a_fine_tune_that_diverges_at_every_learning_rate_is_a_model_error(
         train(model, digits_splits.train, spec, show_progress=False)
     # the caller gets its model back as it was, not half-way to inf
     assert all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
+def test_a_large_batch_is_trained_in_chunks_with_the_same_gradient(monkeypatch) -> None:
+    from pipeline.model import finetune
+    from pipeline.model.finetune import backward_in_chunks, distillation_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    whole = distillation_loss(model(x), y, teacher(x).detach(), 0.5)
+    whole.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    monkeypatch.setattr(finetune, "TRAIN_CHUNK_VALUES", 4 * 3 * 8 * 8)  # 4 images a chunk
+    loss = backward_in_chunks(model, x, y, teacher, 0.5)
+    assert seen == [4, 4, 2]
+    assert loss == pytest.approx(whole.item(), rel=1e-5)
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
