@@ -16,25 +16,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
-from pipeline.core.policy import Policy, Precision, policy_layers, uniform_policy
+from pipeline.core.policy import Policy, Precision, uniform_policy
 from pipeline.core.profile import TargetProfile
 from pipeline.measure.latency_model import LatencyModel
 from pipeline.model.data import load_data
 from pipeline.model.demo import demo_model
 from pipeline.model.prune import prune_model
+from pipeline.search.latency import candidate_features
 from pipeline.search.space import build_space
-
-
-def _features(model: LatencyModel, pruned: nn.Module, policy: Policy) -> list[float]:
-    sizes = {
-        n: m.weight.numel()
-        for n, m in pruned.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    }
-    precisions = {n: policy.action(n).precision.value for n in policy_layers(pruned)}
-    return model.features(sizes, precisions)
 
 
 def replay(run_dir: Path) -> dict:
@@ -54,7 +44,7 @@ def replay(run_dir: Path) -> dict:
     )
     model = LatencyModel(space)
     fp32 = uniform_policy(original, 1.0, Precision.FP32)
-    model.observe(_features(model, original, fp32), setup["original_latency_ms"], None)
+    model.observe(candidate_features(model, original, fp32), setup["original_latency_ms"], None)
     rows = []
     for line in (run_dir / "episodes.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -63,7 +53,7 @@ def replay(run_dir: Path) -> dict:
         policy = Policy.from_dict(record["policy"])
         pruned = copy.deepcopy(original)
         prune_model(pruned, policy, shape, profile.channel_multiple, profile.min_keep_ratio)
-        x = _features(model, pruned, policy)
+        x = candidate_features(model, pruned, policy)
         predicted = model.predict(x)
         model.observe(x, record["latency_ms"], predicted)
         rows.append([record["episode"], record["latency_ms"], predicted])

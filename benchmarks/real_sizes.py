@@ -35,7 +35,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ROOT, run_once
-from latency_model_replay import _features
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = (3, 224, 224)
@@ -169,6 +168,7 @@ def latency_model_error(arch: str, weights: Path, folder: Path, count: int) -> d
     from pipeline.model.models import build_model, load_weights
     from pipeline.model.prune import prune_model
     from pipeline.search.build import build_evaluator
+    from pipeline.search.latency import candidate_features
 
     profile = with_input_shape(load_profile("cpu"), SHAPE)
     splits = load_data(f"imagefolder:{folder}", SHAPE, seed=0)
@@ -194,7 +194,7 @@ def latency_model_error(arch: str, weights: Path, folder: Path, count: int) -> d
                     continue
                 pruned = copy.deepcopy(original)
                 prune_model(pruned, policy, SHAPE, profile.channel_multiple, profile.min_keep_ratio)
-                x = _features(model, pruned, policy)
+                x = candidate_features(model, pruned, policy)
                 predicted = model.predict(x)
                 model.observe(x, result.latency_ms, predicted)
                 rows.append(

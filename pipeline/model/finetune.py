@@ -119,8 +119,7 @@ def _train_once(
         model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True
     )
     sched = _scheduler(opt, spec)
-    if teacher is not None:
-        teacher = copy.deepcopy(teacher).eval().to(device)
+    teacher = _teacher_on(teacher, device) if spec.kd_weight > 0 else None
     model.train()
     batches = batch_stream(dataset, spec.batch_size, spec.seed)
     with _progress(show_progress) as progress:
@@ -138,6 +137,18 @@ def _train_once(
     recalibrate_batchnorm(model, dataset, spec.bn_batches, spec.batch_size, spec.seed)
     model.to(home).eval()  # export and evaluation run where the model came from
     return _outputs_finite(model, dataset, spec)
+
+
+def _teacher_on(teacher: nn.Module | None, device: str) -> nn.Module | None:
+    """The teacher in eval mode on `device`: a copy only when it must move (the caller's model
+    stays where it is); on its own device it is used as it is, which spares a whole model's
+    memory (2.5 GB for ViT-H/14)."""
+    if teacher is None:
+        return None
+    home = next(teacher.parameters(), torch.empty(0)).device
+    if home == torch.device(device):
+        return teacher.eval()
+    return copy.deepcopy(teacher).eval().to(device)
 
 
 @torch.no_grad()

@@ -52,6 +52,17 @@ class LatencySource(Protocol):
     def latency(self, built: Built, could_win: CouldWin, counted: bool = True) -> Estimate: ...
 
 
+def candidate_features(latency: LatencyModel, model: nn.Module, policy: Policy) -> list[float]:
+    """The latency model's features of `model` (pruned) run with `policy`'s precisions."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    channels = {
+        n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for n, m in layers.items()
+    }
+    precisions = {n: policy.action(n).precision.value for n in policy_layers(model)}
+    return latency.features(sizes, precisions, channels)
+
+
 @dataclass
 class MeasuredLatency:
     """Measured on the target through the measuring process, each architecture once (`cache`);
@@ -67,15 +78,7 @@ class MeasuredLatency:
     )
 
     def features(self, model: nn.Module, policy: Policy) -> list[float] | None:
-        if self.model is None:
-            return None
-        sizes = {
-            n: m.weight.numel()
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))
-        }
-        precisions = {n: policy.action(n).precision.value for n in policy_layers(model)}
-        return self.model.features(sizes, precisions)
+        return None if self.model is None else candidate_features(self.model, model, policy)
 
     def latency(self, built: Built, could_win: CouldWin, counted: bool = True) -> Estimate:
         statistic = self.profile.measure.statistic

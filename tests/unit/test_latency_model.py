@@ -34,10 +34,15 @@ def _space(budget: float | None = 1.0) -> SearchSpace:
 def test_features_are_work_and_presence_per_precision_in_shares_of_the_original() -> None:
     model = LatencyModel(_space())
     x = model.features({"a": 50, "b": 300}, {"a": "int8", "b": "fp32"})
-    # [1, work int8, work fp32, presence int8, presence fp32]
-    assert x == pytest.approx([1.0, 0.5 * 0.5, 0.3 * 1.0, 0.5, 0.3])
+    # [1, work int8, work fp32, presence int8, presence fp32, boundaries]: a's 80 output
+    # elements (8 channels x 10 positions) cross from INT8 to FP32, of 160 in all
+    assert x == pytest.approx([1.0, 0.5 * 0.5, 0.3 * 1.0, 0.5, 0.3, 0.5])
+    pruned = model.features({"a": 50, "b": 300}, {"a": "int8", "b": "fp32"}, {"a": 4})
+    assert pruned[-1] == pytest.approx(40 / 160)  # a pruned to 4 channels: half the traffic
+    same = model.features({"a": 50, "b": 300}, {"a": "int8", "b": "int8"})
+    assert same[-1] == 0.0  # one precision throughout: nothing is converted between layers
     removed = model.features({"b": 150}, {"b": "int8"})  # "a" went with its block
-    assert removed == pytest.approx([1.0, 0.3 * 0.5, 0.0, 0.3, 0.0])
+    assert removed == pytest.approx([1.0, 0.3 * 0.5, 0.0, 0.3, 0.0, 0.0])
 
 
 def test_the_prior_knows_the_original_in_each_precision() -> None:
@@ -49,18 +54,19 @@ def test_the_prior_knows_the_original_in_each_precision() -> None:
 
 
 def test_the_fit_recovers_a_latency_rule_from_measurements() -> None:
-    """Latency = 0.1 ms + 1.5 ms x FP32 work + 0.6 ms x INT8 work + 0.2 ms per INT8 presence."""
+    """Latency = 0.1 ms + 1.5 ms x FP32 work + 0.6 ms x INT8 work + 0.2 ms per INT8 presence
+    + 0.8 ms per share of activations converted between precisions."""
     model = LatencyModel(_space())
     rng = np.random.default_rng(0)
     for _ in range(12):
         sizes = {"a": int(rng.integers(10, 101)), "b": int(rng.integers(30, 301))}
         precisions = {n: str(rng.choice(["int8", "fp32"])) for n in sizes}
-        x = model.features(sizes, precisions)
-        truth = 0.1 + 1.5 * x[2] + 0.6 * x[1] + 0.2 * x[3]
+        x = model.features(sizes, precisions, {"a": int(rng.integers(2, 9))})
+        truth = 0.1 + 1.5 * x[2] + 0.6 * x[1] + 0.2 * x[3] + 0.8 * x[5]
         model.observe(x, truth, model.predict(x))
     assert model.ready and model.trusted
     probe = model.features({"a": 70, "b": 90}, {"a": "fp32", "b": "int8"})
-    truth = 0.1 + 1.5 * probe[2] + 0.6 * probe[1] + 0.2 * probe[3]
+    truth = 0.1 + 1.5 * probe[2] + 0.6 * probe[1] + 0.2 * probe[3] + 0.8 * probe[5]
     assert model.predict(probe) == pytest.approx(truth, rel=0.05)
     summary = model.summary()
     assert summary["fitted_on"] == 12 and summary["checked"] == 12 - lm.MIN_FIT
@@ -111,6 +117,10 @@ def test_state_round_trips() -> None:
     x = model.features({"a": 40, "b": 200}, {"a": "int8", "b": "fp32"})
     assert copy.predict(x) == pytest.approx(model.predict(x))
     assert copy.summary() == model.summary()
+    # a state saved with another feature layout (an older version's) is not misread as this one
+    older = {**model.state(), "xs": [x[:-1] for x in model.state()["xs"]]}
+    copy.restore(older)
+    assert copy.xs == [] and copy.ys == [] and not copy.ready
 
 
 @pytest.fixture
