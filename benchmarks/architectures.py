@@ -141,6 +141,9 @@ def classify(code: int | None, log: Path, figures: dict[str, Any] | None) -> tup
     text = log.read_text(errors="replace")
     if code is None:
         return "timeout", ""
+    if code < 0:  # no exit of its own: the kernel's out-of-memory killer, most often
+        name = signal.Signals(-code).name
+        return "failed", f"killed by {name} (out of memory?) during: {last_line(log)}"
     if "internal error" in text or "Traceback (most recent call last)" in text:
         return "internal error", last_line(log)
     if code == 2:
