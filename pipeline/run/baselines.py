@@ -58,27 +58,59 @@ def _latency(ctx: RunContext, path: Path) -> float:
     return ctx.bench({"step": path}, rounds=1)["step"]["latency_ms"][ctx.profile.measure.statistic]
 
 
+# A matched-latency baseline aims within this much of the deployed model's latency; the report
+# flags one that could not get there (latency is a staircase in the keep ratio)
+MATCH_TOLERANCE = 0.05
+# Bisection points (closest first) measured again against the deployed model in one session
+MATCH_FINALISTS = 3
+
+
 def matched_keep_ratio(
-    ctx: RunContext, target_ms: float, precision: Precision, tmp: Path, steps: int = 7
+    ctx: RunContext,
+    target_ms: float,
+    precision: Precision,
+    tmp: Path,
+    steps: int = 7,
+    deployed: Path | None = None,
 ) -> float:
     """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
 
-    Latency is a noisy staircase in the keep ratio (channels round to a multiple), so of every
-    ratio measured on the way, the one whose latency came closest to the target is returned.
+    Latency is a noisy staircase in the keep ratio (channels round to a multiple), and each
+    bisection step is measured over one round only. So the few ratios that came closest are
+    measured again, interleaved with the `deployed` graph over the profile's rounds, and the one
+    whose latency is closest to the deployed model's in that session is returned. Without
+    `deployed`, the closest ratio of the bisection is.
     """
     low, high = ctx.profile.min_keep_ratio, 1.0
-    tried: list[tuple[float, float]] = []
+    tried: list[tuple[float, float, Path]] = []
     for i in range(steps):
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
         _export(ctx, _pruned(ctx, mid), precision, path)
         latency = _latency(ctx, path)
-        tried.append((abs(latency - target_ms), mid))
+        tried.append((abs(latency - target_ms), mid, path))
         if latency <= target_ms:
             low = mid
         else:
             high = mid
-    return min(tried)[1]
+    finalists = sorted(tried)[:MATCH_FINALISTS]
+    if deployed is None or len(finalists) < 2:
+        return finalists[0][1]
+    return _closest_to(ctx, deployed, {ratio: path for _, ratio, path in finalists})
+
+
+def _closest_to(ctx: RunContext, deployed: Path, finalists: dict[float, Path]) -> float:
+    """Of `finalists` (keep ratio: graph), the one measured closest to `deployed`'s latency,
+    all measured in one interleaved session."""
+    statistic = ctx.profile.measure.statistic
+    sides = {f"keep{i}": path for i, path in enumerate(finalists.values())}
+    measured = ctx.bench({"_deployed": deployed, **sides})
+    target = measured["_deployed"]["latency_ms"][statistic]
+    gaps = {
+        ratio: abs(measured[name]["latency_ms"][statistic] / target - 1)
+        for ratio, name in zip(finalists, sides, strict=True)
+    }
+    return min(gaps, key=gaps.__getitem__)
 
 
 def _describe(
@@ -132,7 +164,7 @@ def _uniform(
         f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
         "latency (bisection)"
     )
-    keep = matched_keep_ratio(ctx, target, precision, tmp)
+    keep = matched_keep_ratio(ctx, target, precision, tmp, deployed=ctx.run_dir / "model.onnx")
     model = _recovered(ctx, keep, precision, path)
     return _describe(ctx, record, model, path, {"keep_ratio": keep, "precision": precision.value})
 
@@ -204,6 +236,8 @@ def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Pat
         side["deployed_speedup"] = lat.median / deployed.median
         ratio = ratio_interval(lat.rounds_ms, deployed.rounds_ms)
         side["deployed_speedup_ci95"] = ratio.as_list() if ratio else None
+        if name.startswith("uniform") and not name.endswith("_at_accuracy"):
+            side["latency_matched"] = abs(side["deployed_speedup"] - 1) <= MATCH_TOLERANCE
 
 
 def run_baselines(ctx: RunContext, record: RunRecord) -> None:

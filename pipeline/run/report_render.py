@@ -122,6 +122,8 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
         label = f"{name} (keep {side['keep_ratio']:.3f})" if "keep_ratio" in side else name
         if side.get("reached") is False:
             label += ", less accurate even unpruned"
+        if side.get("latency_matched") is False:  # baselines.MATCH_TOLERANCE
+            label += ", latency not matched within 5%"
         ratio = side.get("deployed_speedup")
         vs = side.get("vs_deployed")
         versus = difference_words(PairedDifference(**_paired_fields(vs))) if vs else ""

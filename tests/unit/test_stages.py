@@ -84,6 +84,11 @@ def test_baselines_are_built_measured_and_scored_on_the_same_images(ran) -> None
         correct = record.baseline_correct[name]
         assert side["accuracy"] == pytest.approx(float(correct.mean()))
     assert record.baselines["int8"]["keep_ratio"] == 1.0
+    # a matched-latency baseline says whether it landed within 5% of the deployed latency
+    for name in ("uniform", "uniform_int8"):
+        side = record.baselines[name]
+        assert side["latency_matched"] == (abs(side["deployed_speedup"] - 1) <= 0.05)
+    assert "latency_matched" not in record.baselines["int8"]
 
 
 def _args(tmp_path: Path) -> tuple:
