@@ -70,16 +70,15 @@ def matched_keep_ratio(
     target_ms: float,
     precision: Precision,
     tmp: Path,
+    deployed: Path,
     steps: int = 7,
-    deployed: Path | None = None,
 ) -> float:
     """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
 
     Latency is a noisy staircase in the keep ratio (channels round to a multiple), and each
     bisection step is measured over one round only. So the few ratios that came closest are
     measured again, interleaved with the `deployed` graph over the profile's rounds, and the one
-    whose latency is closest to the deployed model's in that session is returned. Without
-    `deployed`, the closest ratio of the bisection is.
+    whose latency is closest to the deployed model's in that session is returned.
     """
     low, high = ctx.profile.min_keep_ratio, 1.0
     tried: list[tuple[float, float, Path]] = []
@@ -94,7 +93,7 @@ def matched_keep_ratio(
         else:
             high = mid
     finalists = sorted(tried)[:MATCH_FINALISTS]
-    if deployed is None or len(finalists) < 2:
+    if len(finalists) < 2:
         return finalists[0][1]
     return _closest_to(ctx, deployed, {ratio: path for _, ratio, path in finalists})
 
@@ -164,7 +163,7 @@ def _uniform(
         f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
         "latency (bisection)"
     )
-    keep = matched_keep_ratio(ctx, target, precision, tmp, deployed=ctx.run_dir / "model.onnx")
+    keep = matched_keep_ratio(ctx, target, precision, tmp, ctx.run_dir / "model.onnx")
     model = _recovered(ctx, keep, precision, path)
     return _describe(ctx, record, model, path, {"keep_ratio": keep, "precision": precision.value})
 
