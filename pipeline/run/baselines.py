@@ -11,6 +11,10 @@
   how much faster the deployed model is at equal accuracy. Found by bisection between the
   matched-latency ratio and the unpruned original; `reached` is false when even the unpruned
   original in that precision is less accurate than the deployed model.
+- `uniform_at_floor` (and `uniform_int8_at_floor`), in place of `*_at_accuracy` when the search
+  ran the accuracy-floor objective: uniform pruning at the least keep ratio that holds the same
+  floor on test (the original's test accuracy minus `max_accuracy_drop`), found the same way:
+  how much faster the deployed model is than the best uniform policy allowed the same loss.
 - `int8`: the unpruned original with every layer in INT8.
 
 Once built, every baseline is measured together with the deployed model, interleaved in one
@@ -168,6 +172,15 @@ def _uniform(
     return _describe(ctx, record, model, path, {"keep_ratio": keep, "precision": precision.value})
 
 
+def accuracy_target(ctx: RunContext, record: RunRecord) -> tuple[str, float, str]:
+    """The matched-accuracy baselines' name suffix, target test accuracy, and its words: the
+    run's accuracy floor under the floor objective, else the deployed model's accuracy."""
+    if record.search is not None and record.search.summary.get("accuracy_floor") is not None:
+        floor = record.original.accuracy - ctx.profile.max_accuracy_drop
+        return "_at_floor", floor, f"the accuracy floor on test ({floor:.2%})"
+    return "_at_accuracy", record.deployed.accuracy, "the deployed model's test accuracy"
+
+
 def _at_accuracy(
     ctx: RunContext,
     record: RunRecord,
@@ -177,15 +190,15 @@ def _at_accuracy(
     tmp: Path,
     path: Path,
 ) -> dict[str, Any]:
-    """Uniform pruning in `precision` at the least keep ratio as accurate as the deployed model.
+    """Uniform pruning in `precision` at the least keep ratio reaching `accuracy_target`.
 
     Bisection on test accuracy between two points already known: the matched-latency ratio
     and the unpruned original (`unpruned`, in `precision`). Of the ratios tried, the least
-    one that reached the deployed model's accuracy is kept: with accuracy noisy in the keep
-    ratio this errs towards a faster baseline, never a slower one.
+    one that reached the target is kept: with accuracy noisy in the keep ratio this errs
+    towards a faster baseline, never a slower one.
     """
 
-    target = record.deployed.accuracy
+    _, target, words = accuracy_target(ctx, record)
     extra = {"precision": precision.value, "target_accuracy": target}
     unpruned_accuracy = _test_accuracy(ctx, unpruned)
     side, matched_path = matched
@@ -202,7 +215,7 @@ def _at_accuracy(
         return _describe(ctx, record, ctx.original, path, extra)
     steps = ctx.config.search.matched_accuracy_steps
     stage(
-        f"baseline: uniform pruning in {precision.value} at the deployed model's test accuracy "
+        f"baseline: uniform pruning in {precision.value} at {words} "
         f"({steps} bisection steps, each fully fine-tuned)"
     )
     for i in range(steps):
@@ -235,7 +248,7 @@ def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Pat
         side["deployed_speedup"] = lat.median / deployed.median
         ratio = ratio_interval(lat.rounds_ms, deployed.rounds_ms)
         side["deployed_speedup_ci95"] = ratio.as_list() if ratio else None
-        if name.startswith("uniform") and not name.endswith("_at_accuracy"):
+        if name.startswith("uniform") and not name.endswith(("_at_accuracy", "_at_floor")):
             side["latency_matched"] = abs(side["deployed_speedup"] - 1) <= MATCH_TOLERANCE
 
 
@@ -247,6 +260,7 @@ def run_baselines(ctx: RunContext, record: RunRecord) -> None:
     default = ctx.profile.default_precision
     kept = ctx.run_dir / BASELINES  # the baselines' graphs, to re-measure them anywhere
     kept.mkdir(exist_ok=True)
+    suffix = accuracy_target(ctx, record)[0]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         if Precision.INT8 in ctx.profile.precisions:
@@ -266,14 +280,14 @@ def run_baselines(ctx: RunContext, record: RunRecord) -> None:
             baselines[name] = _uniform(ctx, record, precision, tmp, path)
             top = unpruned.get(precision)
             if ctx.config.search.matched_accuracy_steps and top is not None and top.is_file():
-                baselines[f"{name}_at_accuracy"] = _at_accuracy(
+                baselines[name + suffix] = _at_accuracy(
                     ctx,
                     record,
                     precision,
                     (baselines[name], path),
                     top,
                     tmp,
-                    kept / f"{name}_at_accuracy.onnx",
+                    kept / f"{name}{suffix}.onnx",
                 )
         _measure_with_deployed(ctx, baselines, kept)
     record.baselines = baselines

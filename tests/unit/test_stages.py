@@ -91,6 +91,22 @@ def test_baselines_are_built_measured_and_scored_on_the_same_images(ran) -> None
     assert "latency_matched" not in record.baselines["int8"]
 
 
+def test_under_the_floor_objective_the_accuracy_baselines_hold_the_floor(ran) -> None:
+    ctx, record = ran
+    ctx.config = RunConfig(**CONFIG, search={"matched_accuracy_steps": 1})
+    summary = {"search_precision": "int8", "accuracy_floor": 0.5}
+    record.search = SearchRecord(summary, budget_ms=None, original_ms=1.0)
+    run_baselines(ctx, record)
+    floor = record.original.accuracy - ctx.profile.max_accuracy_drop
+    for name in ("uniform_at_floor", "uniform_int8_at_floor"):
+        side = record.baselines[name]
+        assert side["target_accuracy"] == pytest.approx(floor)
+        assert "latency_matched" not in side
+        # the least keep ratio tried that holds the floor on test, or the unpruned original
+        assert side["accuracy"] >= floor or side["reached"] is False
+    assert not any(name.endswith("_at_accuracy") for name in record.baselines)
+
+
 def _args(tmp_path: Path) -> tuple:
     config = RunConfig(
         **CONFIG,
