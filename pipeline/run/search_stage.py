@@ -74,6 +74,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     summary = {
         **outcome.summary(),
         "objective": base.space.objective,
+        "reward": sc.reward,
         "accuracy_floor": base.space.accuracy_floor,
         "precision_latency_ms": base.space.precision_latency_ms,
         "search_precision": prune_in,

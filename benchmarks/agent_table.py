@@ -1,0 +1,204 @@
+"""Every agent and every reward on digits-hard, at one budget and one seed, in one table.
+
+Runs `pipeline run --data digits-hard` once per agent with the default reward, and once per
+other reward with the default agent, all with the same number of candidates. The first run
+(the default agent and reward) also builds the baselines: uniform pruning at its latency in
+FP32 and in INT8, and the unpruned INT8 model. Then every model is measured again in one
+process, interleaved over rounds (so every latency and ratio in the table comes from one
+session), and scored again on the same 10,000 test images, so that each run's accuracy is
+compared with the default's as a paired difference with its exact 95% interval.
+
+    python benchmarks/agent_table.py --seed 0 --budget-fraction 0.3 --episodes 40
+    python benchmarks/agent_table.py --runs RUN_DIR...   # the table from finished runs
+
+Writes `benchmarks/results/agent_table.json`, `.md` and `.png` (`--name` changes the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import PROFILE, RESULTS, ROOT, remeasure, rows_from_runs
+
+AGENTS = ["ppo", "dqn", "sac", "td3", "decore", "n2n", "random"]
+REWARDS = ["budget", "amc", "accuracy"]  # the first is the default
+BASELINES = ("int8", "uniform", "uniform_int8")
+
+
+def plan(agents: list[str], rewards: list[str]) -> list[tuple[str, str]]:
+    """(agent, reward) pairs: every agent with the default reward, then every other reward
+    with the default agent (the first of `agents`)."""
+    return [(a, rewards[0]) for a in agents] + [(agents[0], r) for r in rewards[1:]]
+
+
+def run_one(agent: str, reward: str, args: argparse.Namespace, baselines: bool) -> Path | None:
+    """One `pipeline run`; its run directory, or None when it wrote no report."""
+    out = args.work / f"{agent}-{reward}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"
+    config.write_text(
+        f"search: {{budget_fraction: {args.budget_fraction}, reward: {reward}, "
+        f"baselines: {'true' if baselines else 'false'}}}\n"
+    )
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", str(PROFILE)]
+    cmd += ["--data", "digits-hard", "--seed", str(args.seed), "--config", str(config)]
+    cmd += ["--agent", agent, "--episodes", str(args.episodes), "--no-progress"]
+    cmd += ["--out", str(out / "runs")]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    runs = sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []
+    done = [r for r in runs if (r / "report.json").is_file()]
+    status = {"agent": agent, "reward": reward, "exit": proc.returncode}
+    print(json.dumps(status | {"wall_s": round(time.time() - start)}), flush=True)
+    if not done or "deployed" not in json.loads((done[-1] / "report.json").read_text()):
+        print(proc.stderr.strip().splitlines()[-1:] or ["no output"], flush=True)
+        return None
+    return done[-1]
+
+
+def test_correct(run_dirs: list[Path], seed: int) -> dict[str, np.ndarray]:
+    """Per-image correctness on the test split of every deployed model and baseline."""
+    from exporters import run_onnx
+    from pipeline.core.stats import correct_of
+    from pipeline.model.data import load_data
+    from pipeline.model.demo import DEMO_INPUT
+    from pipeline.model.evaluate import stack
+
+    inputs, labels = stack(load_data("digits-hard", DEMO_INPUT, seed=seed).test)
+    paths = {f"row{i}": run / "model.onnx" for i, run in enumerate(run_dirs)}
+    paths["original"] = run_dirs[0] / "original.onnx"
+    paths |= {n: run_dirs[0] / "baselines" / f"{n}.onnx" for n in BASELINES}
+    return {
+        name: correct_of(run_onnx(path, inputs, threads=2), labels)
+        for name, path in paths.items()
+        if path.is_file()
+    }
+
+
+def compare(rows: list[dict[str, Any]], correct: dict[str, np.ndarray]) -> None:
+    """Each row's test accuracy paired with the default's, uniform INT8's and the original's."""
+    from pipeline.core.stats import paired_difference
+
+    for i, row in enumerate(rows):
+        mine = correct[f"row{i}"]
+        row["rescored_accuracy"] = float(mine.mean())
+        row["versus"] = {
+            name: paired_difference(mine, correct[key]).as_dict()
+            for name, key in (("default", "row0"), ("uniform_int8", "uniform_int8"))
+            if key in correct
+        }
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return ""
+    text = f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+    return text + (", noise" if d["low"] <= 0 <= d["high"] else "")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    from suite import _acc, _speedup
+
+    lines = [
+        "| agent | reward | test acc [95%] | minus default [95%] | minus uniform INT8 [95%] | "
+        "median ms | speedup [95%] | met budget | real / predicted / cached | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = rows[0]
+    for name in ("original", *BASELINES):
+        m = first["remeasured"].get(name)
+        if m is None:
+            continue
+        side = first["baselines"].get(name, {})
+        acc = first["original_accuracy"] if name == "original" else side.get("accuracy", 0.0)
+        ci = (
+            first.get("original_accuracy_ci95") if name == "original" else side.get("accuracy_ci95")
+        )
+        keep = f" (keep {side['keep_ratio']:.3f})" if "keep_ratio" in side else ""
+        lines.append(
+            f"| {name}{keep} | | {_acc(acc, ci)} | | | {m['median_ms']:.3f} | {_speedup(m)} | | | |"
+        )
+    for row in rows:
+        m, versus = row["remeasured"]["self"], row["versus"]
+        lines.append(
+            f"| {row['agent']} | {row['reward']} | {_acc(row['accuracy'], row['accuracy_ci95'])}"
+            f" | {_diff(versus.get('default')) if row is not first else ''} | "
+            f"{_diff(versus.get('uniform_int8'))} | {m['median_ms']:.3f} | {_speedup(m)} | "
+            f"{'yes' if row['met_budget'] else 'no'} ({row['budget_ms']:.3f}) | "
+            f"{row['real']} / {row['predicted']} / {row['cached']} | {row['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Latency against test accuracy (with its interval); baselines as grey squares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    first = rows[0]
+    for name in ("original", *BASELINES):
+        m = first["remeasured"].get(name)
+        side = first["baselines"].get(name)
+        acc = first["original_accuracy"] if name == "original" else (side or {}).get("accuracy")
+        if m is not None and acc is not None:
+            ax.scatter(m["median_ms"], 100 * acc, marker="s", c="grey")
+            ax.annotate(name, (m["median_ms"], 100 * acc), fontsize=7, color="grey")
+    for row in rows:
+        m, ci = row["remeasured"]["self"], row["accuracy_ci95"]
+        acc = 100 * row["accuracy"]
+        err = [[acc - 100 * ci[0]], [100 * ci[1] - acc]]
+        label = f"{row['agent']} / {row['reward']}"
+        ax.errorbar(m["median_ms"], acc, yerr=err, fmt="o", capsize=3, label=label)
+    ax.axvline(first["budget_ms"], ls=":", c="tab:red", lw=0.8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set(xlabel="latency ms (median, one session)", ylabel="test accuracy % [95%]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", nargs="+", default=AGENTS)
+    parser.add_argument("--rewards", nargs="+", default=REWARDS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-fraction", type=float, default=0.3)
+    parser.add_argument("--episodes", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds")
+    parser.add_argument("--work", type=Path, default=Path("agent-table-runs"))
+    parser.add_argument("--runs", nargs="+", type=Path, help="finished runs, default first")
+    parser.add_argument("--name", default="agent_table")
+    args = parser.parse_args()
+    run_dirs = args.runs
+    if not run_dirs:
+        pairs = plan(args.agents, args.rewards)
+        found = [run_one(a, r, args, baselines=i == 0) for i, (a, r) in enumerate(pairs)]
+        run_dirs = [d for d in found if d is not None]
+    if not run_dirs:
+        sys.exit("no run wrote a report")
+    rows = rows_from_runs(run_dirs, args.budget_fraction)
+    for row, run in zip(rows, run_dirs, strict=True):
+        search = json.loads((run / "report.json").read_text())["search"]
+        row["reward"] = search.get("reward", "budget")
+    remeasure(rows, args.rounds)
+    compare(rows, test_correct(run_dirs, args.seed))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
