@@ -93,6 +93,12 @@ class SearchConfig(StrictModel):
         description="bisection steps (each a full fine-tune, about a minute for the demo) for "
         "uniform baselines at the deployed model's test accuracy; 0 skips them",
     )
+    recovery_allowance: bool = Field(
+        True,
+        description="under an accuracy floor, lower the floor candidates' short-fine-tune "
+        "scores must hold by what the full recovery added to one uniform probe (one full "
+        "fine-tune before the search)",
+    )
     parallel: ParallelConfig = Field(
         ParallelConfig(), description="candidates in flight, here or on a Ray cluster"
     )

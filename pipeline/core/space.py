@@ -50,6 +50,10 @@ class SearchSpace:
     # The accuracy-floor objective: the most validation accuracy (a fraction) a candidate may
     # lose against the original. None: the budget objective (most accurate under the budget).
     max_accuracy_drop: float | None = None
+    # How much validation accuracy the deployed model's full recovery fine-tune is expected to
+    # add to a candidate's short-fine-tune score (measured once, `pipeline.search.allowance`).
+    # Candidates are judged on the score, so the floor they must hold is lowered by it.
+    recovery_allowance: float = 0.0
 
     @property
     def prunable(self) -> list[LayerInfo]:
@@ -57,7 +61,14 @@ class SearchSpace:
 
     @property
     def accuracy_floor(self) -> float | None:
-        """The least validation accuracy a candidate may have (None without a floor)."""
+        """The least validation score a candidate may have (None without a floor): the shipped
+        floor less the recovery the full fine-tune is expected to add."""
+        shipped = self.shipped_floor
+        return None if shipped is None else shipped - self.recovery_allowance
+
+    @property
+    def shipped_floor(self) -> float | None:
+        """The least validation accuracy the deployed model may have (None without a floor)."""
         if self.max_accuracy_drop is None:
             return None
         return self.original_accuracy - self.max_accuracy_drop

@@ -272,7 +272,9 @@ def write_no_candidate(ctx: RunContext, record: RunRecord, reason: str | None = 
 
 def no_candidate_message(search: SearchRecord) -> str:
     """Why nothing ships, in one line: the constraint no candidate met, and what to change."""
-    floor, budget = search.summary.get("accuracy_floor"), search.budget_ms
+    # candidates are judged on their scores, against the floor less any recovery allowance
+    floor = search.summary.get("score_floor", search.summary.get("accuracy_floor"))
+    budget = search.budget_ms
     episodes, ran = search.summary.get("episodes"), search.candidates
     advice = "run more episodes, or pass --allow-over-budget to ship the closest candidate"
     if floor is None:

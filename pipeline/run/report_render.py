@@ -177,6 +177,14 @@ def _objective_markdown(search: dict[str, Any]) -> list[str]:
     if floor is None:
         return ["Objective: the most accurate candidate under the budget.", ""]
     lines = [f"Objective: the fastest candidate holding {floor:.2%} validation accuracy."]
+    probe = search.get("recovery_allowance")
+    if probe:
+        lines.append(
+            f"- Candidates were judged on their short-fine-tune scores against "
+            f"{search['score_floor']:.2%}: a uniform probe (keep {probe['probe_keep']:.2f}) "
+            f"scored {probe['candidate_score']:.2%} after it and "
+            f"{probe['full_recovery_score']:.2%} after the full recovery"
+        )
     lines += [
         f"- Episode {t['episode']} built in full: {t['val_accuracy']:.2%} on validation, "
         f"{'holds' if t['holds_floor'] else 'LOSES'} the floor"

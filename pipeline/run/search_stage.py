@@ -61,6 +61,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
 
     sc = ctx.config.search
     base = _evaluator(ctx)
+    allowance = _allowance(ctx, base)
     budget = base.space.budget_ms
     problem = _feasibility(ctx, base) if budget is not None else None
     if problem and not sc.allow_over_budget:
@@ -75,7 +76,9 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         **outcome.summary(),
         "objective": base.space.objective,
         "reward": sc.reward,
-        "accuracy_floor": base.space.accuracy_floor,
+        "accuracy_floor": base.space.shipped_floor,
+        "score_floor": base.space.accuracy_floor,
+        "recovery_allowance": allowance,
         "precision_latency_ms": base.space.precision_latency_ms,
         "search_precision": prune_in,
         "latency_source": sc.latency_source,
@@ -101,7 +104,8 @@ def objective_text(space: SearchSpace) -> str:
         return f"the most accurate under {budget}"
     floor = (
         f"the fastest losing at most {space.max_accuracy_drop * 100:.2f} points of validation "
-        f"accuracy (floor {space.accuracy_floor:.2%})"
+        f"accuracy (floor {space.shipped_floor:.2%}"
+        + (f", scores {space.accuracy_floor:.2%})" if space.recovery_allowance else ")")
     )
     return f"{floor} and meeting {budget}" if budget else floor
 
@@ -163,6 +167,34 @@ def _evaluator(ctx: RunContext) -> CandidateEvaluator:
         + f"; channel searches run in {_precision_of(evaluator)}"
     )
     return evaluator
+
+
+def _allowance(ctx: RunContext, base: CandidateEvaluator) -> dict[str, Any] | None:
+    """Under an accuracy floor, what the full recovery adds to a candidate's score
+    (`pipeline.search.allowance`), measured once and kept in the search setup for a resume;
+    the evaluator's space takes it. None without a floor or with `recovery_allowance` off."""
+    from pipeline.search.allowance import measure_allowance
+    from pipeline.search.materialize import Recovery
+
+    if base.space.accuracy_floor is None or not ctx.config.search.recovery_allowance:
+        return None
+    path = ctx.run_dir / SETUP
+    setup = load_json(path, "search setup", ConfigError, CONFIG_MAX_BYTES)
+    probe = setup.get("recovery_allowance")
+    if not isinstance(probe, dict) or not isinstance(probe.get("allowance"), float):
+        stage("measuring what the full recovery adds to a candidate's score (one uniform probe)")
+        spec = ctx.config.finetune.spec(ctx.config.seed)
+        full = Recovery(spec, ctx.splits.train, ctx.original, "probe", ctx.config.show_progress)
+        probe = measure_allowance(base, full)
+        write_json(path, {**setup, "recovery_allowance": probe})
+    base.use_space(dataclasses.replace(base.space, recovery_allowance=probe["allowance"]))
+    stage(
+        f"probe at keep {probe['probe_keep']:.2f}: {probe['candidate_score']:.2%} after the "
+        f"candidates' fine-tune, {probe['full_recovery_score']:.2%} after the full one; "
+        f"candidates must hold {base.space.accuracy_floor:.2%} "
+        f"(the shipped floor {base.space.shipped_floor:.2%} less {probe['allowance']:.2%})"
+    )
+    return probe
 
 
 def _floor_drop(ctx: RunContext) -> float | None:

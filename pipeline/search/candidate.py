@@ -211,6 +211,17 @@ class CandidateEvaluator:
     def _pruned_copy(self, policy: Policy) -> PruneResult:
         return materialize(self.model, policy, self.profile, min_keep=self.space.min_keep)
 
+    def recovered_score(self, policy: Policy, recovery: Recovery | None = None) -> float:
+        """Validation accuracy of the policy's graph after `recovery` (default: the candidates'
+        short fine-tune). Not a search candidate: nothing is measured or remembered."""
+        pruning = self._pruned_copy(policy)
+        if not pruning.unchanged:
+            recover(pruning.model, recovery or self.recovery)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.onnx"
+            self._export(pruning.model, policy, path)
+            return self._onnx_accuracy(path, "probe")
+
     def export_untrained(self, policy: Policy, path: Path) -> None:
         """The candidate's graph without its fine-tune: the same latency, for re-measuring it."""
         self._export(self._pruned_copy(policy).model, policy, path)

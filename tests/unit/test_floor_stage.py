@@ -1,0 +1,37 @@
+"""The floor stage's next try after a pick that lost the floor once built in full."""
+
+from __future__ import annotations
+
+from pipeline.core.records import RunRecord, SearchRecord
+from pipeline.run.floor_stage import _next_pick
+
+
+def _record(candidates: list[tuple[float, float]]) -> RunRecord:
+    """Candidates as (latency ms, validation score), episodes in order; shipped floor 0.90,
+    candidates judged against 0.88 (a recovery allowance of 2 points)."""
+    rows = [
+        {
+            "episode": i,
+            "latency_ms": ms,
+            "accuracy": acc,
+            "policy": {"i": i},
+            "error": None,
+            "meets_budget": True,
+        }
+        for i, (ms, acc) in enumerate(candidates)
+    ]
+    summary = {"accuracy_floor": 0.90, "score_floor": 0.88}
+    return RunRecord(search=SearchRecord(summary, None, 1.0, rows))
+
+
+def test_a_miss_raises_the_score_the_next_try_needs_by_the_gain_it_showed() -> None:
+    record = _record([(0.20, 0.880), (0.21, 0.885), (0.25, 0.890), (0.30, 0.95)])
+    # episode 0 scored 0.880 and reached 0.885 in full: a gain of half a point, so the next
+    # try needs 0.895 to reach 0.90, which skips episodes 1 and 2
+    tried = [{"episode": 0, "val_accuracy": 0.885, "holds_floor": False}]
+    assert _next_pick(record, tried)["episode"] == 3
+
+
+def test_before_any_miss_the_search_floor_applies() -> None:
+    record = _record([(0.20, 0.870), (0.21, 0.881), (0.25, 0.95)])
+    assert _next_pick(record, [])["episode"] == 1
