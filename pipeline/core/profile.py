@@ -96,6 +96,10 @@ class Tolerance(StrictModel):
     atol: float = Field(gt=0)
     rtol: float = Field(gt=0)
     min_top1_agreement: float = Field(ge=0, le=1)
+    # Which per-image error atol / rtol judge: the quantile over the images (1.0: the worst).
+    # INT8's error has a long tail: over thousands of images the worst one is an outlier of a
+    # correct model, and a max criterion fails more models the larger the test set.
+    error_quantile: float = Field(1.0, ge=0.5, le=1.0)
 
 
 class Tolerances(StrictModel):
@@ -103,7 +107,7 @@ class Tolerances(StrictModel):
 
     fp32: Tolerance = Tolerance(atol=1e-3, rtol=1e-3, min_top1_agreement=0.999)
     fp16: Tolerance = Tolerance(atol=5e-2, rtol=5e-2, min_top1_agreement=0.99)
-    int8: Tolerance = Tolerance(atol=1.5, rtol=0.5, min_top1_agreement=0.97)
+    int8: Tolerance = Tolerance(atol=1.5, rtol=0.5, min_top1_agreement=0.97, error_quantile=0.99)
 
 
 class RemoteDevice(StrictModel):

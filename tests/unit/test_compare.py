@@ -34,7 +34,12 @@ def test_identical_logits_pass():
     assert result.max_abs_error == result.mean_abs_error == result.p99_abs_error == 0.0
     assert result.max_rel_error == 0.0
     assert result.reference_accuracy == result.candidate_accuracy == 1.0
-    assert result.tolerance == {"atol": 0.1, "rtol": 0.05, "min_top1_agreement": 0.9}
+    assert result.tolerance == {
+        "atol": 0.1,
+        "rtol": 0.05,
+        "min_top1_agreement": 0.9,
+        "error_quantile": 1.0,
+    }
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -186,3 +191,18 @@ def test_run_onnx_matches_torch_with_dynamic_and_static_batch(tmp_path):
     assert got.shape == (7, 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert compare_logits(expected, got, None, TOL).passed
+
+
+def test_a_quantile_tolerance_forgives_one_outlier_image_but_not_a_broken_share():
+    ref = _logits(n=1000)
+    cand = ref + 0.01
+    cand[7] += np.linspace(0, 1.0, 10)  # one image off by up to 1.0, still the same argmax
+    worst = TOL.model_copy(update={"atol": 0.1, "rtol": 0.01})
+    assert not compare_logits(ref, cand, None, worst).passed  # the worst image decides
+    p99 = worst.model_copy(update={"error_quantile": 0.99})
+    result = compare_logits(ref, cand, None, p99)
+    assert result.passed and result.max_abs_error == pytest.approx(1.01, abs=1e-5)
+    assert result.judged_abs_error == pytest.approx(0.01, abs=1e-5)
+    cand[:50] += 0.5  # 5% of the images broken: past the 99th percentile
+    failed = compare_logits(ref, cand, None, p99)
+    assert not failed.passed and "p99 per-image abs error" in failed.reasons[0]

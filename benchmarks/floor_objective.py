@@ -1,0 +1,174 @@
+"""The accuracy-floor objective on digits-hard against uniform INT8 pruning at the same floor.
+
+For each seed, one `pipeline run --data digits-hard --max-accuracy-drop D` (default agent), with
+the uniform baselines bisected for the least keep ratio that holds the same floor on test, each
+step fully fine-tuned (`search.matched_accuracy_steps`). Every ratio in a row comes from the
+run's one session measuring the baselines with the deployed model.
+
+    python benchmarks/floor_objective.py --seeds 0 1 2
+    python benchmarks/floor_objective.py --runs RUN_DIR...   # the table from finished runs
+
+Writes `benchmarks/results/floor_objective.json`, `.md` and `.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import PROFILE, RESULTS, ROOT
+
+TARGET_SPEEDUP = 1.25  # over the fastest uniform INT8 keep ratio holding the same floor
+BASELINE = "uniform_int8_at_floor"
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> Path:
+    out = args.work / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"
+    config.write_text(f"search: {{matched_accuracy_steps: {args.steps}}}\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", str(PROFILE)]
+    cmd += ["--data", "digits-hard", "--seed", str(seed), "--config", str(config)]
+    cmd += ["--max-accuracy-drop", str(args.max_drop), "--agent", args.agent]
+    cmd += ["--no-progress", "--out", str(out / "runs")]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    print(json.dumps({"seed": seed, "exit": proc.returncode, "wall_s": round(time.time() - start)}))
+    return sorted((out / "runs").iterdir())[-1]
+
+
+def row_of(run_dir: Path) -> dict[str, Any]:
+    report = json.loads((run_dir / "report.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    search, deployed = report["search"], report["deployed"]
+    base = report["baselines"].get(BASELINE, {})
+    ratio = base.get("deployed_speedup")
+    return {
+        "run_dir": str(run_dir),
+        "seed": manifest.get("seed"),
+        "exit_code": 0 if report["gates"]["passed"] else 1,
+        "gates_failed": report["gates"]["failed"],
+        "original_accuracy": report["original"]["accuracy"],
+        "original_accuracy_ci95": report["original"].get("accuracy_ci95"),
+        "original_ms": report["original"]["latency_ms"]["median"],
+        "accuracy": deployed["accuracy"],
+        "accuracy_ci95": deployed.get("accuracy_ci95"),
+        "accuracy_drop": report["accuracy_drop"],
+        "accuracy_drop_ci95": report.get("accuracy_drop_ci95"),
+        "max_accuracy_drop": report["max_accuracy_drop"],
+        "holds_floor_on_test": report["accuracy_drop"] <= report["max_accuracy_drop"] + 1e-9,
+        "deployed_ms": deployed["latency_ms"]["median"],
+        "speedup": report["speedup"],
+        "search": {
+            k: search.get(k)
+            for k in ("episodes", "recovery_allowance", "score_floor", "floor_tries", "wall_s")
+        },
+        "baselines": report["baselines"],
+        "speedup_over_uniform_int8": ratio,
+        "speedup_over_uniform_int8_ci95": base.get("deployed_speedup_ci95"),
+        "meets_target": ratio is not None and ratio >= TARGET_SPEEDUP,
+    }
+
+
+def _pct(value: float, ci: list[float] | None) -> str:
+    return f"{value:.2%}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| seed | deployed test acc [95%] | drop, points [95%] (max) | holds floor on test | "
+        "deployed ms | speedup vs original | uniform INT8 at the floor: keep, test acc | "
+        f"deployed faster than it [95%] (target {TARGET_SPEEDUP}x) | unpruned INT8 over "
+        "deployed | allowance | floor tries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        drop, ci = r["accuracy_drop"], r["accuracy_drop_ci95"]
+        drop_text = f"{100 * drop:+.2f}" + (
+            f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else ""
+        )
+        base = r["baselines"].get(BASELINE, {})
+        int8 = r["baselines"].get("int8", {}).get("deployed_speedup")
+        ratio, rci = r["speedup_over_uniform_int8"], r["speedup_over_uniform_int8_ci95"]
+        versus = (
+            "-"
+            if ratio is None
+            else f"{ratio:.2f}x" + (f" [{rci[0]:.2f}, {rci[1]:.2f}]" if rci else "")
+        )
+        versus += ", met" if r["meets_target"] else ", **missed**"
+        probe = r["search"].get("recovery_allowance") or {}
+        tries = r["search"].get("floor_tries") or []
+        lines.append(
+            f"| {r['seed']} | {_pct(r['accuracy'], r['accuracy_ci95'])} | {drop_text} "
+            f"({100 * r['max_accuracy_drop']:.1f}) | {'yes' if r['holds_floor_on_test'] else 'NO'}"
+            f" | {r['deployed_ms']:.3f} | {r['speedup']:.2f}x | "
+            f"{base.get('keep_ratio', float('nan')):.3f}, "
+            f"{_pct(base.get('accuracy', float('nan')), base.get('accuracy_ci95'))} | {versus} | "
+            f"{'-' if int8 is None else f'{int8:.2f}x'} | "
+            f"{100 * probe.get('allowance', 0.0):.2f} pt | "
+            + ", ".join(
+                f"{t['val_accuracy']:.2%} {'held' if t['holds_floor'] else 'lost'}" for t in tries
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per seed: test accuracy against latency of the deployed model and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        sides = {"deployed": (r["deployed_ms"], r["accuracy"], r["accuracy_ci95"])}
+        for name, b in r["baselines"].items():
+            ms = r["deployed_ms"] * b["deployed_speedup"]  # from the run's one session
+            sides[name] = (ms, b["accuracy"], b.get("accuracy_ci95"))
+        for name, (ms, acc, ci) in sides.items():
+            err = [[100 * (acc - ci[0])], [100 * (ci[1] - acc)]] if ci else None
+            ax.errorbar(
+                ms,
+                100 * acc,
+                yerr=err,
+                fmt="o" if name == "deployed" else "s",
+                capsize=3,
+                label=name,
+            )
+        floor = 100 * (r["original_accuracy"] - r["max_accuracy_drop"])
+        ax.axhline(floor, ls=":", c="tab:red", lw=0.8, label="floor (test)")
+        ax.set(title=f"seed {r['seed']}", xlabel="median latency ms", ylabel="test accuracy %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-drop", type=float, default=1.0, help="points")
+    parser.add_argument("--agent", default="ppo")
+    parser.add_argument("--steps", type=int, default=5, help="uniform floor bisection steps")
+    parser.add_argument("--work", type=Path, default=Path("floor-objective-runs"))
+    parser.add_argument("--runs", nargs="+", type=Path, help="finished runs instead")
+    parser.add_argument("--name", default="floor_objective")
+    args = parser.parse_args()
+    run_dirs = args.runs or [run_seed(seed, args) for seed in args.seeds]
+    rows = [row_of(d) for d in run_dirs]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
