@@ -110,7 +110,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| agent | reward | test acc [95%] | minus default [95%] | minus uniform INT8 [95%] | "
-        "median ms | speedup [95%] | met budget | real / predicted / cached | wall s |",
+        "median ms | speedup [95%] | met budget | real / predicted / cached | search s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = rows[0]
