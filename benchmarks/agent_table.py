@@ -59,10 +59,26 @@ def run_one(agent: str, reward: str, args: argparse.Namespace, baselines: bool) 
     done = [r for r in runs if (r / "report.json").is_file()]
     status = {"agent": agent, "reward": reward, "exit": proc.returncode}
     print(json.dumps(status | {"wall_s": round(time.time() - start)}), flush=True)
-    if not done or "deployed" not in json.loads((done[-1] / "report.json").read_text()):
+    if not done:
         print(proc.stderr.strip().splitlines()[-1:] or ["no output"], flush=True)
         return None
     return done[-1]
+
+
+def shipped(run_dir: Path) -> bool:
+    return "deployed" in json.loads((run_dir / "report.json").read_text())
+
+
+def failed_row(run_dir: Path) -> dict[str, Any]:
+    """A run that shipped nothing: its agent, reward and one-line verdict."""
+    report = json.loads((run_dir / "report.json").read_text())
+    search = report.get("search", {})
+    return {
+        "agent": search.get("agent"),
+        "reward": search.get("reward", "budget"),
+        "error": report.get("message", "nothing shipped"),
+        "run_dir": str(run_dir),
+    }
 
 
 def test_correct(run_dirs: list[Path], seed: int) -> dict[str, np.ndarray]:
@@ -128,6 +144,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {name}{keep} | | {_acc(acc, ci)} | | | {m['median_ms']:.3f} | {_speedup(m)} | | | |"
         )
     for row in rows:
+        if "error" in row:
+            verdict = f"failed: {row['error']}"
+            lines.append(f"| {row['agent']} | {row['reward']} | {verdict} |" + " |" * 7)
+            continue
         m, versus = row["remeasured"]["self"], row["versus"]
         lines.append(
             f"| {row['agent']} | {row['reward']} | {_acc(row['accuracy'], row['accuracy_ci95'])}"
@@ -155,7 +175,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if m is not None and acc is not None:
             ax.scatter(m["median_ms"], 100 * acc, marker="s", c="grey")
             ax.annotate(name, (m["median_ms"], 100 * acc), fontsize=7, color="grey")
-    for row in rows:
+    for row in (r for r in rows if "error" not in r):
         m, ci = row["remeasured"]["self"], row["accuracy_ci95"]
         acc = 100 * row["accuracy"]
         err = [[acc - 100 * ci[0]], [100 * ci[1] - acc]]
@@ -185,14 +205,16 @@ def main() -> None:
         pairs = plan(args.agents, args.rewards)
         found = [run_one(a, r, args, baselines=i == 0) for i, (a, r) in enumerate(pairs)]
         run_dirs = [d for d in found if d is not None]
-    if not run_dirs:
-        sys.exit("no run wrote a report")
-    rows = rows_from_runs(run_dirs, args.budget_fraction)
-    for row, run in zip(rows, run_dirs, strict=True):
+    ok = [d for d in run_dirs if shipped(d)]
+    if not ok:
+        sys.exit("no run shipped a model")
+    rows = rows_from_runs(ok, args.budget_fraction)
+    for row, run in zip(rows, ok, strict=True):
         search = json.loads((run / "report.json").read_text())["search"]
         row["reward"] = search.get("reward", "budget")
     remeasure(rows, args.rounds)
-    compare(rows, test_correct(run_dirs, args.seed))
+    compare(rows, test_correct(ok, args.seed))
+    rows += [failed_row(d) for d in run_dirs if not shipped(d)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2, default=str))
     (RESULTS / f"{args.name}.md").write_text(markdown(rows))
