@@ -22,7 +22,7 @@ AGENTS: dict[str, str] = {
     "uniform": "agents.baselines:UniformAgent",
     "random": "agents.baselines:RandomAgent",
 }
-DEFAULT_AGENT = "ppo"
+DEFAULT_AGENT = "n2n"
 
 
 def agent_class(name: str) -> type[Agent]:

@@ -60,7 +60,7 @@ class FinetuneConfig(StrictModel):
 class SearchConfig(StrictModel):
     """The policy search: which agent, how many candidates, how each is judged."""
 
-    agent: str = Field("ppo", max_length=64)
+    agent: str = Field("n2n", max_length=64)
     episodes: int = Field(40, ge=1, le=MAX_EPISODES)
     reward: Literal["budget", "amc", "accuracy"] = "budget"
     budget_fraction: float = Field(
