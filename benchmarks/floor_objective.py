@@ -155,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-drop", type=float, default=1.0, help="points")
-    parser.add_argument("--agent", default="ppo")
+    parser.add_argument("--agent", default="n2n")
     parser.add_argument("--steps", type=int, default=5, help="uniform floor bisection steps")
     parser.add_argument("--work", type=Path, default=Path("floor-objective-runs"))
     parser.add_argument("--runs", nargs="+", type=Path, help="finished runs instead")
