@@ -180,6 +180,7 @@ def _allowance(ctx: RunContext, base: CandidateEvaluator) -> dict[str, Any] | No
         return None
     path = ctx.run_dir / SETUP
     setup = load_json(path, "search setup", ConfigError, CONFIG_MAX_BYTES)
+    setup = setup if isinstance(setup, dict) else {}  # `_budget` wrote it; never trust a file
     probe = setup.get("recovery_allowance")
     if not isinstance(probe, dict) or not isinstance(probe.get("allowance"), float):
         stage("measuring what the full recovery adds to a candidate's score (one uniform probe)")
