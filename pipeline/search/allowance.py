@@ -33,12 +33,13 @@ def measure_allowance(evaluator: CandidateEvaluator, full: Recovery) -> dict[str
 
     space = evaluator.space
     precision = search_precision(space)
-    policy = uniform_policy(evaluator.model, max(PROBE_KEEP, space.min_keep), precision)
+    keep = max(PROBE_KEEP, space.min_keep)
+    policy = uniform_policy(evaluator.model, keep, precision)
     short = evaluator.recovered_score(policy)
     recovered = evaluator.recovered_score(policy, full)
     cap = MAX_ALLOWANCE_DROPS * (space.max_accuracy_drop or 0.0)
     return {
-        "probe_keep": max(PROBE_KEEP, space.min_keep),
+        "probe_keep": keep,
         "precision": precision.value,
         "candidate_score": short,
         "full_recovery_score": recovered,
