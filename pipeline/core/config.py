@@ -93,6 +93,13 @@ class SearchConfig(StrictModel):
         description="bisection steps (each a full fine-tune, about a minute for the demo) for "
         "uniform baselines at the deployed model's test accuracy; 0 skips them",
     )
+    descent_steps: int = Field(
+        3,
+        ge=0,
+        le=8,
+        description="under an accuracy floor, bisection steps (each a full fine-tune) that "
+        "scale the held pick's keep ratios down while it still holds the floor; 0: none",
+    )
     recovery_allowance: bool = Field(
         True,
         description="under an accuracy floor, lower the floor candidates' short-fine-tune "

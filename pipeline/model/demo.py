@@ -73,9 +73,11 @@ def demo_recipe(splits: Splits, spec: TrainSpec, arch: str = DEMO_ARCH) -> dict[
 
 
 def _generated(splits: Splits) -> dict[str, Any]:
-    """A rendered data set's cache key (its images are not indexed from a fixed source)."""
+    """A rendered data set's train-split key (its images are not indexed from a fixed source)."""
     generator = splits.record.get("generator")
-    return {"data_generator": generator["cache_key"]} if generator else {}
+    if not generator:
+        return {}
+    return {"data_generator": generator.get("train_key", generator["cache_key"])}
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ A candidate is scored after a short fine-tune; the deployed model gets the full 
 fine-tune (and INT8 recovery), which usually gains accuracy but need not. So model.onnx is
 scored on the validation split; when it loses the floor, the next-fastest candidate that held it
 during the search is built instead, a bounded number of times. report.json lists the tries.
+A pick that holds is then stepped down while the floor still holds (`pipeline.run.descent`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ def applies(ctx: RunContext, record: RunRecord) -> bool:
 
 def hold_floor(ctx: RunContext, record: RunRecord) -> None:
     """Check the built model against the floor on validation; rebuild with the next candidate
-    while it misses (`MAX_TRIES` in all)."""
-    from pipeline.run import stages
-    from pipeline.run.export_stage import export_deployed
+    while it misses (`MAX_TRIES` in all); descend from the one that holds."""
+    from pipeline.run import descent
     from pipeline.search import policy_of
 
     summary = record.search.summary
@@ -44,12 +44,11 @@ def hold_floor(ctx: RunContext, record: RunRecord) -> None:
         if holds or following is None or len(tried) >= MAX_TRIES:
             break
         episode = following["episode"]
-        ctx.policy = policy_of(following)
-        ctx.policy.save(ctx.run_dir / "policy.json")
-        stages.compress(ctx, record)
-        export_deployed(ctx, record)
+        descent.build(ctx, record, policy_of(following))
     summary["floor_tries"] = tried
     summary["best_episode"] = episode
+    if holds and ctx.config.search.descent_steps > 0:
+        summary["descent"] = descent.descend(ctx, record, floor)
 
 
 def _next_pick(record: RunRecord, tried: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -73,9 +72,6 @@ def _score_floor(record: RunRecord, tried: list[dict[str, Any]]) -> float:
 
 
 def _val_accuracy(ctx: RunContext) -> float:
-    from exporters import run_onnx
-    from pipeline.model.evaluate import accuracy, stack
+    from pipeline.run.descent import val_correct
 
-    inputs, labels = stack(ctx.splits.val)
-    logits = run_onnx(ctx.run_dir / "model.onnx", inputs, threads=ctx.profile.threads)
-    return accuracy(logits, labels)
+    return float(val_correct(ctx, ctx.run_dir / "model.onnx").mean())

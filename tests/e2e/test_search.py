@@ -212,14 +212,15 @@ def test_the_cpu_profile_never_ships_precisions_slower_than_fp32(tmp_path, train
         assert faster and shipped != {"fp32"}
 
 
-@pytest.mark.parametrize("agent", ["uniform", "ppo"])
+@pytest.mark.parametrize(("agent", "drop"), [("uniform", 3), ("ppo", 3), ("uniform", 40)])
 def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
-    tmp_path, trained_tiny_resnet, agent
+    tmp_path, trained_tiny_resnet, agent, drop
 ):
     """`--max-accuracy-drop` alone: no budget, the fastest candidate holding the floor, checked
-    again once built in full; the run's floor is the test gate's."""
+    again once built in full, then stepped down; the run's floor is the test gate's. (The tiny
+    candidates' short fine-tune holds a 3-point floor rarely, a 40-point one always.)"""
     workdir = setup_dir(tmp_path, trained_tiny_resnet, episodes=4)
-    args = ("--agent", agent, "--max-accuracy-drop", "3")
+    args = ("--agent", agent, "--max-accuracy-drop", str(drop))
     result = cli("run", "--target", "tiny.yaml", "--config", "pipeline.yaml", *args, cwd=workdir)
     run_dir = run_dir_of(workdir)
     report = json.loads((run_dir / "report.json").read_text())
@@ -230,18 +231,49 @@ def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
     # candidates hold the shipped floor less what the full recovery added to one probe
     probe = search["recovery_allowance"]
     gain = probe["full_recovery_score"] - probe["candidate_score"]
-    assert probe["allowance"] == pytest.approx(min(max(gain, 0.0), 2 * 0.03))
+    assert probe["allowance"] == pytest.approx(min(max(gain, 0.0), 2 * drop / 100))
     assert search["score_floor"] == pytest.approx(search["accuracy_floor"] - probe["allowance"])
     held = [r for r in ran if r["accuracy"] >= search["score_floor"] - 1e-9]
     assert all(r["holds_floor"] == (r in held) for r in ran)
     if held:  # the pick is the fastest that held the floor, then checked once built
-        assert report["max_accuracy_drop"] == pytest.approx(0.03)
+        assert report["max_accuracy_drop"] == pytest.approx(drop / 100)
         assert search["shipped"] == "best within the floor"
         first = search["floor_tries"][0]["episode"]
         assert first == min(held, key=lambda r: (r["latency_ms"], -r["accuracy"]))["episode"]
         assert 1 <= len(search["floor_tries"]) <= 3
+        if search["floor_tries"][-1]["holds_floor"]:
+            _check_descent(search, run_dir)
         drop_gate = [f for f in report["gates"]["failed"] if "accuracy drop" in f]
-        assert bool(drop_gate) == (report["accuracy_drop"] > 0.03)
+        assert bool(drop_gate) == (report["accuracy_drop"] > drop / 100)
         assert result.returncode == (0 if report["gates"]["passed"] else 1)
     else:  # nothing held it: a plain verdict and nothing shipped
         assert result.returncode == 1 and "accuracy floor" in report["message"]
+
+
+def _check_descent(search: dict, run_dir) -> None:
+    """The held pick is stepped down by bisection on one scale of its keep ratios; a step holds
+    by one standard error; the fastest step that held ships only if it measured faster."""
+    descent, floor = search["descent"], search["accuracy_floor"]
+    low, high = 0.4, 1.0
+    for step in descent["steps"]:
+        assert step["scale"] == pytest.approx((low + high) / 2, abs=1e-4)
+        margin = step["val_accuracy"] - step["standard_error"]
+        assert step["holds_floor"] == (margin >= floor - 1e-12)
+        low, high = (low, step["scale"]) if step["holds_floor"] else (step["scale"], high)
+    assert len(descent["steps"]) == 3
+    held = [s["scale"] for s in descent["steps"] if s["holds_floor"]]
+    if not held:
+        assert descent["shipped"] == "pick" and descent["speedup_over_pick"] is None
+        return
+    assert descent["shipped"] == ("descended" if descent["speedup_over_pick"] > 1 else "pick")
+    if descent["shipped"] == "descended":
+        pick_episode = search["floor_tries"][-1]["episode"]
+        pick = next(r for r in episodes_of(run_dir) if r["episode"] == pick_episode)["policy"]
+        shipped = json.loads((run_dir / "policy.json").read_text())["layers"]
+        ratios = {
+            n: shipped[n]["keep_ratio"] / a["keep_ratio"]
+            for n, a in pick["layers"].items()
+            if a["keep_ratio"] * min(held) > 0.25 + 1e-6  # above the profile's least keep ratio
+        }
+        assert any(r == pytest.approx(min(held), abs=1e-3) for r in ratios.values())
+        assert all(r == pytest.approx(min(held), abs=1e-3) or r == 1.0 for r in ratios.values())

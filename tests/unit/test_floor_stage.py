@@ -35,3 +35,31 @@ def test_a_miss_raises_the_score_the_next_try_needs_by_the_gain_it_showed() -> N
 def test_before_any_miss_the_search_floor_applies() -> None:
     record = _record([(0.20, 0.870), (0.21, 0.881), (0.25, 0.95)])
     assert _next_pick(record, [])["episode"] == 1
+
+
+def test_descent_scales_every_keep_ratio_but_the_heads_down_to_the_least() -> None:
+    from pipeline.core.policy import LayerAction, Policy, Precision
+    from pipeline.run.descent import scaled
+
+    int8 = Precision.INT8
+    pick = Policy(
+        {"a": LayerAction(0.8, int8), "b": LayerAction(0.3, int8), "fc": LayerAction(1.0, int8)},
+        removed=("layer3.1",),
+    )
+    out = scaled(pick, 0.5, head="fc", min_keep=0.25)
+    assert out.keep_ratios() == {"a": 0.4, "b": 0.25, "fc": 1.0}
+    assert out.removed == ("layer3.1",) and out.precisions() == pick.precisions()
+
+
+def test_a_descent_step_holds_the_floor_by_one_standard_error() -> None:
+    import numpy as np
+
+    from pipeline.run.descent import _judge
+
+    original = np.ones(1000, bool)
+    step = np.ones(1000, bool)
+    step[:10] = False  # 99.0%: ten images lost, none gained
+    judged = _judge(original, step, floor=0.985)
+    assert judged["val_accuracy"] == 0.99 and 0.001 < judged["standard_error"] < 0.006
+    assert judged["holds_floor"]  # 0.99 less one standard error still reaches 0.985
+    assert not _judge(original, step, floor=0.989)["holds_floor"]
