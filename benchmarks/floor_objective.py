@@ -67,7 +67,14 @@ def row_of(run_dir: Path) -> dict[str, Any]:
         "speedup": report["speedup"],
         "search": {
             k: search.get(k)
-            for k in ("episodes", "recovery_allowance", "score_floor", "floor_tries", "wall_s")
+            for k in (
+                "episodes",
+                "recovery_allowance",
+                "score_floor",
+                "floor_tries",
+                "descent",
+                "wall_s",
+            )
         },
         "baselines": report["baselines"],
         "speedup_over_uniform_int8": ratio,
@@ -85,8 +92,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| seed | deployed test acc [95%] | drop, points [95%] (max) | holds floor on test | "
         "deployed ms | speedup vs original | uniform INT8 at the floor: keep, test acc | "
         f"deployed faster than it [95%] (target {TARGET_SPEEDUP}x) | unpruned INT8 over "
-        "deployed | allowance | floor tries |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "deployed | allowance | floor tries | descent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         drop, ci = r["accuracy_drop"], r["accuracy_drop_ci95"]
@@ -115,9 +122,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + ", ".join(
                 f"{t['val_accuracy']:.2%} {'held' if t['holds_floor'] else 'lost'}" for t in tries
             )
-            + " |"
+            + f" | {_descent_text(r['search'].get('descent'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _descent_text(descent: dict[str, Any] | None) -> str:
+    """Each step's scale and whether it held, then what shipped."""
+    if not descent:
+        return "-"
+    steps = ", ".join(
+        f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}" for d in descent["steps"]
+    )
+    speedup = descent.get("speedup_over_pick")
+    gain = f" ({speedup:.2f}x the pick)" if speedup else ""
+    return f"{steps}; shipped the {descent['shipped']}{gain}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

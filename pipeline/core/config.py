@@ -93,8 +93,16 @@ class SearchConfig(StrictModel):
         description="bisection steps (each a full fine-tune, about a minute for the demo) for "
         "uniform baselines at the deployed model's test accuracy; 0 skips them",
     )
+    floor_confidence: float = Field(
+        0.9,
+        ge=0.5,
+        lt=1.0,
+        description="under an accuracy floor, how sure (one-sided) a model built in full must "
+        "be, judged on validation, to hold the floor on the test set as well; 0.5: the "
+        "validation estimate alone",
+    )
     descent_steps: int = Field(
-        3,
+        4,
         ge=0,
         le=8,
         description="under an accuracy floor, bisection steps (each a full fine-tune) that "

@@ -6,10 +6,14 @@ holds it with room to spare. Uniform pruning bisected with full fine-tunes uses 
 descent does the same along the pick's own shape: every layer's keep ratio (the head's aside) is
 scaled by one factor, found by bisection, each step built in full and scored on validation.
 
-A step holds when its validation accuracy, less one standard error of its paired difference from
-the original, still reaches the floor: the bisection walks to the edge, where a lucky score would
-otherwise ship a model that loses the floor on test. The fastest step that held ships if it
-measures faster than the pick (same runner, one session); otherwise the pick is built again.
+Every model built in full, the pick and each step, is judged by `judge`: it holds the floor when
+its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by default) of the
+drop's predictive error stays within the allowed drop. That error is the paired difference's
+standard error on validation combined with the one the test set will add (its size scales it):
+the final gate reads the test set's own estimate, and the bisection walks to the edge, where a
+lucky validation score would otherwise ship a model that loses the floor on test. The fastest
+step that held ships if it measures faster than the pick (same runner, one session); otherwise
+the pick is built again.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from pipeline.core.records import Latency, RunRecord
 from pipeline.run.context import RunContext, stage
 
 LOWEST_SCALE = 0.4  # the bisection's lower end: every keep ratio at 40% of the pick's
-MARGIN_SE = 1.0  # standard errors of the paired difference a step must hold the floor by
 Z95 = 1.959964  # the paired interval is a 95% one: its half-width is this many standard errors
 
 
@@ -68,6 +71,7 @@ def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
     Returns what report.json records under `search.descent`."""
     pick = ctx.policy
     original = val_correct(ctx, ctx.run_dir / "original.onnx")
+    confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
     head, min_keep = head_layer(ctx.original), ctx.profile.min_keep_ratio
     steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +81,8 @@ def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
         for _ in range(ctx.config.search.descent_steps):
             scale = (low + high) / 2
             build(ctx, record, scaled(pick, scale, head, min_keep))
-            step = _judge(original, val_correct(ctx, ctx.run_dir / "model.onnx"), floor)
+            correct = val_correct(ctx, ctx.run_dir / "model.onnx")
+            step = judge(original, correct, floor, n_test, confidence)
             steps.append({"scale": round(scale, 4), **step})
             stage(_step_line(scale, step, floor))
             if step["holds_floor"]:
@@ -89,16 +94,26 @@ def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
     return {"steps": steps, **outcome}
 
 
-def _judge(original: np.ndarray, correct: np.ndarray, floor: float) -> dict[str, Any]:
+def judge(
+    original: np.ndarray, correct: np.ndarray, floor: float, n_test: int, confidence: float
+) -> dict[str, Any]:
+    """Whether a model built in full holds the floor (a validation accuracy): its drop from the
+    original, plus `confidence`'s one-sided quantile of the error predicting the test set's drop
+    from it (both samples' standard errors; the test set's scaled from validation's by size),
+    stays within the allowed drop, i.e. its accuracy less that margin reaches the floor."""
+    from scipy.stats import norm
+
     from pipeline.core.stats import paired_difference
 
-    diff = paired_difference(original, correct)  # original - step: the accuracy drop
+    diff = paired_difference(original, correct)  # original - model: the accuracy drop
     se = (diff.high - diff.low) / (2 * Z95)
+    margin = float(norm.ppf(confidence)) * se * (1 + len(correct) / max(n_test, 1)) ** 0.5
     accuracy = float(correct.mean())
     return {
         "val_accuracy": accuracy,
         "standard_error": se,
-        "holds_floor": accuracy - MARGIN_SE * se >= floor,
+        "margin": margin,
+        "holds_floor": accuracy - margin >= floor,
     }
 
 
@@ -106,7 +121,7 @@ def _step_line(scale: float, step: dict[str, Any], floor: float) -> str:
     verdict = "holds" if step["holds_floor"] else "does not hold"
     return (
         f"descent: keep ratios x{scale:.2f} score {step['val_accuracy']:.2%} on validation "
-        f"(standard error {step['standard_error']:.2%}): {verdict} the {floor:.2%} floor"
+        f"(less a margin of {step['margin']:.2%}): {verdict} the {floor:.2%} floor"
     )
 
 

@@ -2,7 +2,8 @@
 
 A candidate is scored after a short fine-tune; the deployed model gets the full recovery
 fine-tune (and INT8 recovery), which usually gains accuracy but need not. So model.onnx is
-scored on the validation split; when it loses the floor, the next-fastest candidate that held it
+scored on the validation split and judged with a margin for the test set
+(`pipeline.run.descent.judge`); when it loses the floor, the next-fastest candidate that held it
 during the search is built instead, a bounded number of times. report.json lists the tries.
 A pick that holds is then stepped down while the floor still holds (`pipeline.run.descent`).
 """
@@ -32,12 +33,16 @@ def hold_floor(ctx: RunContext, record: RunRecord) -> None:
     floor = summary["accuracy_floor"]
     tried: list[dict[str, Any]] = []
     episode = summary.get("best_episode")
+    original = descent.val_correct(ctx, ctx.run_dir / "original.onnx")
+    confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
     while True:
-        accuracy = _val_accuracy(ctx)
-        holds = accuracy >= floor
-        tried.append({"episode": episode, "val_accuracy": accuracy, "holds_floor": holds})
+        correct = descent.val_correct(ctx, ctx.run_dir / "model.onnx")
+        judged = descent.judge(original, correct, floor, n_test, confidence)
+        holds = judged["holds_floor"]
+        tried.append({"episode": episode, **judged})
         stage(
-            f"built in full, episode {episode} scores {accuracy:.2%} on validation: "
+            f"built in full, episode {episode} scores {judged['val_accuracy']:.2%} on "
+            f"validation (less a margin of {judged['margin']:.2%}): "
             f"{'holds' if holds else 'LOSES'} the {floor:.2%} floor"
         )
         following = _next_pick(record, tried)
@@ -69,9 +74,3 @@ def _score_floor(record: RunRecord, tried: list[dict[str, Any]]) -> float:
     scores = {c["episode"]: c["accuracy"] for c in record.search.candidates}
     gains = [t["val_accuracy"] - scores[t["episode"]] for t in tried if t["episode"] in scores]
     return max(needed, floor - min(gains)) if gains else needed
-
-
-def _val_accuracy(ctx: RunContext) -> float:
-    from pipeline.run.descent import val_correct
-
-    return float(val_correct(ctx, ctx.run_dir / "model.onnx").mean())

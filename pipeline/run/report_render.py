@@ -186,11 +186,27 @@ def _objective_markdown(search: dict[str, Any]) -> list[str]:
             f"{probe['full_recovery_score']:.2%} after the full recovery"
         )
     lines += [
-        f"- Episode {t['episode']} built in full: {t['val_accuracy']:.2%} on validation, "
-        f"{'holds' if t['holds_floor'] else 'LOSES'} the floor"
+        f"- Episode {t['episode']} built in full: {t['val_accuracy']:.2%} on validation"
+        + (f", less a margin of {t['margin']:.2%} for the test set" if "margin" in t else "")
+        + f": {'holds' if t['holds_floor'] else 'LOSES'} the floor"
         for t in search.get("floor_tries") or []
     ]
-    return [*lines, ""]
+    return [*lines, *_descent_markdown(search.get("descent")), ""]
+
+
+def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
+    """The steps down from the held pick, and which model shipped."""
+    if not descent:
+        return []
+    lines = [
+        f"- Descent: keep ratios x{d['scale']:.3f} built in full, {d['val_accuracy']:.2%} on "
+        f"validation, less a margin of {d['margin']:.2%} for the test set: "
+        f"{'holds' if d['holds_floor'] else 'does not hold'} the floor"
+        for d in descent["steps"]
+    ]
+    speedup = descent.get("speedup_over_pick")
+    measured = f", {speedup:.2f}x the pick's speed" if speedup else ""
+    return [*lines, f"- Shipped: the {descent['shipped']} model{measured}"]
 
 
 def _confirmation_markdown(search: dict[str, Any]) -> list[str]:

@@ -61,7 +61,6 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
 
     sc = ctx.config.search
     base = _evaluator(ctx)
-    allowance = _allowance(ctx, base)
     budget = base.space.budget_ms
     problem = _feasibility(ctx, base) if budget is not None else None
     if problem and not sc.allow_over_budget:
@@ -69,6 +68,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         summary = {"agent": sc.agent, "episodes": 0, "infeasible": problem}
         record.search = SearchRecord(summary, budget, base.space.original_latency_ms)
         return None
+    allowance = _allowance(ctx, base)  # after the budget check: the probe is a full fine-tune
     stage(f"searching with {sc.agent}: {sc.episodes} candidates, {objective_text(base.space)}")
     outcome, parallel = _run_agent(ctx, base)
     prune_in = outcome.prune_precision or _precision_of(base)

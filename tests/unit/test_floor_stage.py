@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.core.records import RunRecord, SearchRecord
 from pipeline.run.floor_stage import _next_pick
 
@@ -51,15 +53,21 @@ def test_descent_scales_every_keep_ratio_but_the_heads_down_to_the_least() -> No
     assert out.removed == ("layer3.1",) and out.precisions() == pick.precisions()
 
 
-def test_a_descent_step_holds_the_floor_by_one_standard_error() -> None:
+def test_a_model_holds_the_floor_by_a_margin_for_the_test_set() -> None:
     import numpy as np
+    from scipy.stats import norm
 
-    from pipeline.run.descent import _judge
+    from pipeline.run.descent import judge
 
     original = np.ones(1000, bool)
     step = np.ones(1000, bool)
     step[:10] = False  # 99.0%: ten images lost, none gained
-    judged = _judge(original, step, floor=0.985)
-    assert judged["val_accuracy"] == 0.99 and 0.001 < judged["standard_error"] < 0.006
-    assert judged["holds_floor"]  # 0.99 less one standard error still reaches 0.985
-    assert not _judge(original, step, floor=0.989)["holds_floor"]
+    judged = judge(original, step, floor=0.98, n_test=1000, confidence=0.9)
+    se = judged["standard_error"]
+    assert judged["val_accuracy"] == 0.99 and 0.001 < se < 0.006
+    # validation's and an equal test set's standard errors combined, at the one-sided 90% point
+    assert judged["margin"] == pytest.approx(norm.ppf(0.9) * se * 2**0.5)
+    assert judged["holds_floor"]  # 0.99 less the margin (~0.0028) still reaches 0.98
+    assert not judge(original, step, floor=0.989, n_test=1000, confidence=0.9)["holds_floor"]
+    # 0.5: the validation estimate alone, no margin
+    assert judge(original, step, floor=0.99, n_test=1000, confidence=0.5)["holds_floor"]
