@@ -128,15 +128,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _descent_text(descent: dict[str, Any] | None) -> str:
-    """Each step's scale and whether it held, then what shipped."""
+    """Each step's scale (and run of layers) and whether it held, then what shipped."""
     if not descent:
         return "-"
     steps = ", ".join(
-        f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}" for d in descent["steps"]
+        ("" if d.get("layers", "all") == "all" else f"{d['layers']} ")
+        + f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}"
+        for d in descent["steps"]
     )
     speedup = descent.get("speedup_over_pick")
+    step = descent.get("shipped_step")
+    which = f"step {step}" if step else descent["shipped"]
     gain = f" ({speedup:.2f}x the pick)" if speedup else ""
-    return f"{steps}; shipped the {descent['shipped']}{gain}"
+    return f"{steps}; shipped the {which}{gain}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -108,6 +108,14 @@ class SearchConfig(StrictModel):
         description="under an accuracy floor, bisection steps (each a full fine-tune) that "
         "scale the held pick's keep ratios down while it still holds the floor; 0: none",
     )
+    descent_groups: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="under an accuracy floor, after the bisection: runs of layers of about "
+        "equal measured latency, each then shrunk on its own (one full fine-tune each) and "
+        "kept while the floor holds; 0: none",
+    )
     recovery_allowance: bool = Field(
         True,
         description="under an accuracy floor, lower the floor candidates' short-fine-tune "

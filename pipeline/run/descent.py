@@ -5,15 +5,18 @@ accuracy the harder a model is pruned, so a pick that held the floor once built 
 holds it with room to spare. Uniform pruning bisected with full fine-tunes uses that room; the
 descent does the same along the pick's own shape: every layer's keep ratio (the head's aside) is
 scaled by one factor, found by bisection, each step built in full and scored on validation.
+One factor cannot shrink a layer that others hold back: a second pass then takes the layers in
+`search.descent_groups` contiguous runs of about equal measured latency (deepest first) and
+scales one run at a time by `GROUP_FACTOR`, kept when the floor still holds.
 
 Every model built in full, the pick and each step, is judged by `judge`: it holds the floor when
 its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by default) of the
 drop's predictive error stays within the allowed drop. That error is the paired difference's
 standard error on validation combined with the one the test set will add (its size scales it):
 the final gate reads the test set's own estimate, and the bisection walks to the edge, where a
-lucky validation score would otherwise ship a model that loses the floor on test. The fastest
-step that held ships if it measures faster than the pick (same runner, one session); otherwise
-the pick is built again.
+lucky validation score would otherwise ship a model that loses the floor on test. The pick and
+every step that held are measured in one session (same runner); the fastest ships, built again
+unless it is the last one built.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pipeline.core.records import Latency, RunRecord
 from pipeline.run.context import RunContext, stage
 
 LOWEST_SCALE = 0.4  # the bisection's lower end: every keep ratio at 40% of the pick's
+GROUP_FACTOR = 0.75  # the group pass scales one run of layers' keep ratios by this
 Z95 = 1.959964  # the paired interval is a 95% one: its half-width is this many standard errors
 
 
@@ -54,44 +58,95 @@ def val_correct(ctx: RunContext, onnx_path: Path) -> np.ndarray:
     return correct_of(run_onnx(onnx_path, inputs, threads=ctx.profile.threads), labels)
 
 
-def scaled(policy: Policy, scale: float, head: str, min_keep: float) -> Policy:
-    """The policy with every keep ratio but the head's multiplied by `scale` (at least
-    `min_keep`); precisions and removed blocks unchanged."""
+def scaled(
+    policy: Policy, scale: float, head: str, min_keep: float, only: set[str] | None = None
+) -> Policy:
+    """The policy with every keep ratio but the head's (or only those of `only`) multiplied by
+    `scale` (at least `min_keep`); precisions and removed blocks unchanged."""
     layers = {
         name: action
-        if name == head
+        if name == head or (only is not None and name not in only)
         else LayerAction(max(min_keep, action.keep_ratio * scale), action.precision)
         for name, action in policy.layers.items()
     }
     return Policy(layers, policy.removed, policy.channel_scores)
 
 
+def layer_groups(
+    policy: Policy, shares: dict[str, float], head: str, count: int
+) -> list[list[str]]:
+    """The policy's live layers but the head, in forward order, cut into at most `count`
+    contiguous runs of about equal latency share (equal numbers of layers if none is known)."""
+    names = [
+        n
+        for n in policy.layers
+        if n != head and not any(n.startswith(block + ".") for block in policy.removed)
+    ]
+    weights = [shares.get(n, 0.0) for n in names]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(names)
+    total, before, groups = sum(weights), 0.0, [[] for _ in range(count)]
+    for name, weight in zip(names, weights, strict=True):
+        # a layer joins the run its midpoint falls in
+        groups[min(count - 1, int(count * (before + weight / 2) / total))].append(name)
+        before += weight
+    return [g for g in groups if g]
+
+
 def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
-    """Bisect the scale on the built pick (`ctx.policy`); leave the chosen model built.
-    Returns what report.json records under `search.descent`."""
+    """Bisect the scale on the built pick (`ctx.policy`), then shrink one run of layers at a time;
+    leave the chosen model built. Returns what report.json records under `search.descent`."""
     pick = ctx.policy
     original = val_correct(ctx, ctx.run_dir / "original.onnx")
     confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
     head, min_keep = head_layer(ctx.original), ctx.profile.min_keep_ratio
     steps: list[dict[str, Any]] = []
+    held: dict[str, Policy] = {"pick": pick}
+
+    def attempt(policy: Policy, move: dict[str, Any]) -> bool:
+        build(ctx, record, policy)
+        correct = val_correct(ctx, ctx.run_dir / "model.onnx")
+        step = {**move, **judge(original, correct, floor, n_test, confidence)}
+        steps.append(step)
+        stage(_step_line(step, floor))
+        if step["holds_floor"]:
+            name = f"step {len(steps)}"
+            held[name] = policy
+            shutil.copy(ctx.run_dir / "model.onnx", kept / f"{name}.onnx")
+        return bool(step["holds_floor"])
+
     with tempfile.TemporaryDirectory() as tmp:
-        kept = {"pick": Path(tmp) / "pick.onnx", "descended": Path(tmp) / "descended.onnx"}
-        shutil.copy(ctx.run_dir / "model.onnx", kept["pick"])
-        low, high, best = LOWEST_SCALE, 1.0, None
+        kept = Path(tmp)
+        shutil.copy(ctx.run_dir / "model.onnx", kept / "pick.onnx")
+        low, high, best = LOWEST_SCALE, 1.0, pick
         for _ in range(ctx.config.search.descent_steps):
             scale = (low + high) / 2
-            build(ctx, record, scaled(pick, scale, head, min_keep))
-            correct = val_correct(ctx, ctx.run_dir / "model.onnx")
-            step = judge(original, correct, floor, n_test, confidence)
-            steps.append({"scale": round(scale, 4), **step})
-            stage(_step_line(scale, step, floor))
-            if step["holds_floor"]:
-                high, best = scale, ctx.policy
-                shutil.copy(ctx.run_dir / "model.onnx", kept["descended"])
+            candidate = scaled(pick, scale, head, min_keep)
+            if attempt(candidate, {"scale": round(scale, 4), "layers": "all"}):
+                high, best = scale, candidate
             else:
                 low = scale
-        outcome = _choose(ctx, record, pick, best, kept)
+        for group in reversed(_groups(ctx, best, head)):
+            candidate = scaled(best, GROUP_FACTOR, head, min_keep, set(group))
+            if attempt(candidate, {"scale": GROUP_FACTOR, "layers": _span(group)}):
+                best = candidate
+        outcome = _choose(ctx, record, held, kept)
     return {"steps": steps, **outcome}
+
+
+def _groups(ctx: RunContext, policy: Policy, head: str) -> list[list[str]]:
+    """`layer_groups` by the original's latency shares, measured on the target's runtime."""
+    from pipeline.search.space import latency_shares
+
+    count = ctx.config.search.descent_groups
+    if count <= 0:
+        return []
+    shares = latency_shares(ctx.run_dir / "original.onnx", list(policy.layers), ctx.profile.threads)
+    return layer_groups(policy, shares, head, count)
+
+
+def _span(group: list[str]) -> str:
+    return group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
 
 
 def judge(
@@ -117,31 +172,32 @@ def judge(
     }
 
 
-def _step_line(scale: float, step: dict[str, Any], floor: float) -> str:
+def _step_line(step: dict[str, Any], floor: float) -> str:
     verdict = "holds" if step["holds_floor"] else "does not hold"
+    where = "keep ratios" if step["layers"] == "all" else f"keep ratios of {step['layers']}"
     return (
-        f"descent: keep ratios x{scale:.2f} score {step['val_accuracy']:.2%} on validation "
+        f"descent: {where} x{step['scale']:.2f} score {step['val_accuracy']:.2%} on validation "
         f"(less a margin of {step['margin']:.2%}): {verdict} the {floor:.2%} floor"
     )
 
 
 def _choose(
-    ctx: RunContext,
-    record: RunRecord,
-    pick: Policy,
-    best: Policy | None,
-    kept: dict[str, Path],
+    ctx: RunContext, record: RunRecord, held: dict[str, Policy], kept: Path
 ) -> dict[str, Any]:
-    """Ship the fastest held step if it measures faster than the pick, else the pick."""
-    if best is None:
-        build(ctx, record, pick)
-        return {"shipped": "pick", "speedup_over_pick": None}
-    stage("descent: measuring the fastest step that held against the pick")
-    sides = ctx.bench(kept)
+    """Ship the fastest of the pick and the steps that held, measured in one session."""
+    if len(held) == 1:
+        build(ctx, record, held["pick"])
+        return {"shipped": "pick", "shipped_step": None, "speedup_over_pick": None}
+    stage(f"descent: measuring the pick and the {len(held) - 1} steps that held, side by side")
+    sides = ctx.bench({name: kept / f"{name}.onnx" for name in held})
     statistic = ctx.profile.measure.statistic
     ms = {name: Latency.from_bench(side).stat(statistic) for name, side in sides.items()}
-    speedup = ms["pick"] / ms["descended"]
-    shipped = best if speedup > 1.0 else pick
-    if shipped is not ctx.policy:  # the last step built is not the one that ships
-        build(ctx, record, shipped)
-    return {"shipped": "descended" if shipped is best else "pick", "speedup_over_pick": speedup}
+    fastest = min(ms, key=ms.__getitem__)
+    if held[fastest] is not ctx.policy:  # the last model built is not the one that ships
+        build(ctx, record, held[fastest])
+    return {
+        "shipped": "pick" if fastest == "pick" else "descended",
+        "shipped_step": None if fastest == "pick" else int(fastest.split()[1]),
+        "speedup_over_pick": ms["pick"] / ms[fastest],
+        "measured_ms": ms,
+    }

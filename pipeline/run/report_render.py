@@ -199,14 +199,18 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
     if not descent:
         return []
     lines = [
-        f"- Descent: keep ratios x{d['scale']:.3f} built in full, {d['val_accuracy']:.2%} on "
-        f"validation, less a margin of {d['margin']:.2%} for the test set: "
+        f"- Descent step {i}: keep ratios"
+        + ("" if d.get("layers", "all") == "all" else f" of {d['layers']}")
+        + f" x{d['scale']:.3f} built in full, {d['val_accuracy']:.2%} on validation, less a "
+        f"margin of {d['margin']:.2%} for the test set: "
         f"{'holds' if d['holds_floor'] else 'does not hold'} the floor"
-        for d in descent["steps"]
+        for i, d in enumerate(descent["steps"], 1)
     ]
     speedup = descent.get("speedup_over_pick")
+    step = descent.get("shipped_step")
+    which = f"descended model (step {step})" if step else f"{descent['shipped']} model"
     measured = f", {speedup:.2f}x the pick's speed" if speedup else ""
-    return [*lines, f"- Shipped: the {descent['shipped']} model{measured}"]
+    return [*lines, f"- Shipped: the {which}{measured}"]
 
 
 def _confirmation_markdown(search: dict[str, Any]) -> list[str]:

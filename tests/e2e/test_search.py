@@ -251,29 +251,50 @@ def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
 
 
 def _check_descent(search: dict, run_dir) -> None:
-    """The held pick is stepped down by bisection on one scale of its keep ratios; a step holds
-    by a margin for the test set; the fastest step that held ships only if it measured faster."""
+    """The held pick is stepped down by bisection on one scale of its keep ratios, then one run
+    of layers at a time; a step holds by a margin for the test set; the fastest of the pick and
+    the steps that held, measured side by side, ships."""
+    from pipeline.run.descent import GROUP_FACTOR
+
     descent, floor = search["descent"], search["accuracy_floor"]
+    bisection = [s for s in descent["steps"] if s["layers"] == "all"]
+    groups = [s for s in descent["steps"] if s["layers"] != "all"]
+    assert descent["steps"] == bisection + groups and len(bisection) == 4
     low, high = 0.4, 1.0
-    for step in descent["steps"]:
+    for step in bisection:
         assert step["scale"] == pytest.approx((low + high) / 2, abs=1e-4)
+        low, high = (low, step["scale"]) if step["holds_floor"] else (step["scale"], high)
+    assert 1 <= len(groups) <= 4 and all(s["scale"] == GROUP_FACTOR for s in groups)
+    for step in descent["steps"]:
         assert step["margin"] >= step["standard_error"]  # validation's and the test set's
         assert step["holds_floor"] == (step["val_accuracy"] - step["margin"] >= floor - 1e-12)
-        low, high = (low, step["scale"]) if step["holds_floor"] else (step["scale"], high)
-    assert len(descent["steps"]) == 4
-    held = [s["scale"] for s in descent["steps"] if s["holds_floor"]]
-    if not held:
+    if not any(s["holds_floor"] for s in descent["steps"]):
         assert descent["shipped"] == "pick" and descent["speedup_over_pick"] is None
         return
-    assert descent["shipped"] == ("descended" if descent["speedup_over_pick"] > 1 else "pick")
+    ms = descent["measured_ms"]
+    held = {f"step {i}" for i, s in enumerate(descent["steps"], 1) if s["holds_floor"]}
+    assert set(ms) == {"pick"} | held
+    fastest = min(ms, key=ms.__getitem__)
+    assert descent["speedup_over_pick"] == pytest.approx(ms["pick"] / ms[fastest])
+    assert descent["shipped"] == ("pick" if fastest == "pick" else "descended")
     if descent["shipped"] == "descended":
-        pick_episode = search["floor_tries"][-1]["episode"]
-        pick = next(r for r in episodes_of(run_dir) if r["episode"] == pick_episode)["policy"]
-        shipped = json.loads((run_dir / "policy.json").read_text())["layers"]
-        ratios = {
-            n: shipped[n]["keep_ratio"] / a["keep_ratio"]
-            for n, a in pick["layers"].items()
-            if a["keep_ratio"] * min(held) > 0.25 + 1e-6  # above the profile's least keep ratio
-        }
-        assert any(r == pytest.approx(min(held), abs=1e-3) for r in ratios.values())
-        assert all(r == pytest.approx(min(held), abs=1e-3) or r == 1.0 for r in ratios.values())
+        assert fastest == f"step {descent['shipped_step']}"
+        _check_descended_policy(search, run_dir, bisection)
+
+
+def _check_descended_policy(search: dict, run_dir, bisection: list[dict]) -> None:
+    """Every keep ratio is the pick's, scaled by a held bisection step and at most once more by
+    the group factor, unless it reached the profile's least keep ratio (0.25)."""
+    from pipeline.run.descent import GROUP_FACTOR
+
+    pick_episode = search["floor_tries"][-1]["episode"]
+    pick = next(r for r in episodes_of(run_dir) if r["episode"] == pick_episode)["policy"]
+    shipped = json.loads((run_dir / "policy.json").read_text())["layers"]
+    scales = [1.0] + [s["scale"] for s in bisection if s["holds_floor"]]
+    allowed = [f * g for f in scales for g in (1.0, GROUP_FACTOR)]
+    for name, action in pick["layers"].items():
+        ratio = shipped[name]["keep_ratio"]
+        assert ratio == pytest.approx(0.25) or any(
+            ratio == pytest.approx(action["keep_ratio"] * f, abs=2e-3) for f in allowed
+        )
+    assert any(shipped[n]["keep_ratio"] < a["keep_ratio"] for n, a in pick["layers"].items())

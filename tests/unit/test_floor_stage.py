@@ -52,6 +52,34 @@ def test_descent_scales_every_keep_ratio_but_the_heads_down_to_the_least() -> No
     assert out.keep_ratios() == {"a": 0.4, "b": 0.25, "fc": 1.0}
     assert out.removed == ("layer3.1",) and out.precisions() == pick.precisions()
 
+    only = scaled(pick, 0.5, head="fc", min_keep=0.25, only={"a"})
+    assert only.keep_ratios() == {"a": 0.4, "b": 0.3, "fc": 1.0}
+
+
+def test_the_group_pass_cuts_live_layers_into_runs_of_about_equal_latency() -> None:
+    from pipeline.core.policy import LayerAction, Policy, Precision
+    from pipeline.run.descent import layer_groups
+
+    names = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2", "fc"]
+    pick = Policy({n: LayerAction(0.5, Precision.INT8) for n in names}, removed=("layer1.0",))
+    shares = {"conv1": 0.4, "layer1.0.conv1": 0.3, "layer2.0.conv1": 0.1, "layer2.0.conv2": 0.3}
+    # the removed block's layers and the head are left out; conv1 alone carries half the time
+    assert layer_groups(pick, shares, head="fc", count=2) == [
+        ["conv1"],
+        ["layer2.0.conv1", "layer2.0.conv2"],
+    ]
+    assert layer_groups(pick, shares, head="fc", count=4) == [
+        ["conv1"],
+        ["layer2.0.conv1"],
+        ["layer2.0.conv2"],
+    ]
+    # no share known: equal numbers of layers
+    assert layer_groups(pick, {}, head="fc", count=3) == [
+        ["conv1"],
+        ["layer2.0.conv1"],
+        ["layer2.0.conv2"],
+    ]
+
 
 def test_a_model_holds_the_floor_by_a_margin_for_the_test_set() -> None:
     import numpy as np
