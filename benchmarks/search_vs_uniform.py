@@ -1,7 +1,7 @@
 """The demo's search against uniform pruning at matched latency and at matched accuracy, over
 several seeds.
 
-Runs `pipeline run --target profiles/cpu.yaml` (default agent, budget 0.4 x the original's
+Runs `pipeline run --target profiles/cpu.yaml` (default agent, budget 0.3 x the original's
 measured latency) once per seed, then re-measures every run's original and deployed model with
 plain ONNX Runtime (benchmarks/independent_latency.py), and writes one JSON summary.
 

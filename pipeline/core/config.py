@@ -64,7 +64,7 @@ class SearchConfig(StrictModel):
     episodes: int = Field(40, ge=1, le=MAX_EPISODES)
     reward: Literal["budget", "amc", "accuracy"] = "budget"
     budget_fraction: float = Field(
-        0.4,
+        0.3,
         gt=0,
         le=1,
         description="budget as a fraction of the original's latency, when no "
