@@ -109,12 +109,12 @@ class SearchConfig(StrictModel):
         "scale the held pick's keep ratios down while it still holds the floor; 0: none",
     )
     descent_groups: int = Field(
-        4,
+        0,
         ge=0,
         le=16,
         description="under an accuracy floor, after the bisection: runs of layers of about "
         "equal measured latency, each then shrunk on its own (one full fine-tune each) and "
-        "kept while the floor holds; 0: none",
+        "kept while the floor holds; 0 (default): none",
     )
     recovery_allowance: bool = Field(
         True,

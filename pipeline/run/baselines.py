@@ -57,9 +57,15 @@ def _pruned(ctx: RunContext, keep: float, recovery: Recovery | None = None) -> n
     return build(ctx.original, policy, ctx.profile, recovery).model
 
 
-def _latency(ctx: RunContext, path: Path) -> float:
-    """One round, enough to steer the bisection."""
-    return ctx.bench({"step": path}, rounds=1)["step"]["latency_ms"][ctx.profile.measure.statistic]
+def _relative_latency(ctx: RunContext, path: Path, deployed: Path) -> float:
+    """The graph's latency over the deployed model's, both measured in one session of one
+    round: enough to steer the bisection, and the ratio, unlike a latency measured alone and
+    compared with one measured minutes before, survives the machine's speed drifting."""
+    measured = ctx.bench({"_deployed": deployed, "step": path}, rounds=1)
+    statistic = ctx.profile.measure.statistic
+    return (
+        measured["step"]["latency_ms"][statistic] / measured["_deployed"]["latency_ms"][statistic]
+    )
 
 
 # A matched-latency baseline aims within this much of the deployed model's latency; the report
@@ -70,19 +76,15 @@ MATCH_FINALISTS = 3
 
 
 def matched_keep_ratio(
-    ctx: RunContext,
-    target_ms: float,
-    precision: Precision,
-    tmp: Path,
-    deployed: Path,
-    steps: int = 7,
+    ctx: RunContext, precision: Precision, tmp: Path, deployed: Path, steps: int = 7
 ) -> float:
-    """Bisection on measured latency for the uniform keep ratio matching `target_ms`.
+    """Bisection on measured latency for the uniform keep ratio matching the `deployed` graph's.
 
     Latency is a noisy staircase in the keep ratio (channels round to a multiple), and each
-    bisection step is measured over one round only. So the few ratios that came closest are
-    measured again, interleaved with the `deployed` graph over the profile's rounds, and the one
-    whose latency is closest to the deployed model's in that session is returned.
+    bisection step is measured over one round only, beside the deployed graph. So the few
+    ratios that came closest are measured again, interleaved with the `deployed` graph over the
+    profile's rounds, and the one whose latency is closest to the deployed model's in that
+    session is returned.
     """
     low, high = ctx.profile.min_keep_ratio, 1.0
     tried: list[tuple[float, float, Path]] = []
@@ -90,9 +92,9 @@ def matched_keep_ratio(
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
         _export(ctx, _pruned(ctx, mid), precision, path)
-        latency = _latency(ctx, path)
-        tried.append((abs(latency - target_ms), mid, path))
-        if latency <= target_ms:
+        relative = _relative_latency(ctx, path, deployed)
+        tried.append((abs(relative - 1), mid, path))
+        if relative <= 1:
             low = mid
         else:
             high = mid
@@ -161,13 +163,11 @@ def _uniform(
     ctx: RunContext, record: RunRecord, precision: Precision, tmp: Path, path: Path
 ) -> dict[str, Any]:
     """Uniform pruning in `precision` at the deployed model's latency, fully fine-tuned."""
-
-    target = record.deployed.latency.stat(ctx.profile.measure.statistic)
     stage(
         f"baseline: uniform pruning in {precision.value} at the deployed model's measured "
         "latency (bisection)"
     )
-    keep = matched_keep_ratio(ctx, target, precision, tmp, ctx.run_dir / "model.onnx")
+    keep = matched_keep_ratio(ctx, precision, tmp, ctx.run_dir / "model.onnx")
     model = _recovered(ctx, keep, precision, path)
     return _describe(ctx, record, model, path, {"keep_ratio": keep, "precision": precision.value})
 

@@ -42,7 +42,7 @@ show_progress: false
 finetune: {{steps: 10}}
 search:
   {{candidate_steps: 3, checkpoint_every: 1, baselines: {baselines}, episodes: {episodes},
-   matched_accuracy_steps: 2}}
+   matched_accuracy_steps: 2, descent_groups: 2}}
 """
 
 
@@ -264,7 +264,7 @@ def _check_descent(search: dict, run_dir) -> None:
     for step in bisection:
         assert step["scale"] == pytest.approx((low + high) / 2, abs=1e-4)
         low, high = (low, step["scale"]) if step["holds_floor"] else (step["scale"], high)
-    assert 1 <= len(groups) <= 4 and all(s["scale"] == GROUP_FACTOR for s in groups)
+    assert 1 <= len(groups) <= 2 and all(s["scale"] == GROUP_FACTOR for s in groups)
     for step in descent["steps"]:
         assert step["margin"] >= step["standard_error"]  # validation's and the test set's
         assert step["holds_floor"] == (step["val_accuracy"] - step["margin"] >= floor - 1e-12)
