@@ -138,9 +138,9 @@ def _descent_text(descent: dict[str, Any] | None) -> str:
     )
     speedup = descent.get("speedup_over_pick")
     step = descent.get("shipped_step")
-    which = f"step {step}" if step else descent["shipped"]
+    which = f"step {step}" if step else f"the {descent['shipped']}"
     gain = f" ({speedup:.2f}x the pick)" if speedup else ""
-    return f"{steps}; shipped the {which}{gain}"
+    return f"{steps}; shipped {which}{gain}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -115,9 +115,11 @@ def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray) -> PairedDif
         return PairedDifference(0.0, 0.0, 0.0, n, 0, 0)
     ci = binomtest(a_only, m).proportion_ci(CONFIDENCE, method="exact")
     scale = m / n
-    return PairedDifference(
-        diff, scale * (2 * float(ci.low) - 1), scale * (2 * float(ci.high) - 1), n, a_only, b_only
-    )
+    # With every discordant image on one side the exact bound is the point itself; computed
+    # another way it can land a rounding error short of it
+    low = min(diff, scale * (2 * float(ci.low) - 1))
+    high = max(diff, scale * (2 * float(ci.high) - 1))
+    return PairedDifference(diff, low, high, n, a_only, b_only)
 
 
 def ratio_interval(

@@ -62,6 +62,18 @@ def test_a_balanced_disagreement_is_within_noise() -> None:
     assert diff.difference == 0.0 and diff.low < 0 < diff.high and diff.within_noise
 
 
+@pytest.mark.parametrize(("n", "lost"), [(359, 5), (359, 2), (10000, 7), (1000, 3)])
+def test_every_discordant_image_on_one_side_keeps_the_point_inside_its_interval(n, lost) -> None:
+    a = np.ones(n, bool)
+    b = a.copy()
+    b[:lost] = False  # A right and B wrong on every discordant image: the upper bound is exact
+    diff = paired_difference(a, b)
+    assert diff.low <= diff.difference <= diff.high
+    assert diff.high == pytest.approx(lost / n)
+    flipped = paired_difference(b, a)
+    assert flipped.low <= flipped.difference <= flipped.high
+
+
 def test_mismatched_correctness_arrays_are_refused() -> None:
     with pytest.raises(ValueError, match="equal"):
         paired_difference(np.ones(3, bool), np.ones(4, bool))
