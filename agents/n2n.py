@@ -6,6 +6,13 @@ shrinkage): a unidirectional LSTM reads the coupling groups that survive the bes
 and, autoregressively (each step sees the previous action), picks a keep ratio among a few bins in
 [min_keep, 1]. Both are trained with REINFORCE and an exponential moving-average baseline.
 
+Two additions for a search of a few dozen students. Stage 1 never evaluates a removal twice: a
+repeat is resampled, and once the removal policy only repeats itself, stage 1 ends and its
+remaining episodes go to shrinkage. Under an accuracy floor, stage 2 opens with a bisection on
+one keep ratio for every surviving layer (`agents.bisection`), and the shrinkage bins then scale
+that anchor per group (half to one and a half times it): measured here, random bins in
+[min_keep, 1] almost never held a one-point floor, while a uniform ratio holds it well.
+
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
 between student and teacher logits, `pipeline.model.finetune.distillation_loss`), so nothing here
@@ -25,15 +32,26 @@ import torch
 from torch import nn
 
 from agents.base import Agent
+from agents.bisection import Bisection
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
 from pipeline.core.policy import LayerAction, Policy
-from pipeline.core.space import EpisodeCallback, Evaluator, LayerInfo, RewardFn, SearchSpace
+from pipeline.core.space import (
+    CandidateResult,
+    EpisodeCallback,
+    Evaluator,
+    LayerInfo,
+    RewardFn,
+    SearchSpace,
+)
 
 STATE_VERSION = 1
 BLOCK_FEATURES = 8
 GROUP_FEATURES = 12
+RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
+ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
+ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
 
 
 # ------------------------------------------------------------------------------------ features
@@ -239,6 +257,10 @@ class N2NAgent(Agent):
         self.baselines: dict[int, float | None] = {1: None, 2: None}
         self.pending: dict[int, list[tuple[list[int], float]]] = {1: [], 2: []}
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
+        self.last_result: CandidateResult | None = None
+        self.seen: set[tuple[str, ...]] = set()  # removals evaluated (or drawn) in stage 1
+        floor = self.space.accuracy_floor is not None
+        self.anchor = Bisection(self.space, search_precision(self.space)) if floor else None
 
     # ----------------------------------------------------------------------------- search loop
 
@@ -254,12 +276,21 @@ class N2NAgent(Agent):
         while self.episodes_done < episodes:
             if self.stage == 1 and self.episodes_done >= split:
                 self._finish_stage1()
+            if self.stage == 2 and (keep := self._anchor_keep(episodes)) is not None:
+                self._run_anchor(keep, on_episode)
+                continue
             end = split if self.stage == 1 else episodes
             # Rollouts of one policy are evaluated together (N2N's batch of students): with
             # several workers, the policy is updated once per `workers` rollouts.
             size = min(self.workers, end - self.episodes_done)
-            sample = self._removal_rollout if self.stage == 1 else self._shrink_rollout
-            self._run_batch(self.stage, [sample() for _ in range(size)], on_episode)
+            if self.stage == 1:
+                rollouts = self._removal_rollouts(size)
+                if not rollouts:  # the removal policy only repeats itself: shrink instead
+                    self._finish_stage1()
+                    continue
+            else:
+                rollouts = [self._shrink_rollout() for _ in range(size)]
+            self._run_batch(self.stage, rollouts, on_episode)
 
     def _finish_stage1(self) -> None:
         """Apply the removal policy's last partial batch, then freeze the removal for stage 2."""
@@ -271,11 +302,57 @@ class N2NAgent(Agent):
         """The blocks removed by the best stage-1 student (none before any)."""
         return self.best[1][1].removed if 1 in self.best else ()
 
-    def _removal_rollout(self) -> tuple[list[int], Policy]:
+    def _removal_rollouts(self, size: int) -> list[tuple[list[int], Policy]]:
+        """Up to `size` removals not evaluated before (fewer once the policy repeats itself)."""
         features = block_features(self.space)
-        actions = self.removal.sample(features, self.generator)
-        removed = tuple(b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a)
-        return actions, self._policy(removed, {})
+        rollouts = []
+        for _ in range(size):
+            for _ in range(RESAMPLES):
+                actions = self.removal.sample(features, self.generator)
+                removed = tuple(
+                    b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a
+                )
+                if removed not in self.seen:
+                    self.seen.add(removed)
+                    rollouts.append((actions, self._policy(removed, {})))
+                    break
+            else:
+                break
+        return rollouts
+
+    def _anchor_keep(self, episodes: int) -> float | None:
+        """The floor bisection's next keep ratio, or None once it ended (or without a floor).
+        It takes at most ANCHOR_EPISODES and leaves at least half of stage 2 to shrinkage."""
+        if self.anchor is None or not shrink_groups(self.space, self.best_removed):
+            return None
+        left = episodes - self.episodes_done + len(self.anchor.results)
+        if len(self.anchor.results) >= min(ANCHOR_EPISODES, left // 2):
+            return None
+        return self.anchor.next_keep(ANCHOR_EPISODES)
+
+    def _run_anchor(self, keep: float, on_episode: EpisodeCallback) -> None:
+        """One bisection step: every surviving layer at `keep`, on the best removal."""
+        removed = self.best_removed
+        layers = {x.name: keep for g in shrink_groups(self.space, removed) for x in g}
+        self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
+        result, anchor = self.last_result, self.anchor
+        if anchor is None:  # never: only a floor search has an anchor to run
+            return
+        if result is not None and result.ok:
+            anchor.record(keep, result.latency_ms, result.accuracy)
+        else:
+            anchor.record(keep, None, None)
+
+    @property
+    def shrink_ratios(self) -> list[float]:
+        """The keep ratio of each shrinkage bin: evenly spaced in [min_keep, 1], or around the
+        floor bisection's anchor once it found one."""
+        best = self.anchor.best() if self.anchor is not None else None
+        if best is None:
+            return self.ratios
+        low, high = ANCHOR_SCALES
+        scales = np.linspace(low, high, len(self.ratios))
+        return [float(np.clip(best[0] * x, self.space.min_keep, 1.0)) for x in scales]
 
     def _shrink_rollout(self) -> tuple[list[int], Policy]:
         removed = self.best_removed
@@ -283,8 +360,9 @@ class N2NAgent(Agent):
         if not groups:  # nothing left to shrink: evaluate the removal alone
             return [], self._policy(removed, {})
         actions = self.shrink.sample(group_features(self.space, groups), self.generator)
+        ratios = self.shrink_ratios
         keep = {
-            layer.name: self.ratios[a]
+            layer.name: ratios[a]
             for members, a in zip(groups, actions, strict=True)
             for layer in members
         }
@@ -307,6 +385,7 @@ class N2NAgent(Agent):
         on_episode: EpisodeCallback,
     ) -> None:
         scored = self.evaluate_many([policy for _, policy in rollouts], on_episode)
+        self.last_result = scored[-1][0] if scored else None
         for (actions, _), (result, reward) in zip(rollouts, scored, strict=True):
             if stage not in self.best or reward > self.best[stage][0]:
                 self.best[stage] = (reward, result.policy)
@@ -367,6 +446,8 @@ class N2NAgent(Agent):
                 str(s): {"reward": r, "policy": p.to_dict()} for s, (r, p) in self.best.items()
             },
             "blocks": list(self.space.removable_blocks),
+            "seen": [list(r) for r in sorted(self.seen)],
+            "anchor": self.anchor.state() if self.anchor is not None else None,
         }
         write_json(folder / "n2n.json", meta)
 
@@ -395,3 +476,6 @@ class N2NAgent(Agent):
             int(s): (float(v["reward"]), Policy.from_dict(v["policy"]))
             for s, v in meta["best"].items()
         }
+        self.seen = {tuple(r) for r in meta.get("seen", [])}
+        if self.anchor is not None and meta.get("anchor"):
+            self.anchor.restore(meta["anchor"])

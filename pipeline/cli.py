@@ -121,9 +121,9 @@ def run(
     """Compress a model for a target; with no --model it runs the embedded digits demo.
 
     Without --policy, an agent searches per-layer keep ratios and precisions against latency
-    measured on the target: the most accurate under --budget-ms (default: 0.3 x the original's
-    latency), or with --max-accuracy-drop the fastest within that drop (with both, the fastest
-    within the drop that also meets the budget).
+    measured on the target: the most accurate under --budget-ms (default: 0.6 x the original's
+    latency in its fastest precision, e.g. INT8), or with --max-accuracy-drop the fastest
+    within that drop (with both, the fastest within the drop that also meets the budget).
     """
     # the options by name; each is a RunConfig field of the same name
     raise typer.Exit(_run(dict(locals())))

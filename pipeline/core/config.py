@@ -64,11 +64,17 @@ class SearchConfig(StrictModel):
     episodes: int = Field(40, ge=1, le=MAX_EPISODES)
     reward: Literal["budget", "amc", "accuracy"] = "budget"
     budget_fraction: float = Field(
-        0.3,
+        0.6,
         gt=0,
         le=1,
-        description="budget as a fraction of the original's latency, when no "
-        "budget_ms is given by the flag, the config or the profile",
+        description="budget as a fraction of the original's measured latency (see "
+        "budget_basis), when no budget_ms is given by the flag, the config or the profile",
+    )
+    budget_basis: Literal["fastest", "fp32"] = Field(
+        "fastest",
+        description="what budget_fraction multiplies: 'fastest', the original with every layer "
+        "in its fastest allowed precision, measured (so below 1 the budget always calls for "
+        "pruning); 'fp32', the original as it is",
     )
     candidate_steps: int = Field(
         30, ge=0, le=MAX_STEPS, description="fine-tune steps of each candidate"

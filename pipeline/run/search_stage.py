@@ -31,9 +31,12 @@ def candidate_spec(ctx: RunContext) -> TrainSpec:
     )
 
 
-def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float | None:
+def _budget(
+    ctx: RunContext, original_ms: float, by_precision: dict[str, float], resume: bool
+) -> float | None:
     """The budget in ms; a resumed search keeps the one it started with. The accuracy-floor
-    objective has none unless one is given."""
+    objective has none unless one is given. `by_precision`: the original measured with every
+    layer in each allowed precision (FP32 is the original itself)."""
     path = ctx.run_dir / SETUP
     if resume and path.is_file():
         setup = load_json(path, "search setup", ConfigError, CONFIG_MAX_BYTES)
@@ -46,13 +49,32 @@ def _budget(ctx: RunContext, original_latency_ms: float, resume: bool) -> float 
     budget = ctx.config.budget_ms or ctx.profile.budget_ms
     source = "given" if budget is not None else "none: the fastest within the accuracy floor"
     if budget is None and ctx.config.max_accuracy_drop is None:
-        budget = ctx.config.search.budget_fraction * original_latency_ms
-        source = f"{ctx.config.search.budget_fraction:g} x the original's measured latency"
+        budget, source = _derived_budget(ctx, original_ms, by_precision)
     write_json(
         path,
-        {"budget_ms": budget, "budget_source": source, "original_latency_ms": original_latency_ms},
+        {
+            "budget_ms": budget,
+            "budget_source": source,
+            "original_latency_ms": original_ms,
+            "precision_latency_ms": by_precision,
+        },
     )
     return budget
+
+
+def _derived_budget(
+    ctx: RunContext, original_ms: float, by_precision: dict[str, float]
+) -> tuple[float, str]:
+    """`budget_fraction` x the original's latency: by default in its fastest precision, so the
+    budget asks for pruning even where INT8 alone is several times faster than FP32."""
+    fraction = ctx.config.search.budget_fraction
+    if ctx.config.search.budget_basis == "fp32" or not by_precision:
+        return fraction * original_ms, f"{fraction:g} x the original's measured latency"
+    fastest = min(by_precision, key=lambda p: by_precision[p])
+    return (
+        fraction * by_precision[fastest],
+        f"{fraction:g} x the original's measured latency in {fastest}, its fastest precision",
+    )
 
 
 def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
@@ -153,7 +175,7 @@ def _evaluator(ctx: RunContext) -> CandidateEvaluator:
         ctx.profile,
         ctx.run_dir / "original.onnx",
         candidate_spec(ctx),
-        lambda original_ms: _budget(ctx, original_ms, ctx.resume),
+        lambda original_ms, by_precision: _budget(ctx, original_ms, by_precision, ctx.resume),
         MeasurementCache(ctx.run_dir / "measurements.jsonl"),
         sc.timeout_s,
         latency_model=sc.latency_model,

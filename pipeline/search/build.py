@@ -31,8 +31,9 @@ from pipeline.search.measurements import MeasurementCache, candidate_key
 
 log = logging.getLogger(__name__)
 
-Budget = float | Callable[[float], float] | None
-"""A budget in ms, or how to derive one from the original's measured latency."""
+Budget = float | Callable[[float, dict[str, float]], float] | None
+"""A budget in ms, or how to derive one from the original's measured latency and the
+original's latency with every layer in each allowed precision (e.g. {"fp32": 2.1, "int8": 0.6})."""
 
 
 def build_evaluator(
@@ -59,7 +60,8 @@ def build_evaluator(
     # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
-        space = _space(model, splits, profile, original_onnx, worker, budget_ms)
+        fixed_budget = None if callable(budget_ms) else budget_ms
+        space = _space(model, splits, profile, original_onnx, worker, fixed_budget)
         space = dataclasses.replace(space, max_accuracy_drop=max_accuracy_drop)
         if latency_source == "flops":
             space = dataclasses.replace(space, precisions=(Precision.FP32,))
@@ -72,7 +74,13 @@ def build_evaluator(
         else:
             calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
             by_precision = measure_uniform_precisions(model, space, measured, calib, opset)
-        space = dataclasses.replace(space, precision_latency_ms=by_precision)
+        # A derived budget waits for every precision: "0.6 x the fastest" needs them all.
+        budget = budget_ms(space.original_latency_ms, by_precision) if callable(budget_ms) else None
+        space = dataclasses.replace(
+            space,
+            precision_latency_ms=by_precision,
+            budget_ms=space.budget_ms if budget is None else budget,
+        )
         if measured.model is not None:  # its prior knows each precision's speed from here on
             measured.model.space = space
         return CandidateEvaluator(
@@ -96,7 +104,7 @@ def _space(
     profile: TargetProfile,
     original_onnx: Path,
     worker: MeasureWorker,
-    budget_ms: Budget,
+    budget_ms: float | None,
 ) -> SearchSpace:
     from pipeline.search.space import build_space
 
@@ -106,7 +114,7 @@ def _space(
         model,
         profile,
         original_onnx,
-        budget_ms=budget_ms(latency) if callable(budget_ms) else budget_ms,
+        budget_ms=budget_ms,
         original_accuracy=accuracy(torch_logits(model, val_inputs), val_labels),
         original_latency_ms=latency,
     )

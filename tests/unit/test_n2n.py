@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import pytest
 import torch
 from conftest import Collect
 
@@ -74,3 +76,48 @@ def test_save_load_resumes_to_the_total(tiny_evaluator, tmp_path):
     assert all(r.policy.removed == first.best_removed for r in collect.results[1:])
     second.search(episodes=3, on_episode=collect)  # already done: no extra candidates
     assert len(collect.results) == 3
+
+
+def test_stage1_never_repeats_a_removal_and_ends_when_it_only_repeats(tiny_evaluator):
+    # One removable block: two removals exist, so the third stage-1 draw can only repeat.
+    agent = N2NAgent(tiny_evaluator, reward, seed=3, stage1_fraction=0.75)
+    collect = Collect()
+    agent.search(episodes=4, on_episode=collect)
+    assert agent.stage1_episodes(4) == 3 and agent.stage == 2
+    removals = [r.policy.removed for r in collect.results]
+    assert len(set(removals[:2])) == 2  # both removals, each once
+    assert all(
+        all(a.keep_ratio == 1.0 for a in p.policy.layers.values()) for p in collect.results[:2]
+    )
+    # The third episode, stage 1's by the split, went to shrinkage instead.
+    assert any(a.keep_ratio < 1.0 for a in collect.results[2].policy.layers.values())
+
+
+def test_under_a_floor_shrinkage_scales_a_bisected_anchor(tiny_evaluator, tmp_path):
+    space = dataclasses.replace(tiny_evaluator.space, max_accuracy_drop=0.05)
+    tiny_evaluator.use_space(space)
+    agent = N2NAgent(tiny_evaluator, reward, seed=0, removal_prior=0.5)
+    collect = Collect()
+    agent.search(episodes=6, on_episode=collect)  # 2 removals, 2 bisection steps, 2 shrinks
+    assert agent.anchor is not None and len(agent.anchor.results) == 2
+    anchors = [r.policy for r in collect.results[2:4]]
+    for policy, (keep, _, _) in zip(anchors, agent.anchor.results, strict=True):
+        assert policy.removed == agent.best_removed
+        prunable = {x.name for x in space.prunable}
+        assert {a.keep_ratio for n, a in policy.layers.items() if n in prunable} == {keep}
+    assert agent.anchor.results[0][0] == pytest.approx((space.min_keep + 1.0) / 2)
+    best = agent.anchor.best()
+    ratios = agent.shrink_ratios
+    if best is None:  # nothing held the floor: the bins span [min_keep, 1] as without one
+        assert ratios == agent.ratios
+    else:
+        assert min(ratios) == pytest.approx(max(0.5 * best[0], space.min_keep))
+        assert max(ratios) == pytest.approx(min(1.5 * best[0], 1.0))
+    for result in collect.results[4:]:
+        assert {a.keep_ratio for a in result.policy.layers.values()} <= set(ratios)
+    # The bisection's state survives a resume.
+    agent.save(tmp_path / "agent")
+    again = N2NAgent(tiny_evaluator, reward, seed=9)
+    again.load(tmp_path / "agent")
+    assert again.anchor is not None and again.anchor.results == agent.anchor.results
+    assert again.seen == agent.seen
