@@ -8,10 +8,12 @@ and, autoregressively (each step sees the previous action), picks a keep ratio a
 
 Two additions for a search of a few dozen students. Stage 1 never evaluates a removal twice: a
 repeat is resampled, and once the removal policy only repeats itself, stage 1 ends and its
-remaining episodes go to shrinkage. Under an accuracy floor, stage 2 opens with a bisection on
-one keep ratio for every surviving layer (`agents.bisection`), and the shrinkage bins then scale
-that anchor per group (half to one and a half times it): measured here, random bins in
-[min_keep, 1] almost never held a one-point floor, while a uniform ratio holds it well.
+remaining episodes go to shrinkage. Under an accuracy floor, stage 2 builds on the fastest
+removal that scored at least half the allowed drop above the floor (the fastest removal that
+just holds it leaves nothing for shrinkage: measured, its models lost the floor once built in
+full), opens with a bisection on one keep ratio for every surviving layer (`agents.bisection`),
+and the shrinkage bins then scale that anchor per group (half to one and a half times it):
+measured here, random bins in [min_keep, 1] almost never held a one-point floor.
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
@@ -52,6 +54,7 @@ GROUP_FEATURES = 12
 RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
 ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
 ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
+FLOOR_ROOM = 0.5  # under a floor, shrink on a removal scoring this share of the drop above it
 
 
 # ------------------------------------------------------------------------------------ features
@@ -259,6 +262,8 @@ class N2NAgent(Agent):
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
         self.last_result: CandidateResult | None = None
         self.seen: set[tuple[str, ...]] = set()  # removals evaluated (or drawn) in stage 1
+        # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
+        self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
         floor = self.space.accuracy_floor is not None
         self.anchor = Bisection(self.space, search_precision(self.space)) if floor else None
 
@@ -299,8 +304,22 @@ class N2NAgent(Agent):
 
     @property
     def best_removed(self) -> tuple[str, ...]:
-        """The blocks removed by the best stage-1 student (none before any)."""
+        """The blocks stage 2 shrinks on: the best stage-1 student's (none before any) or,
+        under an accuracy floor, the fastest with room above it (`roomy_removal`)."""
+        roomy = self.roomy_removal()
+        if roomy is not None:
+            return roomy
         return self.best[1][1].removed if 1 in self.best else ()
+
+    def roomy_removal(self) -> tuple[str, ...] | None:
+        """Under an accuracy floor, the fastest stage-1 removal whose score held the floor by
+        FLOOR_ROOM of the allowed drop; None without a floor or without such a removal."""
+        floor, drop = self.space.accuracy_floor, self.space.max_accuracy_drop
+        if floor is None or drop is None:
+            return None
+        need = floor + FLOOR_ROOM * drop
+        roomy = [(ms, r) for r, (ms, score) in self.removals.items() if score >= need]
+        return min(roomy)[1] if roomy else None
 
     def _removal_rollouts(self, size: int) -> list[tuple[list[int], Policy]]:
         """Up to `size` removals not evaluated before (fewer once the policy repeats itself)."""
@@ -387,6 +406,9 @@ class N2NAgent(Agent):
         scored = self.evaluate_many([policy for _, policy in rollouts], on_episode)
         self.last_result = scored[-1][0] if scored else None
         for (actions, _), (result, reward) in zip(rollouts, scored, strict=True):
+            if stage == 1 and result.ok and result.latency_ms is not None:
+                removed = result.policy.removed
+                self.removals[removed] = (float(result.latency_ms), float(result.accuracy))
             if stage not in self.best or reward > self.best[stage][0]:
                 self.best[stage] = (reward, result.policy)
             if actions:
@@ -447,6 +469,7 @@ class N2NAgent(Agent):
             },
             "blocks": list(self.space.removable_blocks),
             "seen": [list(r) for r in sorted(self.seen)],
+            "removals": [[list(r), ms, score] for r, (ms, score) in self.removals.items()],
             "anchor": self.anchor.state() if self.anchor is not None else None,
         }
         write_json(folder / "n2n.json", meta)
@@ -477,5 +500,6 @@ class N2NAgent(Agent):
             for s, v in meta["best"].items()
         }
         self.seen = {tuple(r) for r in meta.get("seen", [])}
+        self.removals = {tuple(r): (ms, score) for r, ms, score in meta.get("removals", [])}
         if self.anchor is not None and meta.get("anchor"):
             self.anchor.restore(meta["anchor"])

@@ -46,7 +46,7 @@ def run_one(agent: str, reward: str, args: argparse.Namespace, baselines: bool) 
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"
     config.write_text(
-        f"search: {{budget_fraction: {args.budget_fraction}, reward: {reward}, "
+        f"search: {{budget_fraction: {args.budget_fraction}, budget_basis: fp32, reward: {reward}, "
         f"baselines: {'true' if baselines else 'false'}}}\n"
     )
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", str(PROFILE)]

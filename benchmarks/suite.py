@@ -59,6 +59,7 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
     config.write_text(
         "search:\n"
         f"  budget_fraction: {budget}\n"
+        "  budget_basis: fp32\n"
         f"  latency_source: {source}\n"
         f"  baselines: {'true' if agent == args.agents[0] and source == 'measured' else 'false'}\n"
     )

@@ -82,6 +82,13 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     counts = sum(search[f"{k}_measurements"] for k in ("real", "cached", "predicted"))
     assert counts == 3 - search["failed_candidates"]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    # The default budget: 0.6 x the original in its fastest precision, measured in this run
+    setup = json.loads((run_dir / "search_setup.json").read_text())
+    by_precision = setup["precision_latency_ms"]
+    fastest = min(by_precision, key=by_precision.get)
+    assert setup["budget_ms"] == pytest.approx(0.6 * by_precision[fastest])
+    assert f"in {fastest}, its fastest precision" in setup["budget_source"]
+    assert report["budget_ms"] == pytest.approx(setup["budget_ms"])
     if search["shipped"] == "best under budget":  # measured again before it shipped
         tries = search["confirmation"]
         assert 1 <= len(tries) <= 3 and all(t["confirmed_ms"] > 0 for t in tries)

@@ -11,6 +11,7 @@ from conftest import Collect
 
 from agents.n2n import N2NAgent, block_features, group_features, shrink_groups
 from agents.rewards import REWARDS
+from pipeline.core.policy import Policy
 
 reward = REWARDS["budget"]
 
@@ -121,3 +122,20 @@ def test_under_a_floor_shrinkage_scales_a_bisected_anchor(tiny_evaluator, tmp_pa
     again.load(tmp_path / "agent")
     assert again.anchor is not None and again.anchor.results == agent.anchor.results
     assert again.seen == agent.seen
+
+
+def test_under_a_floor_shrinkage_builds_on_a_removal_with_room(tiny_evaluator):
+    space = dataclasses.replace(tiny_evaluator.space, max_accuracy_drop=0.04)
+    tiny_evaluator.use_space(space)
+    agent = N2NAgent(tiny_evaluator, reward, seed=0)
+    floor = space.accuracy_floor
+    just = Policy({}, removed=("layer1.0",))
+    agent.best[1] = (1.0, just)  # the best reward: fastest, but only just above the floor
+    agent.removals = {("layer1.0",): (1.0, floor + 0.001), (): (2.0, floor + 0.03)}
+    assert agent.best_removed == ()  # the fastest with half the drop (0.02) to spare
+    agent.removals[("layer1.0",)] = (1.0, floor + 0.021)
+    assert agent.best_removed == ("layer1.0",)
+    agent.removals = {("layer1.0",): (1.0, floor + 0.001)}  # none with room: the best reward
+    assert agent.best_removed == ("layer1.0",)
+    tiny_evaluator.use_space(dataclasses.replace(space, max_accuracy_drop=None))
+    assert N2NAgent(tiny_evaluator, reward, seed=0).roomy_removal() is None  # no floor
