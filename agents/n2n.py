@@ -6,14 +6,20 @@ shrinkage): a unidirectional LSTM reads the coupling groups that survive the bes
 and, autoregressively (each step sees the previous action), picks a keep ratio among a few bins in
 [min_keep, 1]. Both are trained with REINFORCE and an exponential moving-average baseline.
 
-Two additions for a search of a few dozen students. Stage 1 never evaluates a removal twice: a
-repeat is resampled, and once the removal policy only repeats itself, stage 1 ends and its
-remaining episodes go to shrinkage. Under an accuracy floor, stage 2 builds on the fastest
-removal that scored at least half the allowed drop above the floor (the fastest removal that
-just holds it leaves nothing for shrinkage: measured, its models lost the floor once built in
-full), opens with a bisection on one keep ratio for every surviving layer (`agents.bisection`),
-and the shrinkage bins then scale that anchor per group (half to one and a half times it):
-measured here, random bins in [min_keep, 1] almost never held a one-point floor.
+Under an accuracy floor, three additions for a search of a few dozen students:
+
+- Stage 1 never evaluates a removal twice: a repeat is resampled, and once the removal policy
+  only repeats itself, stage 1 ends and its remaining episodes go to shrinkage.
+- Stage 2 builds on the fastest removal that scored at least half the allowed drop above the
+  floor: the fastest removal that just holds it leaves nothing for shrinkage (measured, its
+  models lost the floor once built in full).
+- Stage 2 opens with a bisection on one keep ratio for every surviving layer
+  (`agents.bisection`), and the shrinkage bins then scale that anchor per group (half to one
+  and a half times it): measured here, random bins in [min_keep, 1] almost never held a
+  one-point floor.
+
+Under a budget the search is N2N's as described: measured, exploring more removals there found
+one that just met the budget, on which no shrinkage could gain accuracy.
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
@@ -25,16 +31,22 @@ gradually introduced constraint penalty is the default one.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from agents.base import Agent
 from agents.bisection import Bisection
+from agents.n2n_policies import (
+    RemovalPolicy,
+    ShrinkPolicy,
+    block_features,
+    group_features,
+    inside,
+    shrink_groups,
+)
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
@@ -43,163 +55,14 @@ from pipeline.core.space import (
     CandidateResult,
     EpisodeCallback,
     Evaluator,
-    LayerInfo,
     RewardFn,
-    SearchSpace,
 )
 
 STATE_VERSION = 1
-BLOCK_FEATURES = 8
-GROUP_FEATURES = 12
 RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
 ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
 ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
 FLOOR_ROOM = 0.5  # under a floor, shrink on a removal scoring this share of the drop above it
-
-
-# ------------------------------------------------------------------------------------ features
-
-
-def _inside(name: str, blocks: tuple[str, ...] | list[str]) -> bool:
-    return any(name.startswith(block + ".") for block in blocks)
-
-
-def _totals(space: SearchSpace) -> tuple[float, float]:
-    macs = float(max(sum(layer.macs for layer in space.layers), 1))
-    params = float(max(sum(layer.params for layer in space.layers), 1))
-    return macs, params
-
-
-def block_features(space: SearchSpace) -> torch.Tensor:
-    """One row per removable block, shape (blocks, BLOCK_FEATURES), values roughly in [0, 1].
-
-    N2N describes each layer by type, kernel, stride, padding, outputs and its place inside a
-    skip connection; our unit of removal is a whole residual block, so a row aggregates the
-    block's layers: position, layer count, MAC / parameter / measured-latency shares, stride,
-    width and kernel.
-    """
-    macs, params = _totals(space)
-    count = len(space.removable_blocks)
-    rows = []
-    for i, block in enumerate(space.removable_blocks):
-        real = [layer for layer in space.layers if _inside(layer.name, [block])]
-        rows.append(
-            [
-                i / max(count - 1, 1),
-                len(real) / 4,
-                sum(layer.macs for layer in real) / macs,
-                sum(layer.params for layer in real) / params,
-                sum(layer.latency_share for layer in real),
-                max((layer.stride for layer in real), default=1) / 2,
-                math.log2(max((layer.out_channels for layer in real), default=1)) / 12,
-                max((layer.kernel for layer in real), default=1) / 7,
-            ]
-        )
-    return torch.tensor(rows, dtype=torch.float32).reshape(count, BLOCK_FEATURES)
-
-
-def shrink_groups(space: SearchSpace, removed: tuple[str, ...]) -> list[list[LayerInfo]]:
-    """Coupling groups with a prunable layer left after `removed`, in forward order.
-
-    The shrinkage policy acts once per group, not per layer: pruning gives a coupled group the
-    largest ratio any of its layers asks for, so separate choices inside a group would be
-    overridden silently and blur the credit REINFORCE assigns.
-    """
-    groups: dict[str, list[LayerInfo]] = {}
-    for layer in space.prunable:
-        if not _inside(layer.name, removed):
-            groups.setdefault(layer.group, []).append(layer)
-    return list(groups.values())
-
-
-def group_features(space: SearchSpace, groups: list[list[LayerInfo]]) -> torch.Tensor:
-    """One row per group, shape (groups, GROUP_FEATURES): its first layer's shape and kind, and
-    the group's summed MAC, parameter and measured-latency shares."""
-    macs, params = _totals(space)
-    rows = []
-    for i, members in enumerate(groups):
-        first = members[0]
-        rows.append(
-            [
-                float(first.kind == "conv"),
-                float(first.kind == "dwconv"),
-                float(first.kind == "linear"),
-                first.kernel / 7,
-                first.stride / 2,
-                math.log2(max(first.out_channels, 1)) / 12,
-                math.log2(max(first.in_channels, 1)) / 12,
-                sum(layer.macs for layer in members) / macs,
-                sum(layer.params for layer in members) / params,
-                sum(layer.latency_share for layer in members),
-                i / max(len(groups) - 1, 1),
-                len(members) / 8,
-            ]
-        )
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(groups), GROUP_FEATURES)
-
-
-# ------------------------------------------------------------------------------------ policies
-
-
-class RemovalPolicy(nn.Module):
-    """Bidirectional LSTM over blocks -> logit of removing each block (N2N Fig. 2a)."""
-
-    def __init__(self, hidden: int = 32, prior: float = 0.2) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(BLOCK_FEATURES, hidden, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, 1)
-        with torch.no_grad():  # start near the prior so early students are not all gutted
-            self.head.weight.mul_(0.1)
-            self.head.bias.fill_(math.log(prior / (1.0 - prior)))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(blocks, F) -> removal logits (blocks,)."""
-        out, _ = self.lstm(features.unsqueeze(0))  # (1, blocks, 2H)
-        return self.head(out[0]).squeeze(-1)
-
-    def sample(self, features: torch.Tensor, generator: torch.Generator) -> list[int]:
-        with torch.no_grad():
-            probs = torch.sigmoid(self(features))
-            return [int(a) for a in torch.bernoulli(probs, generator=generator)]
-
-    def log_prob(self, features: torch.Tensor, actions: list[int]) -> torch.Tensor:
-        logits = self(features)
-        a = torch.tensor(actions, dtype=torch.float32)
-        return -nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="sum")
-
-
-class ShrinkPolicy(nn.Module):
-    """Autoregressive LSTM over groups -> categorical over keep-ratio bins (N2N Fig. 2b)."""
-
-    def __init__(self, bins: int = 8, hidden: int = 32) -> None:
-        super().__init__()
-        self.bins = bins
-        self.lstm = nn.LSTM(GROUP_FEATURES + bins + 1, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, bins)
-
-    def _inputs(self, features: torch.Tensor, previous: list[int]) -> torch.Tensor:
-        """Features with the previous action one-hot; index `bins` is the start token."""
-        onehot = nn.functional.one_hot(torch.tensor(previous), self.bins + 1).float()
-        return torch.cat([features, onehot], dim=-1)
-
-    def sample(self, features: torch.Tensor, generator: torch.Generator) -> list[int]:
-        actions: list[int] = []
-        state = None
-        with torch.no_grad():
-            for t in range(features.shape[0]):
-                previous = actions[-1] if actions else self.bins
-                x = self._inputs(features[t : t + 1], [previous]).unsqueeze(0)  # (1, 1, in)
-                out, state = self.lstm(x, state)
-                probs = torch.softmax(self.head(out[0, 0]), dim=-1)
-                actions.append(int(torch.multinomial(probs, 1, generator=generator)))
-        return actions
-
-    def log_prob(self, features: torch.Tensor, actions: list[int]) -> torch.Tensor:
-        """Teacher-forced log-probability of a whole action sequence (one LSTM pass)."""
-        x = self._inputs(features, [self.bins, *actions[:-1]]).unsqueeze(0)  # (1, T, in)
-        out, _ = self.lstm(x)
-        logp = torch.log_softmax(self.head(out[0]), dim=-1)  # (T, bins)
-        return logp.gather(1, torch.tensor(actions).unsqueeze(1)).sum()
 
 
 # --------------------------------------------------------------------------------------- agent
@@ -261,7 +124,7 @@ class N2NAgent(Agent):
         self.pending: dict[int, list[tuple[list[int], float]]] = {1: [], 2: []}
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
         self.last_result: CandidateResult | None = None
-        self.seen: set[tuple[str, ...]] = set()  # removals evaluated (or drawn) in stage 1
+        self.seen: set[tuple[str, ...]] = set()  # removals drawn in stage 1
         # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
         self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
         floor = self.space.accuracy_floor is not None
@@ -322,7 +185,8 @@ class N2NAgent(Agent):
         return min(roomy)[1] if roomy else None
 
     def _removal_rollouts(self, size: int) -> list[tuple[list[int], Policy]]:
-        """Up to `size` removals not evaluated before (fewer once the policy repeats itself)."""
+        """Up to `size` removals; under a floor, only ones not evaluated before (fewer once the
+        policy repeats itself)."""
         features = block_features(self.space)
         rollouts = []
         for _ in range(size):
@@ -331,7 +195,7 @@ class N2NAgent(Agent):
                 removed = tuple(
                     b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a
                 )
-                if removed not in self.seen:
+                if self.anchor is None or removed not in self.seen:
                     self.seen.add(removed)
                     rollouts.append((actions, self._policy(removed, {})))
                     break
@@ -393,7 +257,7 @@ class N2NAgent(Agent):
         layers = {
             layer.name: LayerAction(keep.get(layer.name, 1.0), precision)
             for layer in self.space.layers
-            if not _inside(layer.name, removed)
+            if not inside(layer.name, removed)
         }
         return Policy(layers, removed=removed)
 

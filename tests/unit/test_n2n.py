@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import Collect
 
-from agents.n2n import N2NAgent, block_features, group_features, shrink_groups
+from agents.n2n import N2NAgent
+from agents.n2n_policies import block_features, group_features, shrink_groups
 from agents.rewards import REWARDS
 from pipeline.core.policy import Policy
 
@@ -79,7 +80,11 @@ def test_save_load_resumes_to_the_total(tiny_evaluator, tmp_path):
     assert len(collect.results) == 3
 
 
-def test_stage1_never_repeats_a_removal_and_ends_when_it_only_repeats(tiny_evaluator):
+def test_under_a_floor_stage1_never_repeats_a_removal_and_ends_when_it_only_repeats(
+    tiny_evaluator,
+):
+    space = dataclasses.replace(tiny_evaluator.space, max_accuracy_drop=0.05)
+    tiny_evaluator.use_space(space)
     # One removable block: two removals exist, so the third stage-1 draw can only repeat.
     agent = N2NAgent(tiny_evaluator, reward, seed=3, stage1_fraction=0.75)
     collect = Collect()
@@ -90,7 +95,7 @@ def test_stage1_never_repeats_a_removal_and_ends_when_it_only_repeats(tiny_evalu
     assert all(
         all(a.keep_ratio == 1.0 for a in p.policy.layers.values()) for p in collect.results[:2]
     )
-    # The third episode, stage 1's by the split, went to shrinkage instead.
+    # The third episode, stage 1's by the split, went to stage 2 instead (its bisection).
     assert any(a.keep_ratio < 1.0 for a in collect.results[2].policy.layers.values())
 
 
