@@ -123,12 +123,12 @@ class N2NAgent(Agent):
         self.baselines: dict[int, float | None] = {1: None, 2: None}
         self.pending: dict[int, list[tuple[list[int], float]]] = {1: [], 2: []}
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
-        self.last_result: CandidateResult | None = None
         self.seen: set[tuple[str, ...]] = set()  # removals drawn in stage 1
         # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
         self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
-        floor = self.space.accuracy_floor is not None
-        self.anchor = Bisection(self.space, search_precision(self.space)) if floor else None
+        self.under_floor = self.space.accuracy_floor is not None
+        precision = search_precision(self.space)
+        self.anchor = Bisection(self.space, precision) if self.under_floor else None
 
     # ----------------------------------------------------------------------------- search loop
 
@@ -195,7 +195,7 @@ class N2NAgent(Agent):
                 removed = tuple(
                     b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a
                 )
-                if self.anchor is None or removed not in self.seen:
+                if not self.under_floor or removed not in self.seen:
                     self.seen.add(removed)
                     rollouts.append((actions, self._policy(removed, {})))
                     break
@@ -217,14 +217,13 @@ class N2NAgent(Agent):
         """One bisection step: every surviving layer at `keep`, on the best removal."""
         removed = self.best_removed
         layers = {x.name: keep for g in shrink_groups(self.space, removed) for x in g}
-        self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
-        result, anchor = self.last_result, self.anchor
-        if anchor is None:  # never: only a floor search has an anchor to run
+        ((result, _),) = self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
+        if self.anchor is None:  # never: only a floor search has an anchor to run
             return
-        if result is not None and result.ok:
-            anchor.record(keep, result.latency_ms, result.accuracy)
+        if result.ok:
+            self.anchor.record(keep, result.latency_ms, result.accuracy)
         else:
-            anchor.record(keep, None, None)
+            self.anchor.record(keep, None, None)
 
     @property
     def shrink_ratios(self) -> list[float]:
@@ -266,9 +265,10 @@ class N2NAgent(Agent):
         stage: int,
         rollouts: list[tuple[list[int], Policy]],
         on_episode: EpisodeCallback,
-    ) -> None:
+    ) -> list[tuple[CandidateResult, float]]:
+        """Evaluate the rollouts, keep each stage's best and update that stage's policy;
+        returns each rollout's result and reward."""
         scored = self.evaluate_many([policy for _, policy in rollouts], on_episode)
-        self.last_result = scored[-1][0] if scored else None
         for (actions, _), (result, reward) in zip(rollouts, scored, strict=True):
             if stage == 1 and result.ok and result.latency_ms is not None:
                 removed = result.policy.removed
@@ -278,6 +278,7 @@ class N2NAgent(Agent):
             if actions:
                 self.pending[stage].append((actions, reward))
         self._update(stage)
+        return scored
 
     # -------------------------------------------------------------------------------- learning
 

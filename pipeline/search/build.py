@@ -31,9 +31,9 @@ from pipeline.search.measurements import MeasurementCache, candidate_key
 
 log = logging.getLogger(__name__)
 
-Budget = float | Callable[[float, dict[str, float]], float] | None
-"""A budget in ms, or how to derive one from the original's measured latency and the
-original's latency with every layer in each allowed precision (e.g. {"fp32": 2.1, "int8": 0.6})."""
+Budget = float | Callable[[float, dict[str, float]], float | None] | None
+"""A budget in ms, or how to derive one (None: no budget) from the original's measured latency
+and its latency with every layer in each allowed precision (e.g. {"fp32": 2.1, "int8": 0.6})."""
 
 
 def build_evaluator(
