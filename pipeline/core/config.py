@@ -99,6 +99,12 @@ class SearchConfig(StrictModel):
         description="bisection steps (each a full fine-tune, about a minute for the demo) for "
         "uniform baselines at the deployed model's test accuracy; 0 skips them",
     )
+    matched_accuracy_precisions: Literal["search", "all"] = Field(
+        "search",
+        description="which uniform baselines get that bisection: 'search', the one in the "
+        "precision the search pruned in (the harder baseline; FP32 when it pruned in FP32); "
+        "'all', every matched-latency one (FP32 too, several more minutes)",
+    )
     floor_confidence: float = Field(
         0.9,
         ge=0.5,

@@ -6,15 +6,17 @@
 - `uniform_int8` (or `uniform_fp16`): the same in the precision the search pruned in, when that
   is not FP32 (the precision in which the whole original measured fastest): a hand-picked
   `uniform:R:int8` at matched latency, the harder baseline.
-- `uniform_at_accuracy` (and `uniform_int8_at_accuracy`): uniform pruning at the least keep
-  ratio whose test accuracy, after the same full fine-tune, is at least the deployed model's:
-  how much faster the deployed model is at equal accuracy. Found by bisection between the
-  matched-latency ratio and the unpruned original; `reached` is false when even the unpruned
-  original in that precision is less accurate than the deployed model.
-- `uniform_at_floor` (and `uniform_int8_at_floor`), in place of `*_at_accuracy` when the search
-  ran the accuracy-floor objective: uniform pruning at the least keep ratio that holds the same
-  floor on test (the original's test accuracy minus `max_accuracy_drop`), found the same way:
-  how much faster the deployed model is than the best uniform policy allowed the same loss.
+- `uniform_int8_at_accuracy` (`uniform_at_accuracy` when the search pruned in FP32, and both
+  with `search.matched_accuracy_precisions: all`): uniform pruning in the search's precision at
+  the least keep ratio whose test accuracy, after the same full fine-tune, is at least the
+  deployed model's: how much faster the deployed model is at equal accuracy. Found by bisection
+  between the matched-latency ratio and the unpruned original; `reached` is false when even the
+  unpruned original in that precision is less accurate than the deployed model.
+- `uniform_int8_at_floor` (or `uniform_at_floor`, as above), in place of `*_at_accuracy` when
+  the search ran the accuracy-floor objective: uniform pruning at the least keep ratio that
+  holds the same floor on test (the original's test accuracy minus `max_accuracy_drop`),
+  found the same way: how much faster the deployed model is than the best uniform policy
+  allowed the same loss.
 - `int8`: the unpruned original with every layer in INT8.
 
 Once built, every baseline is measured together with the deployed model, interleaved in one
@@ -252,6 +254,15 @@ def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Pat
             side["latency_matched"] = abs(side["deployed_speedup"] - 1) <= MATCH_TOLERANCE
 
 
+def _at_accuracy_wanted(ctx: RunContext, precision: Precision, searched: Precision) -> bool:
+    """Whether the uniform baseline in `precision` also gets the equal-accuracy bisection: each
+    step is a full fine-tune, so by default only the one in the search's precision does."""
+    search = ctx.config.search
+    if not search.matched_accuracy_steps:
+        return False
+    return search.matched_accuracy_precisions == "all" or precision == searched
+
+
 def run_baselines(ctx: RunContext, record: RunRecord) -> None:
     """Fill `record.baselines` with the uniform and all-INT8 baselines."""
 
@@ -279,7 +290,7 @@ def run_baselines(ctx: RunContext, record: RunRecord) -> None:
             path = kept / f"{name}.onnx"
             baselines[name] = _uniform(ctx, record, precision, tmp, path)
             top = unpruned.get(precision)
-            if ctx.config.search.matched_accuracy_steps and top is not None and top.is_file():
+            if _at_accuracy_wanted(ctx, precision, searched) and top is not None and top.is_file():
                 baselines[name + suffix] = _at_accuracy(
                     ctx,
                     record,

@@ -108,7 +108,8 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
         "## Baselines (same runner, same run)",
         "",
         "Uniform pruning at the deployed model's latency (`uniform*`) and, when "
-        "`search.matched_accuracy_steps` is set, at its test accuracy (`*_at_accuracy`; "
+        "`search.matched_accuracy_steps` is set, in the search's precision at its test "
+        "accuracy (`*_at_accuracy`; "
         "`*_at_floor` under the accuracy-floor objective: the least keep ratio holding the "
         "same floor on test), each "
         "fully fine-tuned like it. The last column comes from one session measuring every "

@@ -105,7 +105,10 @@ def test_search_with_baselines_on_the_same_runner(tmp_path, trained_tiny_resnet)
     report = json.loads((run_dir_of(workdir) / "report.json").read_text())
     searched = report["search"]["search_precision"]
     uniforms = {"uniform"} | (set() if searched == "fp32" else {f"uniform_{searched}"})
-    at_accuracy = {f"{name}_at_accuracy" for name in uniforms}
+    # the equal-accuracy bisection runs in the search's precision only (the default)
+    at_accuracy = {
+        "uniform_at_accuracy" if searched == "fp32" else f"uniform_{searched}_at_accuracy"
+    }
     baselines = report["baselines"]
     assert set(baselines) == {"int8", *uniforms, *at_accuracy}
     kept = {p.name for p in (run_dir_of(workdir) / "baselines").iterdir()}

@@ -91,14 +91,23 @@ def test_baselines_are_built_measured_and_scored_on_the_same_images(ran) -> None
     assert "latency_matched" not in record.baselines["int8"]
 
 
-def test_under_the_floor_objective_the_accuracy_baselines_hold_the_floor(ran) -> None:
+@pytest.mark.parametrize(
+    ("precisions", "expected"),
+    [("search", ["uniform_int8_at_floor"]), ("all", ["uniform_at_floor", "uniform_int8_at_floor"])],
+)
+def test_under_the_floor_objective_the_accuracy_baselines_hold_the_floor(
+    ran, precisions: str, expected: list[str]
+) -> None:
     ctx, record = ran
-    ctx.config = RunConfig(**CONFIG, search={"matched_accuracy_steps": 1})
+    search = {"matched_accuracy_steps": 1, "matched_accuracy_precisions": precisions}
+    ctx.config = RunConfig(**CONFIG, search=search)
     summary = {"search_precision": "int8", "accuracy_floor": 0.5}
     record.search = SearchRecord(summary, budget_ms=None, original_ms=1.0)
     run_baselines(ctx, record)
     floor = record.original.accuracy - ctx.profile.max_accuracy_drop
-    for name in ("uniform_at_floor", "uniform_int8_at_floor"):
+    at_floor = sorted(name for name in record.baselines if name.endswith("_at_floor"))
+    assert at_floor == expected  # by default only the search's precision: each step is costly
+    for name in expected:
         side = record.baselines[name]
         assert side["target_accuracy"] == pytest.approx(floor)
         assert "latency_matched" not in side
