@@ -166,11 +166,12 @@ def _quantize(
     int8_map = {name: nodes[name] for name in int8_layers}
     overrides = _tensor_overrides(model, int8_map, activation_overrides or {}, scheme)
     _unshare_initializers(model)
+    folded = _foldable_relus(model, set(int8_nodes), overrides, scheme)
     prepared, quant = work / "prepared.onnx", work / "quant.onnx"
     onnx.save(model, str(prepared))
     # The calibrators print progress to stdout; keep it out of the CLI's progress display.
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        _quantize_static(prepared, quant, model, int8_nodes, scheme, samples, overrides)
+        _quantize_static(prepared, quant, model, int8_nodes + folded, scheme, samples, overrides)
     logger.debug("onnxruntime quantizer: %s", chatter.getvalue().strip())
     quantized = onnx.load(str(quant))
     float_nodes = {n.name for n in quantized.graph.node if n.op_type in FLOAT_OPS}
@@ -212,6 +213,53 @@ def _tensor_overrides(
             }
             overrides.setdefault(tensor, [qparams])
     return overrides
+
+
+def _foldable_relus(
+    model: onnx.ModelProto,
+    int8_nodes: set[str],
+    overrides: dict[str, list[dict[str, np.ndarray]]],
+    scheme: Int8Scheme,
+) -> list[str]:
+    """The Relu nodes the quantizer may fold into the INT8 layer before them.
+
+    Quantized on its own, an INT8 Conv's output is dequantized, clipped by the float Relu and
+    quantized again for the next layer: a DequantizeLinear -> QuantizeLinear pair per Relu that
+    ONNX Runtime does not fuse (about 8% of a pruned ResNet-18's INT8 latency at 48x48 here).
+    Given the Relu too, the quantizer drops it and quantizes the Conv's output once, with the
+    Relu output's range: its zero point is then 0, so the clamp at 0 does the Relu's work.
+
+    Only where that is exact: unsigned activations (a symmetric range has no clamp at 0), a Relu
+    fed by an INT8 layer alone, no float layer reading its output (those read the float tensor
+    before the Q -> DQ pair, which would then be the Conv's, unclipped), and no imposed scale
+    on either side (QAT learned those for the two tensors as they were).
+    """
+    if scheme.activation_type != "uint8":
+        return []
+    producers = {out: n for n in model.graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    folded = []
+    for node in model.graph.node:
+        if node.op_type != "Relu" or not node.name:
+            continue
+        source, result = node.input[0], node.output[0]
+        producer = producers.get(source)
+        readers = consumers.get(result, [])
+        if (
+            producer is not None
+            and producer.name in int8_nodes
+            and len(consumers.get(source, [])) == 1
+            and source not in overrides
+            and result not in overrides
+            and result not in outputs
+            and not any(r.op_type in FLOAT_OPS and r.name not in int8_nodes for r in readers)
+        ):
+            folded.append(node.name)
+    return folded
 
 
 def _quantize_static(

@@ -73,6 +73,21 @@ def _assert_fp32_layers_are_clean(path: Path, precisions: dict[str, Precision]) 
             assert upstream is None or upstream.op_type != "QuantizeLinear", fqn
 
 
+def _data_source_ops(path: Path, layers: list[str]) -> dict[str, str | None]:
+    """{layer -> op type of the node producing its data input (None: a graph input)}."""
+    proto = onnx.load(str(path))
+    nodes = {n.name: n for n in proto.graph.node}
+    producers = {out: n.op_type for n in proto.graph.node for out in n.output}
+    return {
+        fqn: producers.get(nodes[name].input[0])
+        for fqn, name in layer_node_map(proto, layers).items()
+    }
+
+
+def _relu_count(path: Path) -> int:
+    return sum(n.op_type == "Relu" for n in onnx.load(str(path)).graph.node)
+
+
 @pytest.mark.parametrize("kind", ["all-int8", "mixed", "all-fp32"])
 @pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2"])
 def test_graph_matches_the_policy_exactly(exports, tmp_path, model_name, kind):
@@ -83,12 +98,35 @@ def test_graph_matches_the_policy_exactly(exports, tmp_path, model_name, kind):
     onnx.checker.check_model(str(out), full_check=True)
     assert layer_precisions(out, layers) == precisions
     _assert_fp32_layers_are_clean(out, precisions)
+    # a float layer reads its input from the same kind of node as in the FP32 graph: a Relu
+    # before it is never folded into its INT8 neighbour's quantization
+    fp32 = [name for name in layers if precisions[name] == FP32]
+    before = _data_source_ops(fp32_path, fp32)
+    assert _data_source_ops(out, fp32) == before
     assert report["int8_layers"] == [n for n in layers if precisions[n] == INT8]
     assert report["fp32_layers"] == [n for n in layers if precisions[n] == FP32]
     assert report["scheme"] == QDQ_U8S8.model_dump()
     assert report["calib_samples"] == (0 if kind == "all-fp32" else 16)
     assert run_onnx(out, _calib(3, seed=1)).shape == (3, 10)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_relus_after_int8_layers_fold_into_their_quantization(exports, tmp_path):
+    """U8 activations: each Conv -> Relu of INT8 layers is quantized once, so no DQ -> Q pair
+    is left between them, and the outputs still agree with the float graph."""
+    layers, fp32_path = exports["resnet18"]
+    calib, data = _calib(), _calib(8, seed=1)
+    out = tmp_path / "u8.onnx"
+    quantize_onnx(fp32_path, out, dict.fromkeys(layers, INT8), QDQ_U8S8, calib)
+    # ResNet-18: a Relu after the stem and after each block's first conv (9) folds; the 8
+    # after the residual Adds (not layers, so not quantized here) stay
+    assert (_relu_count(fp32_path), _relu_count(out)) == (17, 8)
+    reference = tmp_path / "unfolded.onnx"  # signed activations: nothing folds
+    signed = Int8Scheme(activation_type="int8", weight_type="int8", calib_samples=16)
+    quantize_onnx(fp32_path, reference, dict.fromkeys(layers, INT8), signed, calib)
+    assert _relu_count(reference) == 17
+    float_top = run_onnx(fp32_path, data).argmax(1)
+    assert (run_onnx(out, data).argmax(1) == float_top).mean() >= 0.75
 
 
 def test_all_fp32_policy_copies_the_file(exports, tmp_path):
