@@ -64,8 +64,9 @@ class MeasureSpec(StrictModel):
         3,
         ge=1,
         le=MAX_ROUNDS,
-        description="rounds of the final comparisons: each round measures every side once, in "
-        "turn, and each side's figure is its median over rounds",
+        description="rounds of the final comparisons, and of the original's measurement in "
+        "each precision before a search: each round measures every side once, in turn, and "
+        "each side's figure is its median over rounds",
     )
     report_batches: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
         default_factory=list,

@@ -115,10 +115,12 @@ def bench_interleaved(
     for _ in range(rounds):
         for key, path in artifacts.items():
             per_side[key].append(measure(path))
-    return {key: _over_rounds(results) for key, results in per_side.items()}
+    return {key: over_rounds(results) for key, results in per_side.items()}
 
 
-def _over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+def over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's `bench_artifact` results of several rounds as one: each statistic's median
+    over the rounds, with the per-round medians in `rounds_ms`."""
     stats = results[0]["latency_ms"].keys()
     latency = {k: float(np.median([r["latency_ms"][k] for r in results])) for k in stats}
     floor_ms = results[0]["floor_ms"]

@@ -12,6 +12,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -20,12 +21,13 @@ from pipeline.core.policy import Precision, uniform_policy
 from pipeline.core.profile import TargetProfile
 from pipeline.core.space import SearchSpace
 from pipeline.core.train_spec import TrainSpec
+from pipeline.measure.bench import over_rounds
 from pipeline.measure.latency_model import LatencyModel
 from pipeline.measure.measure_worker import MeasureWorker
 from pipeline.model.data import Splits
 from pipeline.model.evaluate import accuracy, stack, torch_logits
 from pipeline.search.candidate import CANDIDATE_CALIB_SAMPLES, CandidateEvaluator
-from pipeline.search.latency import Built, MeasuredLatency
+from pipeline.search.latency import MeasuredLatency
 from pipeline.search.materialize import export_graph, layer_precisions
 from pipeline.search.measurements import MeasurementCache, candidate_key
 
@@ -60,20 +62,24 @@ def build_evaluator(
     # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
+        cache = cache or MeasurementCache()
+        with tempfile.TemporaryDirectory() as tmp:
+            graphs: dict[Precision, Path] = {}
+            if latency_source != "flops":
+                calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
+                graphs = uniform_graphs(model, profile, calib, opset, Path(tmp))
+            session = measure_originals(worker, profile, original_onnx, graphs)
         fixed_budget = None if callable(budget_ms) else budget_ms
-        space = _space(model, splits, profile, original_onnx, worker, fixed_budget)
+        original_ms = session[Precision.FP32]["latency_ms"][profile.measure.statistic]
+        space = _space(model, splits, profile, original_onnx, original_ms, fixed_budget)
         space = dataclasses.replace(space, max_accuracy_drop=max_accuracy_drop)
         if latency_source == "flops":
             space = dataclasses.replace(space, precisions=(Precision.FP32,))
         use_model = latency_model and latency_source == "measured"
         measured = MeasuredLatency(
-            profile, worker, cache or MeasurementCache(), LatencyModel(space) if use_model else None
+            profile, worker, cache, LatencyModel(space) if use_model else None
         )
-        if latency_source == "flops":
-            by_precision = {Precision.FP32.value: space.original_latency_ms}
-        else:
-            calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
-            by_precision = measure_uniform_precisions(model, space, measured, calib, opset)
+        by_precision = record_uniform_precisions(model, space, measured, session)
         # A derived budget waits for every precision: "0.6 x the fastest" needs them all.
         budget = budget_ms(space.original_latency_ms, by_precision) if callable(budget_ms) else None
         space = dataclasses.replace(
@@ -103,12 +109,11 @@ def _space(
     splits: Splits,
     profile: TargetProfile,
     original_onnx: Path,
-    worker: MeasureWorker,
+    original_ms: float,
     budget_ms: float | None,
 ) -> SearchSpace:
     from pipeline.search.space import build_space
 
-    latency = worker.measure(original_onnx)["latency_ms"][profile.measure.statistic]
     val_inputs, val_labels = stack(splits.val)
     return build_space(
         model,
@@ -116,45 +121,79 @@ def _space(
         original_onnx,
         budget_ms=budget_ms,
         original_accuracy=accuracy(torch_logits(model, val_inputs), val_labels),
-        original_latency_ms=latency,
+        original_latency_ms=original_ms,
     )
 
 
-def measure_uniform_precisions(
-    model: nn.Module,
-    space: SearchSpace,
-    measured: MeasuredLatency,
-    calib: np.ndarray,
-    opset: int = 17,
-) -> dict[str, float]:
-    """The original with every layer in each allowed precision, measured on the target; these
-    are also the latency model's first anchors.
-
-    FP32 is the original's own latency. A precision whose export or measurement fails is
-    left out, so searches never prune in it (`agents.precisions.search_precision`).
-    """
-    profile = measured.profile
-    by_precision: dict[str, float] = {}
-    if Precision.FP32 in profile.precisions:
-        by_precision[Precision.FP32.value] = space.original_latency_ms
-        if measured.model is not None:
-            fp32 = measured.features(model, uniform_policy(model, 1.0, Precision.FP32))
-            measured.model.observe(fp32, space.original_latency_ms, None)
+def uniform_graphs(
+    model: nn.Module, profile: TargetProfile, calib: np.ndarray, opset: int, folder: Path
+) -> dict[Precision, Path]:
+    """The original with every layer in each allowed precision but FP32 (the original's own
+    graph), exported to `folder`. A precision whose export fails is left out, so searches
+    never prune in it (`agents.precisions.search_precision`)."""
+    graphs = {}
     for precision in profile.precisions:
         if precision == Precision.FP32:
             continue
-        policy = uniform_policy(model, 1.0, precision)
-        key = candidate_key(model, policy, profile)
+        path = folder / f"uniform_{precision.value}.onnx"
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "uniform.onnx"
-                if measured.cache.get(key) is None:
-                    copied = copy.deepcopy(model)
-                    precisions = layer_precisions(copied, policy)
-                    export_graph(copied, precisions, profile, path, calib, opset)
-                built = Built(key, path, 0, measured.features(model, policy))
-                estimate = measured.latency(built, lambda ms: True, counted=False)
-                by_precision[precision.value] = estimate.ms
+            copied = copy.deepcopy(model)
+            policy = uniform_policy(copied, 1.0, precision)
+            export_graph(copied, layer_precisions(copied, policy), profile, path, calib, opset)
         except Exception as exc:  # the search goes on without that precision
-            log.warning("the original in %s could not be measured: %s", precision.value, exc)
+            log.warning("the original in %s could not be exported: %s", precision.value, exc)
+            continue
+        graphs[precision] = path
+    return graphs
+
+
+def measure_originals(
+    worker: MeasureWorker,
+    profile: TargetProfile,
+    original_onnx: Path,
+    graphs: dict[Precision, Path],
+) -> dict[Precision, dict[str, Any]]:
+    """The original (FP32) and `graphs` measured in one interleaved session of the profile's
+    rounds: the budget and the choice of search precision rest on these figures, and one
+    reading taken alone can be off by a slow spell of the machine. A precision that fails to
+    measure is left out; the original failing is an error."""
+    sides: dict[Precision, Path] = {Precision.FP32: original_onnx, **graphs}
+    results: dict[Precision, list[dict[str, Any]]] = {key: [] for key in sides}
+    for _ in range(profile.measure.rounds):
+        for key in list(results):
+            try:
+                results[key].append(worker.measure(sides[key]))
+            except Exception as exc:
+                if key == Precision.FP32:
+                    raise
+                log.warning("the original in %s could not be measured: %s", key.value, exc)
+                del results[key]
+    return {key: over_rounds(rounds) for key, rounds in results.items()}
+
+
+def record_uniform_precisions(
+    model: nn.Module,
+    space: SearchSpace,
+    measured: MeasuredLatency,
+    session: dict[Precision, dict[str, Any]],
+) -> dict[str, float]:
+    """{precision -> the original's latency in it}, from `measure_originals`' session; each
+    becomes the cached measurement of that candidate (a resumed search keeps the one it
+    cached first) and an anchor of the latency model."""
+    statistic = measured.profile.measure.statistic
+    by_precision: dict[str, float] = {}
+    for precision, result in session.items():
+        if precision not in space.precisions:
+            continue
+        policy = uniform_policy(model, 1.0, precision)
+        key = candidate_key(model, policy, measured.profile)
+        stats = measured.cache.get(key)
+        if stats is None:
+            stats = result["latency_ms"]
+            if precision != Precision.FP32:  # the unpruned FP32 candidate is the original
+                measured.cache.put(key, stats)
+        by_precision[precision.value] = float(stats[statistic])
+        if measured.model is not None:
+            features = measured.features(model, policy)
+            measured.model.observe(features, by_precision[precision.value], None)
     return by_precision

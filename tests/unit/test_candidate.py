@@ -30,6 +30,34 @@ def test_the_original_is_measured_in_every_allowed_precision(tiny_evaluator):
     assert all(ms > 0 for ms in measured.values())
     # Not candidates: the search's measurement counts leave them out.
     assert (tiny_evaluator.real_measurements, tiny_evaluator.cached_measurements) == (0, 0)
+    # the unpruned INT8 candidate is judged by the same figure that set the budget
+    if "int8" in measured:
+        unpruned = uniform_policy(tiny_evaluator.model, 1.0, Precision.INT8)
+        result = tiny_evaluator.evaluate(unpruned)
+        assert result.source == "cached" and result.latency_ms == measured["int8"]
+
+
+def test_the_originals_are_measured_in_one_session_and_a_failing_precision_drops_out(
+    tmp_path, trained_tiny_resnet, tiny_profile
+):
+    """The original in each precision: medians over the profile's interleaved rounds; a graph
+    that cannot be measured leaves its precision out instead of failing the run."""
+    from conftest import TEST_INPUT
+
+    from exporters import export_onnx
+    from pipeline.measure.measure_worker import MeasureWorker
+    from pipeline.search.build import measure_originals
+
+    original = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
+    broken = tmp_path / "int8.onnx"
+    broken.write_bytes(b"not a graph")
+    rounds = tiny_profile.measure.rounds
+    with MeasureWorker(tiny_profile, timeout_s=60) as worker:
+        session = measure_originals(worker, tiny_profile, original, {Precision.INT8: broken})
+    assert set(session) == {Precision.FP32}
+    fp32 = session[Precision.FP32]
+    assert len(fp32["rounds_ms"]) == rounds
+    assert fp32["latency_ms"]["median"] == float(np.median(fp32["rounds_ms"]))
 
 
 def test_candidate_is_measured_then_cached(tiny_evaluator):
