@@ -62,13 +62,9 @@ def build_evaluator(
     # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
-        cache = cache or MeasurementCache()
-        with tempfile.TemporaryDirectory() as tmp:
-            graphs: dict[Precision, Path] = {}
-            if latency_source != "flops":
-                calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
-                graphs = uniform_graphs(model, profile, calib, opset, Path(tmp))
-            session = measure_originals(worker, profile, original_onnx, graphs)
+        session = _originals_session(
+            model, splits, profile, original_onnx, worker, opset, latency_source == "flops"
+        )
         fixed_budget = None if callable(budget_ms) else budget_ms
         original_ms = session[Precision.FP32]["latency_ms"][profile.measure.statistic]
         space = _space(model, splits, profile, original_onnx, original_ms, fixed_budget)
@@ -77,7 +73,7 @@ def build_evaluator(
             space = dataclasses.replace(space, precisions=(Precision.FP32,))
         use_model = latency_model and latency_source == "measured"
         measured = MeasuredLatency(
-            profile, worker, cache, LatencyModel(space) if use_model else None
+            profile, worker, cache or MeasurementCache(), LatencyModel(space) if use_model else None
         )
         by_precision = record_uniform_precisions(model, space, measured, session)
         # A derived budget waits for every precision: "0.6 x the fastest" needs them all.
@@ -102,6 +98,24 @@ def build_evaluator(
     except BaseException:
         worker.close(kill=True)
         raise
+
+
+def _originals_session(
+    model: nn.Module,
+    splits: Splits,
+    profile: TargetProfile,
+    original_onnx: Path,
+    worker: MeasureWorker,
+    opset: int,
+    fp32_only: bool,
+) -> dict[Precision, dict[str, Any]]:
+    """`measure_originals` of the original and, unless `fp32_only`, its uniform graphs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs: dict[Precision, Path] = {}
+        if not fp32_only:
+            calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
+            graphs = uniform_graphs(model, profile, calib, opset, Path(tmp))
+        return measure_originals(worker, profile, original_onnx, graphs)
 
 
 def _space(
