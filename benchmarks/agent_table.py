@@ -9,6 +9,7 @@ session), and scored again on the same 10,000 test images, so that each run's ac
 compared with the default's as a paired difference with its exact 95% interval.
 
     python benchmarks/agent_table.py --seed 0 --budget-fraction 0.3 --episodes 40
+    python benchmarks/agent_table.py --agents n2n --budget-fraction 0.6 --budget-basis fastest
     python benchmarks/agent_table.py --runs RUN_DIR...   # the table from finished runs
 
 Writes `benchmarks/results/agent_table.json`, `.md` and `.png` (`--name` changes the stem).
@@ -46,7 +47,8 @@ def run_one(agent: str, reward: str, args: argparse.Namespace, baselines: bool) 
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"
     config.write_text(
-        f"search: {{budget_fraction: {args.budget_fraction}, budget_basis: fp32, reward: {reward}, "
+        f"search: {{budget_fraction: {args.budget_fraction}, budget_basis: {args.budget_basis}, "
+        f"reward: {reward}, "
         f"baselines: {'true' if baselines else 'false'}}}\n"
     )
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", str(PROFILE)]
@@ -194,6 +196,12 @@ def main() -> None:
     parser.add_argument("--rewards", nargs="+", default=REWARDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-fraction", type=float, default=0.3)
+    parser.add_argument(
+        "--budget-basis",
+        choices=["fp32", "fastest"],
+        default="fp32",
+        help="what the fraction multiplies: the original (fp32) or its fastest precision",
+    )
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds")
     parser.add_argument("--work", type=Path, default=Path("agent-table-runs"))

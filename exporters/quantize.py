@@ -57,6 +57,7 @@ def quantize_onnx(
     *,
     calib_samples: int | None = None,
     activation_overrides: dict[str, dict[str, tuple[float, int]]] | None = None,
+    fold_relus: bool = True,
 ) -> dict[str, Any]:
     """Write a policy's precisions into the graph: INT8 layers Q/DQ, FP16 layers float16.
 
@@ -75,6 +76,8 @@ def quantize_onnx(
             for the layer's input activation and its output (the graph quantizes both),
             imposed instead of calibrated values (steps learned by QAT). Points that are one
             tensor share one Q/DQ pair: the first one listed sets it.
+        fold_relus: Fold a Relu after an INT8 layer into its output quantization where that is
+            exact (`exporters.qdq_graph.foldable_relus`); off only to measure what it saves.
 
     Returns:
         {"int8_layers", "fp16_layers", "fp32_layers", "scheme", "calib_samples",
@@ -99,7 +102,9 @@ def quantize_onnx(
     if int8:
         limit = calib_samples if calib_samples is not None else scheme.calib_samples
         samples = calibration_samples(calib_inputs, limit)
-        model, done = _to_int8(Path(fp32_path), precisions, scheme, samples, activation_overrides)
+        model, done = _to_int8(
+            Path(fp32_path), precisions, scheme, samples, activation_overrides, fold_relus
+        )
         report.update(done)
     if fp16:
         report.update(_to_fp16(model, fp16, [n for n in precisions if n not in set(fp16)]))
@@ -129,12 +134,13 @@ def _to_int8(
     scheme: Int8Scheme,
     samples: np.ndarray,
     activation_overrides: dict[str, dict[str, tuple[float, int]]] | None,
+    fold_relus: bool,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize the INT8 layers (in a scratch folder); the graph and the part of the report it
     owns."""
     with tempfile.TemporaryDirectory(prefix="quantize-") as work:
         model, overridden = _quantize(
-            fp32_path, Path(work), precisions, scheme, samples, activation_overrides
+            fp32_path, Path(work), precisions, scheme, samples, activation_overrides, fold_relus
         )
     return model, {"calib_samples": len(samples), "activation_overrides": overridden}
 
@@ -155,6 +161,7 @@ def _quantize(
     scheme: Int8Scheme,
     samples: np.ndarray,
     activation_overrides: dict[str, dict[str, tuple[float, int]]] | None,
+    fold_relus: bool = True,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Preprocess, quantize the INT8 nodes, clean float layers' inputs, check the INT8 layers.
 
@@ -166,7 +173,7 @@ def _quantize(
     int8_map = {name: nodes[name] for name in int8_layers}
     overrides = _tensor_overrides(model, int8_map, activation_overrides or {}, scheme)
     unshare_initializers(model)
-    folded = foldable_relus(model, set(int8_nodes), overrides, scheme)
+    folded = foldable_relus(model, set(int8_nodes), overrides, scheme) if fold_relus else []
     prepared, quant = work / "prepared.onnx", work / "quant.onnx"
     onnx.save(model, str(prepared))
     # The calibrators print progress to stdout; keep it out of the CLI's progress display.

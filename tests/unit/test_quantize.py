@@ -84,8 +84,8 @@ def _data_source_ops(path: Path, layers: list[str]) -> dict[str, str | None]:
     }
 
 
-def _relu_count(path: Path) -> int:
-    return sum(n.op_type == "Relu" for n in onnx.load(str(path)).graph.node)
+def _relu_count(path: Path, op: str = "Relu") -> int:
+    return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
 
 
 @pytest.mark.parametrize("kind", ["all-int8", "mixed", "all-fp32"])
@@ -127,6 +127,15 @@ def test_relus_after_int8_layers_fold_into_their_quantization(exports, tmp_path)
     assert _relu_count(reference) == 17
     float_top = run_onnx(fp32_path, data).argmax(1)
     assert (run_onnx(out, data).argmax(1) == float_top).mean() >= 0.75
+
+
+def test_relu6_after_int8_layers_folds_too(exports, tmp_path):
+    """MobileNetV2's ReLU6 (a Clip from 0 to 6) after each of its INT8 convolutions folds."""
+    layers, fp32_path = exports["mobilenet_v2"]
+    out = tmp_path / "u8.onnx"
+    quantize_onnx(fp32_path, out, dict.fromkeys(layers, INT8), QDQ_U8S8, _calib())
+    assert _relu_count(fp32_path, "Clip") == 35 and _relu_count(out, "Clip") == 0
+    assert layer_precisions(out, layers) == dict.fromkeys(layers, INT8)
 
 
 def test_all_fp32_policy_copies_the_file(exports, tmp_path):
