@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import PROFILE, RESULTS, ROOT
 
@@ -90,7 +92,8 @@ def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
     """Every seed's deployed model and baselines measured again in one process, interleaved
     over `rounds` rounds: the table's speed ratios then come from one session, with intervals
     narrower than a run's own three rounds on a noisy machine. Each row gets `remeasured`:
-    {side -> {median_ms, over_deployed: [ratio, low, high]}}, and its target verdict from it.
+    {side -> {median_ms, rounds_ms, over_deployed: [geometric mean of the per-round ratios,
+    low, high]}}, and its target verdict from it.
     """
     from pipeline.core.profile import load_profile
     from pipeline.core.stats import ratio_interval
@@ -112,9 +115,14 @@ def remeasure(rows: list[dict[str, Any]], rounds: int) -> None:
             if j != i:
                 continue
             ratio = ratio_interval(m["rounds_ms"], deployed["rounds_ms"])
+            # the per-round ratios' geometric mean: the figure the interval is for
+            typical = float(
+                np.exp(np.mean(np.log(np.divide(m["rounds_ms"], deployed["rounds_ms"]))))
+            )
             row["remeasured"][name] = {
                 "median_ms": m["latency_ms"]["median"],
-                "over_deployed": [ratio.value, *ratio.as_list()] if ratio else None,
+                "rounds_ms": m["rounds_ms"],
+                "over_deployed": [typical, *ratio.as_list()] if ratio else None,
             }
         side = row["remeasured"].get(BASELINE)
         if side and side["over_deployed"]:

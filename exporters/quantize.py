@@ -76,8 +76,7 @@ def quantize_onnx(
             for the layer's input activation and its output (the graph quantizes both),
             imposed instead of calibrated values (steps learned by QAT). Points that are one
             tensor share one Q/DQ pair: the first one listed sets it.
-        fold_relus: Fold a Relu after an INT8 layer into its output quantization where that is
-            exact (`exporters.qdq_graph.foldable_relus`); off only to measure what it saves.
+        fold_relus: Fold Relus into INT8 layers (`exporters.qdq_graph.foldable_relus`).
 
     Returns:
         {"int8_layers", "fp16_layers", "fp32_layers", "scheme", "calib_samples",
@@ -93,18 +92,16 @@ def quantize_onnx(
     """
     report = _initial_report(precisions, scheme)
     int8, fp16 = report["int8_layers"], report["fp16_layers"]
-    raw = onnx.load(str(fp32_path))
-    _node_map(raw, list(precisions))  # unknown layers are the policy's fault: say so first
+    model = onnx.load(str(fp32_path))
+    _node_map(model, list(precisions))  # unknown layers are the policy's fault: say so first
     if not int8 and not fp16:
         atomic_copy(fp32_path, Path(out_path))
         return report
-    model = raw
     if int8:
         limit = calib_samples if calib_samples is not None else scheme.calib_samples
         samples = calibration_samples(calib_inputs, limit)
-        model, done = _to_int8(
-            Path(fp32_path), precisions, scheme, samples, activation_overrides, fold_relus
-        )
+        overrides = activation_overrides
+        model, done = _to_int8(Path(fp32_path), precisions, scheme, samples, overrides, fold_relus)
         report.update(done)
     if fp16:
         report.update(_to_fp16(model, fp16, [n for n in precisions if n not in set(fp16)]))
