@@ -3,10 +3,11 @@
 For each seed, one `pipeline run --data digits-hard --max-accuracy-drop D` (default agent), with
 the uniform baselines bisected for the least keep ratio that holds the same floor on test, each
 step fully fine-tuned (`search.matched_accuracy_steps`). Every ratio in a row comes from the
-run's one session measuring the baselines with the deployed model.
+run's one session measuring the baselines with the deployed model, or with `--rounds N` from
+one session of N rounds measuring every seed's models again after the runs.
 
-    python benchmarks/floor_objective.py --seeds 0 1 2
-    python benchmarks/floor_objective.py --runs RUN_DIR...   # the table from finished runs
+    python benchmarks/floor_objective.py --seeds 0 1 2 --rounds 20
+    python benchmarks/floor_objective.py --runs RUN_DIR... --rounds 20   # finished runs
 
 Writes `benchmarks/results/floor_objective.json`, `.md` and `.png`.
 """
