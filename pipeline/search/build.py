@@ -191,21 +191,22 @@ def record_uniform_precisions(
     measured: MeasuredLatency,
     session: dict[Precision, dict[str, Any]],
 ) -> dict[str, float]:
-    """{precision -> the original's latency in it}, from `measure_originals`' session; each
-    becomes the cached measurement of that candidate (a resumed search keeps the one it
-    cached first) and an anchor of the latency model."""
+    """{precision -> the original's latency in it}, from `measure_originals`' session. FP32 is
+    the original's own latency; each other becomes the cached measurement of that candidate (a
+    resumed search keeps the one it cached first). Each is an anchor of the latency model."""
     statistic = measured.profile.measure.statistic
     by_precision: dict[str, float] = {}
     for precision, result in session.items():
         if precision not in space.precisions:
             continue
         policy = uniform_policy(model, 1.0, precision)
-        key = candidate_key(model, policy, measured.profile)
-        stats = measured.cache.get(key)
-        if stats is None:
-            stats = result["latency_ms"]
-            if precision != Precision.FP32:  # the unpruned FP32 candidate is the original
+        stats = result["latency_ms"]
+        if precision != Precision.FP32:
+            key = candidate_key(model, policy, measured.profile)
+            cached = measured.cache.get(key)
+            if cached is None:
                 measured.cache.put(key, stats)
+            stats = cached or stats
         by_precision[precision.value] = float(stats[statistic])
         if measured.model is not None:
             features = measured.features(model, policy)
