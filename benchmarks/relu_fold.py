@@ -82,6 +82,7 @@ def rows(keeps: list[float], paths: dict[str, Path], measured: dict[str, Any], t
         out.append(
             {
                 "keep": keep,
+                "test_images": len(labels),
                 "nodes": nodes,
                 "median_ms": {k: v["latency_ms"]["median"] for k, v in sides.items()},
                 "rounds_ms": {k: v["rounds_ms"] for k, v in sides.items()},
@@ -98,10 +99,18 @@ def rows(keeps: list[float], paths: dict[str, Path], measured: dict[str, Any], t
     return out
 
 
+def _acc(accuracy: float, n: int) -> str:
+    """An accuracy with its Wilson 95% interval."""
+    from pipeline.core.stats import accuracy_interval
+
+    ci = accuracy_interval(round(accuracy * n), n)
+    return f"{accuracy:.2%} [{100 * ci.low:.2f}, {100 * ci.high:.2f}]"
+
+
 def markdown(table: list[dict[str, Any]], rounds: int) -> str:
     lines = [
         f"| keep | nodes unfolded -> folded | unfolded ms | folded ms | folded / unfolded "
-        f"[95%], {rounds} rounds | test acc unfolded, folded | folded minus unfolded [95%] | "
+        f"[95%], {rounds} rounds | test acc [95%] unfolded, folded | folded minus unfolded [95%] | "
         "top-1 agreement with FP32, unfolded, folded |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -112,7 +121,7 @@ def markdown(table: list[dict[str, Any]], rounds: int) -> str:
             f"| {r['keep']} | {r['nodes']['unfolded']} -> {r['nodes']['folded']} | "
             f"{r['median_ms']['unfolded']:.3f} | {r['median_ms']['folded']:.3f} | "
             f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] | "
-            f"{acc['unfolded']:.2%}, {acc['folded']:.2%} | "
+            f"{_acc(acc['unfolded'], r['test_images'])}, {_acc(acc['folded'], r['test_images'])} | "
             f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | "
             f"{agree['unfolded']:.2%}, {agree['folded']:.2%} |"
         )
