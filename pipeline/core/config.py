@@ -121,12 +121,12 @@ class SearchConfig(StrictModel):
         "scale the held pick's keep ratios down while it still holds the floor; 0: none",
     )
     descent_groups: int = Field(
-        0,
+        4,
         ge=0,
         le=16,
-        description="under an accuracy floor, after the bisection: runs of layers of about "
-        "equal measured latency, each then shrunk on its own (one full fine-tune each) and "
-        "kept while the floor holds; 0 (default): none",
+        description="under an accuracy floor, the descent cuts the pick's layers into this many "
+        "runs of about equal latency and shrinks each by what shrinking it alone measured to "
+        "save on the target (a run that saves nothing stays); 0: every layer by one factor",
     )
     recovery_allowance: bool = Field(
         True,

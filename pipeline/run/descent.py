@@ -3,13 +3,18 @@
 Candidates are judged on scores after a short fine-tune; the full recovery adds the more
 accuracy the harder a model is pruned, so a pick that held the floor once built in full usually
 holds it with room to spare. Uniform pruning bisected with full fine-tunes uses that room; the
-descent does the same along the pick's own shape: every layer's keep ratio (the head's aside) is
-scaled by one factor, found by bisection, each step built in full and scored on validation.
-One factor cannot shrink a layer that others hold back: with `search.descent_groups` set, a
-second pass takes the layers in that many contiguous runs of about equal measured latency
-(deepest first) and scales one run at a time by `GROUP_FACTOR`, kept when the floor still holds.
-It is off by default: on `digits-hard` (seed 0) it took 2% more off (0.194 to 0.191 ms) for
-four more full fine-tunes (docs/benchmarks.md).
+descent does the same along the pick's own shape: its keep ratios (the head's aside) are scaled
+down by a factor found by bisection, each step built in full and scored on validation.
+
+Not every layer is worth shrinking. On the AMD CPU the INT8 kernels run channel counts in steps
+of 16, and some layers cost far more latency per channel than others: on `digits-hard` a
+ResNet-18's last stage (2x2 pixels, large weights) saved 10% when shrunk by 0.7 and cost no
+accuracy, while the first stage saved 1% and cost a quarter of a point. So with
+`search.descent_groups` set (4 by default) the pick's live layers are cut into that many
+contiguous runs of about equal latency, the pick with each run shrunk by `PROBE_FACTOR` is
+exported untrained and measured beside the pick in one session, and each run is scaled by the
+bisection's factor raised to its saving over the largest saving: a run that saves nothing is
+left as it is. 0 scales every layer by the same factor.
 
 Every model built in full, the pick and each step, is judged by `judge`: it holds the floor when
 its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by default) of the
@@ -35,7 +40,8 @@ from pipeline.core.records import Latency, RunRecord
 from pipeline.run.context import RunContext, stage
 
 LOWEST_SCALE = 0.4  # the bisection's lower end: every keep ratio at 40% of the pick's
-GROUP_FACTOR = 0.75  # the group pass scales one run of layers' keep ratios by this
+PROBE_FACTOR = 0.7  # each run of layers is shrunk by this, untrained, to measure what it saves
+PROBE_ROUNDS = 5  # interleaved rounds of the runs' measuring session
 Z95 = 1.959964  # the paired interval is a 95% one: its half-width is this many standard errors
 
 
@@ -61,14 +67,25 @@ def val_correct(ctx: RunContext, onnx_path: Path) -> np.ndarray:
 
 
 def scaled(
-    policy: Policy, scale: float, head: str, min_keep: float, only: set[str] | None = None
+    policy: Policy,
+    scale: float,
+    head: str,
+    min_keep: float,
+    weights: dict[str, float] | None = None,
 ) -> Policy:
-    """The policy with every keep ratio but the head's (or only those of `only`) multiplied by
-    `scale` (at least `min_keep`); precisions and removed blocks unchanged."""
+    """The policy with every keep ratio but the head's multiplied by `scale` (at least
+    `min_keep`), or with `weights` by `scale` to the power of the layer's weight (a layer not in
+    `weights` is left as it is); precisions and removed blocks unchanged."""
+
+    def power(name: str) -> float:
+        if name == head:
+            return 0.0
+        return 1.0 if weights is None else weights.get(name, 0.0)
+
     layers = {
         name: action
-        if name == head or (only is not None and name not in only)
-        else LayerAction(max(min_keep, action.keep_ratio * scale), action.precision)
+        if power(name) == 0.0
+        else LayerAction(max(min_keep, action.keep_ratio * scale ** power(name)), action.precision)
         for name, action in policy.layers.items()
     }
     return Policy(layers, policy.removed, policy.channel_scores)
@@ -96,8 +113,8 @@ def layer_groups(
 
 
 def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
-    """Bisect the scale on the built pick (`ctx.policy`), then shrink one run of layers at a time;
-    leave the chosen model built. Returns what report.json records under `search.descent`."""
+    """Bisect the scale on the built pick (`ctx.policy`) along the measured direction; leave the
+    chosen model built. Returns what report.json records under `search.descent`."""
     pick = ctx.policy
     original = val_correct(ctx, ctx.run_dir / "original.onnx")
     confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
@@ -120,20 +137,64 @@ def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         kept = Path(tmp)
         shutil.copy(ctx.run_dir / "model.onnx", kept / "pick.onnx")
-        low, high, best = LOWEST_SCALE, 1.0, pick
+        direction = _direction(ctx, pick, head, kept)
+        weights = _weights(direction)
+        low, high = LOWEST_SCALE, 1.0
         for _ in range(ctx.config.search.descent_steps):
             scale = (low + high) / 2
-            candidate = scaled(pick, scale, head, min_keep)
+            candidate = scaled(pick, scale, head, min_keep, weights)
             if attempt(candidate, {"scale": round(scale, 4), "layers": "all"}):
-                high, best = scale, candidate
+                high = scale
             else:
                 low = scale
-        for group in reversed(_groups(ctx, best, head)):
-            candidate = scaled(best, GROUP_FACTOR, head, min_keep, set(group))
-            if attempt(candidate, {"scale": GROUP_FACTOR, "layers": _span(group)}):
-                best = candidate
         outcome = _choose(ctx, record, held, kept)
-    return {"steps": steps, **outcome}
+    return {"steps": steps, "direction": direction, **outcome}
+
+
+def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[dict[str, Any]]:
+    """Each run of layers (`_groups`) with what shrinking it alone by `PROBE_FACTOR` saved,
+    as a share of the pick's latency, measured beside the pick in one session; [] when
+    `search.descent_groups` is 0 or there is only one run."""
+    from pipeline.search.materialize import export_graph, layer_precisions, materialize
+
+    groups = _groups(ctx, pick, head)
+    if len(groups) < 2:
+        return []
+    stage(f"descent: measuring what shrinking each of {len(groups)} runs of layers saves")
+    min_keep, calib = ctx.profile.min_keep_ratio, _calibration(ctx)
+    graphs = {}
+    for i, group in enumerate([[], *groups]):
+        policy = scaled(pick, PROBE_FACTOR, head, min_keep, dict.fromkeys(group, 1.0))
+        model = materialize(ctx.original, policy, ctx.profile).model
+        graphs[f"run {i}"] = path = folder / f"probe{i}.onnx"
+        precisions = layer_precisions(model, policy)
+        export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset)
+    sides = ctx.bench(graphs, rounds=PROBE_ROUNDS)
+    base = np.asarray(sides["run 0"]["rounds_ms"], float)
+    out = []
+    for i, group in enumerate(groups, 1):
+        ratio = np.asarray(sides[f"run {i}"]["rounds_ms"], float) / base
+        saving = 1.0 - float(np.exp(np.log(ratio).mean()))  # geometric mean of paired rounds
+        out.append({"layers": group, "factor": PROBE_FACTOR, "saving": saving})
+    stage("descent: " + ", ".join(f"{_span(d['layers'])} saves {d['saving']:.1%}" for d in out))
+    return out
+
+
+def _calibration(ctx: RunContext) -> np.ndarray:
+    from pipeline.search.materialize import calibration
+
+    return calibration(ctx.splits, ctx.profile.int8.calib_samples)
+
+
+def _weights(direction: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Each layer's power of the bisection's scale: its run's saving over the largest (none
+    below 0); None (one factor for every layer) without runs or when none saved anything."""
+    largest = max((d["saving"] for d in direction), default=0.0)
+    if largest <= 0.0:
+        return None
+    for d in direction:
+        d["weight"] = max(d["saving"], 0.0) / largest
+    return {name: d["weight"] for d in direction for name in d["layers"]}
 
 
 def _groups(ctx: RunContext, policy: Policy, head: str) -> list[list[str]]:

@@ -199,10 +199,18 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
     """The steps down from the held pick, and which model shipped."""
     if not descent:
         return []
+    runs = descent.get("direction") or []
     lines = [
+        f"- Descent direction: shrinking {d['layers'][0]} .. {d['layers'][-1]} alone by "
+        f"x{d['factor']} saved {d['saving']:.1%} of the pick's latency; its keep ratios scale "
+        f"by the step's factor to the power {d.get('weight', 1.0):.2f}"
+        for d in runs
+    ]
+    lines += [
         f"- Descent step {i}: keep ratios"
         + ("" if d.get("layers", "all") == "all" else f" of {d['layers']}")
-        + f" x{d['scale']:.3f} built in full, {d['val_accuracy']:.2%} on validation, less a "
+        + f" x{d['scale']:.3f}{' (weighted)' if runs else ''} built in full, "
+        f"{d['val_accuracy']:.2%} on validation, less a "
         f"margin of {d['margin']:.2%} for the test set: "
         f"{'holds' if d['holds_floor'] else 'does not hold'} the floor"
         for i, d in enumerate(descent["steps"], 1)

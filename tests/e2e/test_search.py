@@ -261,20 +261,22 @@ def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
 
 
 def _check_descent(search: dict, run_dir) -> None:
-    """The held pick is stepped down by bisection on one scale of its keep ratios, then one run
-    of layers at a time; a step holds by a margin for the test set; the fastest of the pick and
-    the steps that held, measured side by side, ships."""
-    from pipeline.run.descent import GROUP_FACTOR
-
+    """The held pick is stepped down by bisection on one scale of its keep ratios, each run of
+    layers weighted by what shrinking it alone measured to save; a step holds by a margin for
+    the test set; the fastest of the pick and the steps that held, measured side by side,
+    ships."""
     descent, floor = search["descent"], search["accuracy_floor"]
-    bisection = [s for s in descent["steps"] if s["layers"] == "all"]
-    groups = [s for s in descent["steps"] if s["layers"] != "all"]
-    assert descent["steps"] == bisection + groups and len(bisection) == 4
+    bisection = descent["steps"]
+    assert len(bisection) == 4 and all(s["layers"] == "all" for s in bisection)
     low, high = 0.4, 1.0
     for step in bisection:
         assert step["scale"] == pytest.approx((low + high) / 2, abs=1e-4)
         low, high = (low, step["scale"]) if step["holds_floor"] else (step["scale"], high)
-    assert 1 <= len(groups) <= 2 and all(s["scale"] == GROUP_FACTOR for s in groups)
+    runs = descent["direction"]  # descent_groups: 2 in this config
+    assert len(runs) == 2 and all(r["factor"] == 0.7 and r["layers"] for r in runs)
+    if max(r["saving"] for r in runs) > 0:
+        assert max(r["weight"] for r in runs) == 1.0
+        assert all(0.0 <= r["weight"] <= 1.0 for r in runs)
     for step in descent["steps"]:
         assert step["margin"] >= step["standard_error"]  # validation's and the test set's
         assert step["holds_floor"] == (step["val_accuracy"] - step["margin"] >= floor - 1e-12)
@@ -293,18 +295,18 @@ def _check_descent(search: dict, run_dir) -> None:
 
 
 def _check_descended_policy(search: dict, run_dir, bisection: list[dict]) -> None:
-    """Every keep ratio is the pick's, scaled by a held bisection step and at most once more by
-    the group factor, unless it reached the profile's least keep ratio (0.25)."""
-    from pipeline.run.descent import GROUP_FACTOR
-
+    """Every keep ratio is the pick's times a held step's scale to the power of its run's
+    weight (1 for every layer when no run saved anything), unless it reached the profile's
+    least keep ratio (0.25)."""
     pick_episode = search["floor_tries"][-1]["episode"]
     pick = next(r for r in episodes_of(run_dir) if r["episode"] == pick_episode)["policy"]
     shipped = json.loads((run_dir / "policy.json").read_text())["layers"]
-    scales = [1.0] + [s["scale"] for s in bisection if s["holds_floor"]]
-    allowed = [f * g for f in scales for g in (1.0, GROUP_FACTOR)]
+    step = bisection[search["descent"]["shipped_step"] - 1]
+    runs = search["descent"]["direction"]
+    weights = {n: r.get("weight", 1.0) for r in runs for n in r["layers"]}
     for name, action in pick["layers"].items():
-        ratio = shipped[name]["keep_ratio"]
-        assert ratio == pytest.approx(0.25) or any(
-            ratio == pytest.approx(action["keep_ratio"] * f, abs=2e-3) for f in allowed
-        )
+        weight = weights.get(name, 0.0) if any("weight" in r for r in runs) else 1.0
+        weight = 0.0 if name == "fc" else weight
+        expected = max(0.25, action["keep_ratio"] * step["scale"] ** weight)
+        assert shipped[name]["keep_ratio"] == pytest.approx(expected, abs=2e-3)
     assert any(shipped[n]["keep_ratio"] < a["keep_ratio"] for n, a in pick["layers"].items())

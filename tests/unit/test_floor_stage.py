@@ -52,8 +52,26 @@ def test_descent_scales_every_keep_ratio_but_the_heads_down_to_the_least() -> No
     assert out.keep_ratios() == {"a": 0.4, "b": 0.25, "fc": 1.0}
     assert out.removed == ("layer3.1",) and out.precisions() == pick.precisions()
 
-    only = scaled(pick, 0.5, head="fc", min_keep=0.25, only={"a"})
+    # weighted: each layer by the scale to its power; a layer without a weight stays
+    only = scaled(pick, 0.5, head="fc", min_keep=0.25, weights={"a": 1.0})
     assert only.keep_ratios() == {"a": 0.4, "b": 0.3, "fc": 1.0}
+    half = scaled(pick, 0.25, head="fc", min_keep=0.25, weights={"a": 0.5, "b": 0.0, "fc": 1.0})
+    assert half.keep_ratios() == {"a": 0.4, "b": 0.3, "fc": 1.0}
+
+
+def test_the_descent_weighs_each_run_by_its_measured_saving_over_the_largest() -> None:
+    from pipeline.run.descent import _weights
+
+    direction = [
+        {"layers": ["a", "b"], "saving": 0.10},
+        {"layers": ["c"], "saving": 0.025},
+        {"layers": ["d"], "saving": -0.01},  # slower in the session: noise, left as it is
+    ]
+    assert _weights(direction) == {"a": 1.0, "b": 1.0, "c": 0.25, "d": 0.0}
+    assert [d["weight"] for d in direction] == [1.0, 0.25, 0.0]
+    # nothing saved, or no runs: one factor for every layer
+    assert _weights([{"layers": ["a"], "saving": -0.02}]) is None
+    assert _weights([]) is None
 
 
 def test_the_group_pass_cuts_live_layers_into_runs_of_about_equal_latency() -> None:
