@@ -197,10 +197,13 @@ def _matched_text(side: dict[str, Any] | None, over: float | None) -> str:
 
 
 def _descent_text(descent: dict[str, Any] | None) -> str:
-    """Each step's scale (and run of layers) and whether it held, then what shipped."""
+    """What shrinking each run of layers saved (the descent's direction), each step's scale (and
+    run of layers) and whether it held, then what shipped."""
     if not descent:
         return "-"
-    steps = ", ".join(
+    runs = descent.get("direction") or []
+    saved = "/".join(f"{100 * d['saving']:.0f}" for d in runs)
+    steps = (f"runs save {saved}% at x{runs[0]['factor']}; " if runs else "") + ", ".join(
         ("" if d.get("layers", "all") == "all" else f"{d['layers']} ")
         + f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}"
         for d in descent["steps"]

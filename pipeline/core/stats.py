@@ -142,6 +142,14 @@ def ratio_interval(
     return Interval(centre, math.exp(mean - half), math.exp(mean + half))
 
 
+def paired_ratio(numerator_rounds: list[float], denominator_rounds: list[float]) -> float:
+    """The typical per-round ratio (geometric mean) of two sides measured in one interleaved
+    session: unlike the ratio of medians it follows each round's pair, so a machine whose speed
+    drifts between rounds moves both sides of a round alike."""
+    num, den = np.asarray(numerator_rounds, float), np.asarray(denominator_rounds, float)
+    return float(np.exp(np.log(num / den).mean()))
+
+
 def difference_words(diff: PairedDifference, better: str = "more accurate") -> str:
     """'+1.20 points [0.80, 1.60], more accurate' or '... within noise' for a report line."""
     text = f"{diff.difference * 100:+.2f} points [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}]"

@@ -74,7 +74,9 @@ def _relative_latency(ctx: RunContext, path: Path, deployed: Path) -> float:
 # flags one that could not get there (latency is a staircase in the keep ratio)
 MATCH_TOLERANCE = 0.05
 # Bisection points (closest first) measured again against the deployed model in one session
+# of this many rounds: three rounds cannot tell a 5% gap on a machine whose speed drifts
 MATCH_FINALISTS = 3
+MATCH_ROUNDS = 10
 
 
 def matched_keep_ratio(
@@ -84,8 +86,8 @@ def matched_keep_ratio(
 
     Latency is a noisy staircase in the keep ratio (channels round to a multiple), and each
     bisection step is measured over one round only, beside the deployed graph. So the few
-    ratios that came closest are measured again, interleaved with the `deployed` graph over the
-    profile's rounds, and the one whose latency is closest to the deployed model's in that
+    ratios that came closest are measured again, interleaved with the `deployed` graph over
+    `MATCH_ROUNDS` rounds, and the one whose latency is closest to the deployed model's in that
     session is returned.
     """
     low, high = ctx.profile.min_keep_ratio, 1.0
@@ -108,13 +110,16 @@ def matched_keep_ratio(
 
 def _closest_to(ctx: RunContext, deployed: Path, finalists: dict[float, Path]) -> float:
     """Of `finalists` (keep ratio: graph), the one measured closest to `deployed`'s latency,
-    all measured in one interleaved session."""
-    statistic = ctx.profile.measure.statistic
+    all measured in one interleaved session of `MATCH_ROUNDS` rounds (each finalist judged by
+    its typical per-round ratio to the deployed graph)."""
+    from pipeline.core.stats import paired_ratio
+
     sides = {f"keep{i}": path for i, path in enumerate(finalists.values())}
-    measured = ctx.bench({"_deployed": deployed, **sides})
-    target = measured["_deployed"]["latency_ms"][statistic]
+    rounds = max(MATCH_ROUNDS, ctx.profile.measure.rounds)
+    measured = ctx.bench({"_deployed": deployed, **sides}, rounds=rounds)
+    target = measured["_deployed"]["rounds_ms"]
     gaps = {
-        ratio: abs(measured[name]["latency_ms"][statistic] / target - 1)
+        ratio: abs(paired_ratio(measured[name]["rounds_ms"], target) - 1)
         for ratio, name in zip(finalists, sides, strict=True)
     }
     return min(gaps, key=gaps.__getitem__)

@@ -155,6 +155,7 @@ def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[d
     """Each run of layers (`_groups`) with what shrinking it alone by `PROBE_FACTOR` saved,
     as a share of the pick's latency, measured beside the pick in one session; [] when
     `search.descent_groups` is 0 or there is only one run."""
+    from pipeline.core.stats import paired_ratio
     from pipeline.search.materialize import export_graph, layer_precisions, materialize
 
     groups = _groups(ctx, pick, head)
@@ -170,11 +171,10 @@ def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[d
         precisions = layer_precisions(model, policy)
         export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset)
     sides = ctx.bench(graphs, rounds=PROBE_ROUNDS)
-    base = np.asarray(sides["run 0"]["rounds_ms"], float)
+    base = sides["run 0"]["rounds_ms"]
     out = []
     for i, group in enumerate(groups, 1):
-        ratio = np.asarray(sides[f"run {i}"]["rounds_ms"], float) / base
-        saving = 1.0 - float(np.exp(np.log(ratio).mean()))  # geometric mean of paired rounds
+        saving = 1.0 - paired_ratio(sides[f"run {i}"]["rounds_ms"], base)
         out.append({"layers": group, "factor": PROBE_FACTOR, "saving": saving})
     stage("descent: " + ", ".join(f"{_span(d['layers'])} saves {d['saving']:.1%}" for d in out))
     return out

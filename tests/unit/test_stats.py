@@ -97,3 +97,12 @@ def test_ratio_interval_from_paired_rounds() -> None:
     exact = ratio_interval([3.0, 6.0, 9.0], [1.0, 2.0, 3.0])
     assert exact is not None and exact.low == pytest.approx(3.0) == exact.high
     assert ratio_interval([1.0], [2.0]) is None  # one round: nothing to estimate spread from
+
+
+def test_paired_ratio_follows_each_rounds_pair_through_a_drift() -> None:
+    from pipeline.core.stats import paired_ratio
+
+    # the machine slows 2x after the second round; each round's pair still reads 0.9
+    assert paired_ratio([0.9, 0.9, 1.8, 1.8, 1.8], [1.0, 1.0, 2.0, 2.0, 2.0]) == pytest.approx(0.9)
+    # rounds that disagree: their geometric mean
+    assert paired_ratio([0.5, 2.0], [1.0, 1.0]) == pytest.approx(1.0)
