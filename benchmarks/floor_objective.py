@@ -7,6 +7,7 @@ run's one session measuring the baselines with the deployed model, or with `--ro
 one session of N rounds measuring every seed's models again after the runs.
 
     python benchmarks/floor_objective.py --seeds 0 1 2 --rounds 20
+    python benchmarks/floor_objective.py --seeds 0 1 2 --rounds 20 --descent-groups 4
     python benchmarks/floor_objective.py --runs RUN_DIR... --rounds 20   # finished runs
 
 Writes `benchmarks/results/floor_objective.json`, `.md` and `.png`.
@@ -35,7 +36,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> Path:
     out = args.work / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"
-    config.write_text(f"search: {{matched_accuracy_steps: {args.steps}}}\n")
+    groups = "" if args.descent_groups is None else f", descent_groups: {args.descent_groups}"
+    config.write_text(f"search: {{matched_accuracy_steps: {args.steps}{groups}}}\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", str(PROFILE)]
     cmd += ["--data", "digits-hard", "--seed", str(seed), "--config", str(config)]
     cmd += ["--max-accuracy-drop", str(args.max_drop), "--agent", args.agent]
@@ -253,6 +255,9 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0, help="points")
     parser.add_argument("--agent", default="n2n")
     parser.add_argument("--steps", type=int, default=5, help="uniform floor bisection steps")
+    parser.add_argument(
+        "--descent-groups", type=int, help="search.descent_groups (default: the config's)"
+    )
     parser.add_argument("--work", type=Path, default=Path("floor-objective-runs"))
     parser.add_argument("--runs", nargs="+", type=Path, help="finished runs instead")
     parser.add_argument("--name", default="floor_objective")

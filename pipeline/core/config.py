@@ -121,12 +121,13 @@ class SearchConfig(StrictModel):
         "scale the held pick's keep ratios down while it still holds the floor; 0: none",
     )
     descent_groups: int = Field(
-        4,
+        0,
         ge=0,
         le=16,
         description="under an accuracy floor, the descent cuts the pick's layers into this many "
         "runs of about equal latency and shrinks each by what shrinking it alone measured to "
-        "save on the target (a run that saves nothing stays); 0: every layer by one factor",
+        "save on the target (a run that saves nothing stays); 0 (default): every layer by one "
+        "factor",
     )
     recovery_allowance: bool = Field(
         True,

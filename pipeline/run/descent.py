@@ -10,11 +10,12 @@ Not every layer is worth shrinking. On the AMD CPU the INT8 kernels run channel 
 of 16, and some layers cost far more latency per channel than others: on `digits-hard` a
 ResNet-18's last stage (2x2 pixels, large weights) saved 10% when shrunk by 0.7 and cost no
 accuracy, while the first stage saved 1% and cost a quarter of a point. So with
-`search.descent_groups` set (4 by default) the pick's live layers are cut into that many
-contiguous runs of about equal latency, the pick with each run shrunk by `PROBE_FACTOR` is
-exported untrained and measured beside the pick in one session, and each run is scaled by the
-bisection's factor raised to its saving over the largest saving: a run that saves nothing is
-left as it is. 0 scales every layer by the same factor.
+`search.descent_groups: N` the pick's live layers are cut into N contiguous runs of about equal
+latency, the pick with each run shrunk by `PROBE_FACTOR` is exported untrained and measured
+beside the pick in one session, and each run is scaled by the bisection's factor raised to its
+saving over the largest saving: a run that saves nothing is left as it is. It is off by default
+(one factor for every layer): on `digits-hard` it has not yet been measured against one factor
+from the same pick, and savings alone say nothing of a run's accuracy cost (docs/benchmarks.md).
 
 Every model built in full, the pick and each step, is judged by `judge`: it holds the floor when
 its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by default) of the
