@@ -6,10 +6,10 @@ holds it with room to spare. Uniform pruning bisected with full fine-tunes uses 
 descent does the same along the pick's own shape: its keep ratios (the head's aside) are scaled
 down by a factor found by bisection, each step built in full and scored on validation.
 
-Not every layer is worth shrinking. On the AMD CPU the INT8 kernels run channel counts in steps
-of 16, and some layers cost far more latency per channel than others: on `digits-hard` a
-ResNet-18's last stage (2x2 pixels, large weights) saved 10% when shrunk by 0.7 and cost no
-accuracy, while the first stage saved 1% and cost a quarter of a point. So with
+Not every layer is worth shrinking: on a 2-core AMD CPU in INT8, a ResNet-18's last stage (2x2
+pixels, large weights) costs three times the latency per share of its width of the middle ones
+(`benchmarks/channel_steps.py`), and on a `digits-hard` model shrinking it by 0.7 saved 10% for
+0.02 validation points, while the first stage saved 1% for a quarter of a point. So with
 `search.descent_groups: N` the pick's live layers are cut into N contiguous runs of about equal
 latency, the pick with each run shrunk by `PROBE_FACTOR` is exported untrained and measured
 beside the pick in one session, and each run is scaled by the bisection's factor raised to its
