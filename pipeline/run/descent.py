@@ -8,8 +8,8 @@ down by a factor found by bisection, each step built in full and scored on valid
 
 Not every layer is worth shrinking: on a 2-core AMD CPU in INT8, a ResNet-18's last stage (2x2
 pixels, large weights) costs three times the latency per share of its width of the middle ones
-(`benchmarks/channel_steps.py`), and on a `digits-hard` model shrinking it by 0.7 saved 10% for
-0.02 validation points, while the first stage saved 1% for a quarter of a point. So with
+(`benchmarks/channel_steps.py`), and on a `digits-hard` model shrinking it by 0.7 saved 10%
+for no measurable accuracy, while shrinking the first stage saved 1%. So with
 `search.descent_groups: N` the pick's live layers are cut into N contiguous runs of about equal
 latency, the pick with each run shrunk by `PROBE_FACTOR` is exported untrained and measured
 beside the pick in one session, and each run is scaled by the bisection's factor raised to its
