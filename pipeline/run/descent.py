@@ -238,9 +238,8 @@ def judge(
 
 def _step_line(step: dict[str, Any], floor: float) -> str:
     verdict = "holds" if step["holds_floor"] else "does not hold"
-    where = "keep ratios" if step["layers"] == "all" else f"keep ratios of {step['layers']}"
     return (
-        f"descent: {where} x{step['scale']:.2f} score {step['val_accuracy']:.2%} on validation "
+        f"descent: keep ratios x{step['scale']:.2f} score {step['val_accuracy']:.2%} on validation "
         f"(less a margin of {step['margin']:.2%}): {verdict} the {floor:.2%} floor"
     )
 
