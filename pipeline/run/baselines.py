@@ -14,9 +14,10 @@
   unpruned original in that precision is less accurate than the deployed model.
 - `uniform_int8_at_floor` (or `uniform_at_floor`, as above), in place of `*_at_accuracy` when
   the search ran the accuracy-floor objective: uniform pruning at the least keep ratio that
-  holds the same floor on test (the original's test accuracy minus `max_accuracy_drop`),
-  found the same way: how much faster the deployed model is than the best uniform policy
-  allowed the same loss.
+  holds the same floor by the rule the deployed model shipped by (validation accuracy less the
+  margin for the test set's noise; `pipeline.run.descent.judge`), found the same way: how much
+  faster the deployed model is than the best uniform policy allowed the same loss and chosen
+  alike. Its test accuracy is reported beside, as the deployed model's is.
 - `int8`: the unpruned original with every layer in INT8.
 
 Once built, every baseline is measured together with the deployed model, interleaved in one
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,21 +201,26 @@ def _at_accuracy(
 ) -> dict[str, Any]:
     """Uniform pruning in `precision` at the least keep ratio reaching `accuracy_target`.
 
-    Bisection on test accuracy between two points already known: the matched-latency ratio
-    and the unpruned original (`unpruned`, in `precision`). Of the ratios tried, the least
-    one that reached the target is kept: with accuracy noisy in the keep ratio this errs
-    towards a faster baseline, never a slower one.
+    Bisection between two points already known: the matched-latency ratio and the unpruned
+    original (`unpruned`, in `precision`), each step judged by `_judge`. Of the ratios tried,
+    the least one that reached the target is kept: with accuracy noisy in the keep ratio this
+    errs towards a faster baseline, never a slower one. `steps` lists every judgement.
     """
-
     _, target, words = accuracy_target(ctx, record)
-    extra = {"precision": precision.value, "target_accuracy": target}
-    unpruned_accuracy = _test_accuracy(ctx, unpruned)
+    judge, words = _judge(ctx, record, target, words)
+    extra: dict[str, Any] = {"precision": precision.value, "target_accuracy": target, "steps": []}
+
+    def reaches(keep: float, graph: Path) -> bool:
+        verdict = judge(graph)
+        extra["steps"].append({"keep_ratio": keep, **verdict})
+        return bool(verdict["reaches"])
+
     side, matched_path = matched
     best: tuple[float, Path, Any]
-    if side["accuracy"] >= target - ROUNDING:
+    if reaches(side["keep_ratio"], matched_path):
         low, high = ctx.profile.min_keep_ratio, side["keep_ratio"]
         best = (high, matched_path, None)
-    elif unpruned_accuracy >= target - ROUNDING:
+    elif reaches(1.0, unpruned):
         low, high = side["keep_ratio"], 1.0
         best = (1.0, unpruned, ctx.original)
     else:
@@ -229,7 +236,7 @@ def _at_accuracy(
         mid = (low + high) / 2
         step = tmp / f"accuracy{i}.onnx"
         model = _recovered(ctx, mid, precision, step)
-        if _test_accuracy(ctx, step) >= target - ROUNDING:
+        if reaches(mid, step):
             high, best = mid, (mid, step, model)
         else:
             low = mid
@@ -240,6 +247,43 @@ def _at_accuracy(
         correct[path.stem] = correct[matched_path.stem]
         return {**side, **extra, "reached": True}
     return _describe(ctx, record, model, path, {**extra, "keep_ratio": keep, "reached": True})
+
+
+def _judge(
+    ctx: RunContext, record: RunRecord, target: float, words: str
+) -> tuple[Callable[[Path], dict[str, Any]], str]:
+    """How a bisection step is judged, and the words for it. Under the accuracy floor, by the
+    rule the deployed model shipped by (`pipeline.run.descent.judge`: validation accuracy less
+    the margin for the test set's noise), so both sides are chosen alike and neither on the
+    test set; its test accuracy is recorded beside. Otherwise, by test accuracy reaching
+    `target`."""
+    from pipeline.run import descent
+
+    floor = (record.search.summary if record.search else {}).get("accuracy_floor")
+    if floor is None:
+
+        def on_test(graph: Path) -> dict[str, Any]:
+            accuracy = _test_accuracy(ctx, graph)
+            return {"test_accuracy": accuracy, "reaches": accuracy >= target - ROUNDING}
+
+        return on_test, words
+    original = descent.val_correct(ctx, ctx.run_dir / "original.onnx")
+    confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
+
+    def on_validation(graph: Path) -> dict[str, Any]:
+        verdict = descent.judge(
+            original, descent.val_correct(ctx, graph), floor, n_test, confidence
+        )
+        return {
+            **verdict,
+            "test_accuracy": _test_accuracy(ctx, graph),
+            "reaches": verdict["holds_floor"],
+        }
+
+    return (
+        on_validation,
+        f"the accuracy floor by the deployed model's rule ({floor:.2%} on validation)",
+    )
 
 
 def _measure_with_deployed(ctx: RunContext, baselines: dict[str, Any], kept: Path) -> None:

@@ -111,7 +111,7 @@ def _baselines_markdown(summary: dict[str, Any]) -> list[str]:
         "`search.matched_accuracy_steps` is set, in the search's precision at its test "
         "accuracy (`*_at_accuracy`; "
         "`*_at_floor` under the accuracy-floor objective: the least keep ratio holding the "
-        "same floor on test), each "
+        "same floor by the deployed model's rule, on validation less the margin), each "
         "fully fine-tuned like it. The last column comes from one session measuring every "
         "baseline with the deployed model.",
         "",
@@ -223,12 +223,19 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
 
 
 def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
-    """The pick's second measurement, and any pick it turned down."""
+    """The pick's second measurement, and any pick it turned down; under the floor, the
+    finalists measured again side by side."""
     tries = search.get("confirmation") or []
     lines = [
         f"- Episode {t['episode']} measured again: {t['confirmed_ms']:.3f} ms (search "
         f"{t['search_ms']:.3f} ms), {'meets' if t['meets_budget'] else 'MISSES'} the budget"
         for t in tries
+    ]
+    ranked = sorted(search.get("finalists") or [], key=lambda r: r["session_ms"])
+    lines += [
+        f"- Finalist episode {r['episode']}: {r['session_ms']:.3f} ms side by side "
+        f"({r['ratio']:.3f}x the unpruned model; search {r['search_ms']:.3f} ms)"
+        for r in ranked
     ]
     return [*lines, ""] if lines else []
 

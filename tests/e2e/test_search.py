@@ -16,6 +16,7 @@ from conftest import run_cli as cli
 from safetensors.torch import save_file
 
 from agents import AGENTS
+from pipeline.search.confirm import FINALISTS
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,8 +249,19 @@ def test_the_accuracy_floor_objective_ships_the_fastest_within_it(
     if held:  # the pick is the fastest that held the floor, then checked once built
         assert report["max_accuracy_drop"] == pytest.approx(drop / 100)
         assert search["shipped"] == "best within the floor"
+        # the fastest few were measured again side by side; their latencies decide
+        policies = {r["episode"]: str(r["policy"]) for r in held}
+        finalists = search.get("finalists", [])
+        ranked = {policies[r["episode"]]: r["session_ms"] for r in finalists}
+        distinct = set(policies.values())
+        assert len(ranked) == len(finalists)  # one per policy
+        assert len(ranked) == (min(len(distinct), FINALISTS) if len(distinct) > 1 else 0)
+
+        def ms(r: dict) -> float:
+            return ranked.get(str(r["policy"]), r["latency_ms"])
+
         first = search["floor_tries"][0]["episode"]
-        assert first == min(held, key=lambda r: (r["latency_ms"], -r["accuracy"]))["episode"]
+        assert first == min(held, key=lambda r: (ms(r), -r["accuracy"]))["episode"]
         assert 1 <= len(search["floor_tries"]) <= 3
         if search["floor_tries"][-1]["holds_floor"]:
             _check_descent(search, run_dir)
