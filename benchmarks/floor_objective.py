@@ -220,10 +220,16 @@ def _descent_text(descent: dict[str, Any] | None) -> str:
         return "-"
     runs = descent.get("direction") or []
     saved = "/".join(f"{100 * d['saving']:.0f}" for d in runs)
-    steps = (f"runs save {saved}% at x{runs[0]['factor']}; " if runs else "") + ", ".join(
-        ("" if d.get("layers", "all") == "all" else f"{d['layers']} ")
-        + f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}"
-        for d in descent["steps"]
+    kept = sum(bool(r["kept"]) for r in descent.get("ladder", []))
+    rungs = f"{kept} of {len(descent['ladder'])} rungs faster; " if "ladder" in descent else ""
+    steps = (
+        (f"runs save {saved}% at x{runs[0]['factor']}; " if runs else "")
+        + rungs
+        + ", ".join(
+            ("" if d.get("layers", "all") == "all" else f"{d['layers']} ")
+            + f"x{d['scale']:.3f} {'held' if d['holds_floor'] else 'lost'}"
+            for d in descent["steps"]
+        )
     )
     speedup = descent.get("speedup_over_pick")
     step = descent.get("shipped_step")

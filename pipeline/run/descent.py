@@ -6,13 +6,22 @@ holds it with room to spare. Uniform pruning bisected with full fine-tunes uses 
 descent does the same along the pick's own shape: its keep ratios (the head's aside) are scaled
 down by a factor found by bisection, each step built in full and scored on validation.
 
+The factors come from a ladder measured first (`_ladder`): the pick scaled by 0.95 down to 0.40,
+each exported untrained (latency does not depend on the fine-tune) and measured beside the pick
+in one session of `PROBE_ROUNDS`. Only rungs that measured faster than the pick and than every
+wider rung are tried (channel counts round to a multiple, so neighbouring scales can be the
+same model or a slower one), and the deepest rung that holds ships, at the speed the ladder
+measured. Before, the steps that held were measured against the pick after the bisection, in
+the profile's 3 rounds: on a 2-core CPU that session read a step (the pick x0.89) 27% slower
+than the pick and shipped the pick; measured again over 20 rounds, the step was 13% faster.
+
 Not every layer is worth shrinking: on a 2-core AMD CPU in INT8, a ResNet-18's last stage (2x2
 pixels, large weights) costs three times the latency per share of its width of the middle ones
 (`benchmarks/channel_steps.py`), and on a `digits-hard` model shrinking it by 0.7 saved 10%
 for no measurable accuracy, while shrinking the first stage saved 1%. So with
 `search.descent_groups: N` the pick's live layers are cut into N contiguous runs of about equal
 latency, the pick with each run shrunk by `PROBE_FACTOR` is exported untrained and measured
-beside the pick in one session, and each run is scaled by the bisection's factor raised to its
+beside the pick in one session, and each run is scaled by the ladder's factor raised to its
 saving over the largest saving: a run that saves nothing is left as it is. It is off by default
 (one factor for every layer): on `digits-hard` it has not yet been measured against one factor
 from the same pick, and savings alone say nothing of a run's accuracy cost (docs/benchmarks.md).
@@ -22,14 +31,12 @@ its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by
 drop's predictive error stays within the allowed drop. That error is the paired difference's
 standard error on validation combined with the one the test set will add (its size scales it):
 the final gate reads the test set's own estimate, and the bisection walks to the edge, where a
-lucky validation score would otherwise ship a model that loses the floor on test. The pick and
-every step that held are measured in one session (same runner); the fastest ships, built again
-unless it is the last one built.
+lucky validation score would otherwise ship a model that loses the floor on test. The shipped
+model is built again unless it is the last one built.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,10 +44,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.policy import LayerAction, Policy, head_layer
-from pipeline.core.records import Latency, RunRecord
+from pipeline.core.records import RunRecord
 from pipeline.run.context import RunContext, stage
 
-LOWEST_SCALE = 0.4  # the bisection's lower end: every keep ratio at 40% of the pick's
+LADDER = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 13))  # the pick x0.95 .. x0.40
+MIN_SAVING = 0.02  # a rung must measure this much faster than the wider ones to be tried
 PROBE_FACTOR = 0.7  # each run of layers is shrunk by this, untrained, to measure what it saves
 PROBE_ROUNDS = 15  # the session's rounds: savings are a few percent, and 5 rounds read one at -4%
 Z95 = 1.959964  # the paired interval is a 95% one: its half-width is this many standard errors
@@ -114,42 +122,108 @@ def layer_groups(
 
 
 def descend(ctx: RunContext, record: RunRecord, floor: float) -> dict[str, Any]:
-    """Bisect the scale on the built pick (`ctx.policy`) along the measured direction; leave the
-    chosen model built. Returns what report.json records under `search.descent`."""
+    """Bisect along the measured ladder (`_ladder`) from the built pick (`ctx.policy`); leave
+    the chosen model built. Returns what report.json records under `search.descent`."""
     pick = ctx.policy
     original = val_correct(ctx, ctx.run_dir / "original.onnx")
     confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
-    head, min_keep = head_layer(ctx.original), ctx.profile.min_keep_ratio
+    head = head_layer(ctx.original)
     steps: list[dict[str, Any]] = []
-    held: dict[str, Policy] = {"pick": pick}
 
-    def attempt(policy: Policy, move: dict[str, Any]) -> bool:
-        build(ctx, record, policy)
+    def holds(rung: dict[str, Any]) -> bool:
+        build(ctx, record, rung["policy"])
         correct = val_correct(ctx, ctx.run_dir / "model.onnx")
-        step = {**move, **judge(original, correct, floor, n_test, confidence)}
-        steps.append(step)
-        stage(_step_line(step, floor))
-        if step["holds_floor"]:
-            name = f"step {len(steps)}"
-            held[name] = policy
-            shutil.copy(ctx.run_dir / "model.onnx", kept / f"{name}.onnx")
-        return bool(step["holds_floor"])
+        move = {"scale": rung["scale"], "layers": "all", "ratio_to_pick": rung["ratio"]}
+        steps.append({**move, **judge(original, correct, floor, n_test, confidence)})
+        stage(_step_line(steps[-1], floor))
+        return bool(steps[-1]["holds_floor"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        kept = Path(tmp)
-        shutil.copy(ctx.run_dir / "model.onnx", kept / "pick.onnx")
-        direction = _direction(ctx, pick, head, kept)
-        weights = _weights(direction)
-        low, high = LOWEST_SCALE, 1.0
-        for _ in range(ctx.config.search.descent_steps):
-            scale = (low + high) / 2
-            candidate = scaled(pick, scale, head, min_keep, weights)
-            if attempt(candidate, {"scale": round(scale, 4), "layers": "all"}):
-                high = scale
-            else:
-                low = scale
-        outcome = _choose(ctx, record, held, kept)
-    return {"steps": steps, "direction": direction, **outcome}
+        direction = _direction(ctx, pick, head, Path(tmp))
+        ladder = _ladder(ctx, pick, head, _weights(direction), Path(tmp))
+    rungs = [r for r in ladder if r["kept"]]
+    low, high, held = -1, len(rungs), None  # rungs[low] holds (-1: the pick), rungs[high] not
+    for _ in range(ctx.config.search.descent_steps):
+        if high - low <= 1:
+            break
+        middle = (low + high) // 2
+        if holds(rungs[middle]):
+            low, held = middle, len(steps)
+        else:
+            high = middle
+    out = {
+        "steps": steps,
+        "direction": direction,
+        "ladder": [{k: v for k, v in r.items() if k != "policy"} for r in ladder],
+    }
+    if held is None:  # nothing held (or nothing to try): the pick ships
+        if steps:
+            build(ctx, record, pick)
+        return {**out, "shipped": "pick", "shipped_step": None, "speedup_over_pick": None}
+    if held != len(steps):  # the last model built is not the one that ships
+        build(ctx, record, rungs[low]["policy"])
+    speedup = 1.0 / rungs[low]["ratio"]
+    return {**out, "shipped": "descended", "shipped_step": held, "speedup_over_pick": speedup}
+
+
+def _ladder(
+    ctx: RunContext, pick: Policy, head: str, weights: dict[str, float] | None, folder: Path
+) -> list[dict[str, Any]]:
+    """The pick scaled by each of `LADDER`'s factors, exported untrained and measured beside it
+    in one session of `PROBE_ROUNDS`. A rung is `kept` when it measured `MIN_SAVING` faster
+    than the pick and every wider rung kept (channel counts round to the profile's multiple,
+    so neighbouring scales can give the same model or a slower one): the bisection, each step
+    a full fine-tune, walks only down rungs that are faster on the target."""
+    from pipeline.core.stats import paired_ratio
+
+    stage(f"descent: measuring the pick scaled by {len(LADDER)} factors on the target")
+    min_keep = ctx.profile.min_keep_ratio
+    policies = {scale: scaled(pick, scale, head, min_keep, weights) for scale in LADDER}
+    graphs = _export_untrained(
+        ctx, {"pick": pick, **{f"x{s}": p for s, p in policies.items()}}, folder
+    )
+    sides = ctx.bench(graphs, rounds=PROBE_ROUNDS)
+    base = sides["pick"]["rounds_ms"]
+    ratios = [paired_ratio(sides[f"x{scale}"]["rounds_ms"], base) for scale in policies]
+    out = [
+        {"scale": scale, "ratio": ratio, "kept": kept, "policy": policy}
+        for (scale, policy), ratio, kept in zip(
+            policies.items(), ratios, faster_rungs(ratios), strict=True
+        )
+    ]
+    stage(
+        "descent: "
+        + ", ".join(
+            f"x{r['scale']:.2f} {r['ratio']:.2f}{'' if r['kept'] else ' (skipped)'}" for r in out
+        )
+    )
+    return out
+
+
+def faster_rungs(ratios: list[float]) -> list[bool]:
+    """Which rungs (latency over the pick's, widest first) measured at least `MIN_SAVING`
+    faster than the pick and than every wider rung kept."""
+    best, kept = 1.0, []
+    for ratio in ratios:
+        kept.append(ratio <= best * (1 - MIN_SAVING))
+        best = ratio if kept[-1] else best
+    return kept
+
+
+def _export_untrained(
+    ctx: RunContext, policies: dict[str, Policy], folder: Path
+) -> dict[str, Path]:
+    """Each policy's graph without a fine-tune (the latency is the same), by name."""
+    from pipeline.search.materialize import export_graph, layer_precisions, materialize
+
+    calib, graphs = _calibration(ctx), {}
+    for name, policy in policies.items():
+        model = materialize(ctx.original, policy, ctx.profile).model
+        graphs[name] = path = folder / f"{name}.onnx"
+        export_graph(
+            model, layer_precisions(model, policy), ctx.profile, path, calib, ctx.config.opset
+        )
+    return graphs
 
 
 def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[dict[str, Any]]:
@@ -157,21 +231,17 @@ def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[d
     as a share of the pick's latency, measured beside the pick in one session; [] when
     `search.descent_groups` is 0 or there is only one run."""
     from pipeline.core.stats import paired_ratio
-    from pipeline.search.materialize import export_graph, layer_precisions, materialize
 
     groups = _groups(ctx, pick, head)
     if len(groups) < 2:
         return []
     stage(f"descent: measuring what shrinking each of {len(groups)} runs of layers saves")
-    min_keep, calib = ctx.profile.min_keep_ratio, _calibration(ctx)
-    graphs = {}
-    for i, group in enumerate([[], *groups]):
-        policy = scaled(pick, PROBE_FACTOR, head, min_keep, dict.fromkeys(group, 1.0))
-        model = materialize(ctx.original, policy, ctx.profile).model
-        graphs[f"run {i}"] = path = folder / f"probe{i}.onnx"
-        precisions = layer_precisions(model, policy)
-        export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset)
-    sides = ctx.bench(graphs, rounds=PROBE_ROUNDS)
+    min_keep = ctx.profile.min_keep_ratio
+    policies = {
+        f"run {i}": scaled(pick, PROBE_FACTOR, head, min_keep, dict.fromkeys(group, 1.0))
+        for i, group in enumerate([[], *groups])
+    }
+    sides = ctx.bench(_export_untrained(ctx, policies, folder), rounds=PROBE_ROUNDS)
     base = sides["run 0"]["rounds_ms"]
     out = []
     for i, group in enumerate(groups, 1):
@@ -242,25 +312,3 @@ def _step_line(step: dict[str, Any], floor: float) -> str:
         f"descent: keep ratios x{step['scale']:.2f} score {step['val_accuracy']:.2%} on validation "
         f"(less a margin of {step['margin']:.2%}): {verdict} the {floor:.2%} floor"
     )
-
-
-def _choose(
-    ctx: RunContext, record: RunRecord, held: dict[str, Policy], kept: Path
-) -> dict[str, Any]:
-    """Ship the fastest of the pick and the steps that held, measured in one session."""
-    if len(held) == 1:
-        build(ctx, record, held["pick"])
-        return {"shipped": "pick", "shipped_step": None, "speedup_over_pick": None}
-    stage(f"descent: measuring the pick and the {len(held) - 1} steps that held, side by side")
-    sides = ctx.bench({name: kept / f"{name}.onnx" for name in held})
-    statistic = ctx.profile.measure.statistic
-    ms = {name: Latency.from_bench(side).stat(statistic) for name, side in sides.items()}
-    fastest = min(ms, key=ms.__getitem__)
-    if held[fastest] is not ctx.policy:  # the last model built is not the one that ships
-        build(ctx, record, held[fastest])
-    return {
-        "shipped": "pick" if fastest == "pick" else "descended",
-        "shipped_step": None if fastest == "pick" else int(fastest.split()[1]),
-        "speedup_over_pick": ms["pick"] / ms[fastest],
-        "measured_ms": ms,
-    }

@@ -206,6 +206,15 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
         f"by the step's factor to the power {d.get('weight', 1.0):.2f}"
         for d in runs
     ]
+    ladder = descent.get("ladder") or []
+    if ladder:
+        rungs = ", ".join(
+            f"x{r['scale']:.2f} {r['ratio']:.2f}{'' if r['kept'] else ' (skipped)'}" for r in ladder
+        )
+        lines.append(
+            f"- Descent ladder (latency over the pick's, measured untrained side by side; a "
+            f"rung not faster than every wider one is skipped): {rungs}"
+        )
     lines += [
         f"- Descent step {i}: keep ratios"
         + ("" if d.get("layers", "all") == "all" else f" of {d['layers']}")

@@ -117,3 +117,14 @@ def test_a_model_holds_the_floor_by_a_margin_for_the_test_set() -> None:
     assert not judge(original, step, floor=0.989, n_test=1000, confidence=0.9)["holds_floor"]
     # 0.5: the validation estimate alone, no margin
     assert judge(original, step, floor=0.99, n_test=1000, confidence=0.5)["holds_floor"]
+
+
+def test_only_rungs_faster_than_every_wider_one_are_tried() -> None:
+    """A smaller shape can run slower (channel counts round, kernels change with the shape):
+    the descent tries only rungs at least 2% faster than the pick and every wider rung kept."""
+    from pipeline.run.descent import faster_rungs
+
+    ratios = [0.99, 0.95, 1.10, 0.94, 0.90, 0.91, 0.80]
+    assert faster_rungs(ratios) == [False, True, False, False, True, False, True]
+    assert faster_rungs([1.02, 1.30]) == [False, False]
+    assert faster_rungs([]) == []
