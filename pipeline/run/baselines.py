@@ -15,7 +15,7 @@
 - `uniform_int8_at_floor` (or `uniform_at_floor`, as above), in place of `*_at_accuracy` when
   the search ran the accuracy-floor objective: uniform pruning at the least keep ratio that
   holds the same floor by the rule the deployed model shipped by (validation accuracy less the
-  margin for the test set's noise; `pipeline.run.descent.judge`), found the same way: how much
+  margin for the test set's noise; `pipeline.run.floor_rule.judge`), found the same way: how much
   faster the deployed model is than the best uniform policy allowed the same loss and chosen
   alike. Its test accuracy is reported beside, as the deployed model's is.
 - `int8`: the unpruned original with every layer in INT8.
@@ -253,11 +253,11 @@ def _judge(
     ctx: RunContext, record: RunRecord, target: float, words: str
 ) -> tuple[Callable[[Path], dict[str, Any]], str]:
     """How a bisection step is judged, and the words for it. Under the accuracy floor, by the
-    rule the deployed model shipped by (`pipeline.run.descent.judge`: validation accuracy less
+    rule the deployed model shipped by (`pipeline.run.floor_rule.judge`: validation accuracy less
     the margin for the test set's noise), so both sides are chosen alike and neither on the
     test set; its test accuracy is recorded beside. Otherwise, by test accuracy reaching
     `target`."""
-    from pipeline.run import descent
+    from pipeline.run import floor_rule
 
     floor = (record.search.summary if record.search else {}).get("accuracy_floor")
     if floor is None:
@@ -267,12 +267,12 @@ def _judge(
             return {"test_accuracy": accuracy, "reaches": accuracy >= target - ROUNDING}
 
         return on_test, words
-    original = descent.val_correct(ctx, ctx.run_dir / "original.onnx")
+    original = floor_rule.val_correct(ctx, ctx.run_dir / "original.onnx")
     confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
 
     def on_validation(graph: Path) -> dict[str, Any]:
-        verdict = descent.judge(
-            original, descent.val_correct(ctx, graph), floor, n_test, confidence
+        verdict = floor_rule.judge(
+            original, floor_rule.val_correct(ctx, graph), floor, n_test, confidence
         )
         return {
             **verdict,

@@ -26,13 +26,8 @@ saving over the largest saving: a run that saves nothing is left as it is. It is
 (one factor for every layer): on `digits-hard` it has not yet been measured against one factor
 from the same pick, and savings alone say nothing of a run's accuracy cost (docs/benchmarks.md).
 
-Every model built in full, the pick and each step, is judged by `judge`: it holds the floor when
-its validation drop plus `search.floor_confidence`'s quantile (one-sided, 0.9 by default) of the
-drop's predictive error stays within the allowed drop. That error is the paired difference's
-standard error on validation combined with the one the test set will add (its size scales it):
-the final gate reads the test set's own estimate, and the bisection walks to the edge, where a
-lucky validation score would otherwise ship a model that loses the floor on test. The shipped
-model is built again unless it is the last one built.
+Every model built in full, the pick and each step, is judged by `pipeline.run.floor_rule.judge`.
+The shipped model is built again unless it is the last one built.
 """
 
 from __future__ import annotations
@@ -46,12 +41,12 @@ import numpy as np
 from pipeline.core.policy import LayerAction, Policy, head_layer
 from pipeline.core.records import RunRecord
 from pipeline.run.context import RunContext, stage
+from pipeline.run.floor_rule import judge, val_correct
 
 LADDER = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 13))  # the pick x0.95 .. x0.40
 MIN_SAVING = 0.02  # a rung must measure this much faster than the wider ones to be tried
 PROBE_FACTOR = 0.7  # each run of layers is shrunk by this, untrained, to measure what it saves
 PROBE_ROUNDS = 15  # the session's rounds: savings are a few percent, and 5 rounds read one at -4%
-Z95 = 1.959964  # the paired interval is a 95% one: its half-width is this many standard errors
 
 
 def build(ctx: RunContext, record: RunRecord, policy: Policy) -> None:
@@ -63,16 +58,6 @@ def build(ctx: RunContext, record: RunRecord, policy: Policy) -> None:
     ctx.policy.save(ctx.run_dir / "policy.json")
     stages.compress(ctx, record)
     export_deployed(ctx, record)
-
-
-def val_correct(ctx: RunContext, onnx_path: Path) -> np.ndarray:
-    """(N,) bool: which validation images the ONNX model gets right."""
-    from exporters import run_onnx
-    from pipeline.core.stats import correct_of
-    from pipeline.model.evaluate import stack
-
-    inputs, labels = stack(ctx.splits.val)
-    return correct_of(run_onnx(onnx_path, inputs, threads=ctx.profile.threads), labels)
 
 
 def scaled(
@@ -281,29 +266,6 @@ def _groups(ctx: RunContext, policy: Policy, head: str) -> list[list[str]]:
 
 def _span(group: list[str]) -> str:
     return group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
-
-
-def judge(
-    original: np.ndarray, correct: np.ndarray, floor: float, n_test: int, confidence: float
-) -> dict[str, Any]:
-    """Whether a model built in full holds the floor (a validation accuracy): its drop from the
-    original, plus `confidence`'s one-sided quantile of the error predicting the test set's drop
-    from it (both samples' standard errors; the test set's scaled from validation's by size),
-    stays within the allowed drop, i.e. its accuracy less that margin reaches the floor."""
-    from scipy.stats import norm
-
-    from pipeline.core.stats import paired_difference
-
-    diff = paired_difference(original, correct)  # original - model: the accuracy drop
-    se = (diff.high - diff.low) / (2 * Z95)
-    margin = float(norm.ppf(confidence)) * se * (1 + len(correct) / max(n_test, 1)) ** 0.5
-    accuracy = float(correct.mean())
-    return {
-        "val_accuracy": accuracy,
-        "standard_error": se,
-        "margin": margin,
-        "holds_floor": accuracy - margin >= floor,
-    }
 
 
 def _step_line(step: dict[str, Any], floor: float) -> str:

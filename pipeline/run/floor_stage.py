@@ -3,7 +3,7 @@
 A candidate is scored after a short fine-tune; the deployed model gets the full recovery
 fine-tune (and INT8 recovery), which usually gains accuracy but need not. So model.onnx is
 scored on the validation split and judged with a margin for the test set
-(`pipeline.run.descent.judge`); when it loses the floor, the next-fastest candidate that held it
+(`pipeline.run.floor_rule.judge`); when it loses the floor, the next-fastest candidate that held it
 during the search is built instead, a bounded number of times. report.json lists the tries.
 A pick that holds is then stepped down while the floor still holds (`pipeline.run.descent`).
 """
@@ -26,18 +26,18 @@ def applies(ctx: RunContext, record: RunRecord) -> bool:
 def hold_floor(ctx: RunContext, record: RunRecord) -> None:
     """Check the built model against the floor on validation; rebuild with the next candidate
     while it misses (`MAX_TRIES` in all); descend from the one that holds."""
-    from pipeline.run import descent
+    from pipeline.run import descent, floor_rule
     from pipeline.search import policy_of
 
     summary = record.search.summary
     floor = summary["accuracy_floor"]
     tried: list[dict[str, Any]] = []
     episode = summary.get("best_episode")
-    original = descent.val_correct(ctx, ctx.run_dir / "original.onnx")
+    original = floor_rule.val_correct(ctx, ctx.run_dir / "original.onnx")
     confidence, n_test = ctx.config.search.floor_confidence, len(ctx.splits.test)
     while True:
-        correct = descent.val_correct(ctx, ctx.run_dir / "model.onnx")
-        judged = descent.judge(original, correct, floor, n_test, confidence)
+        correct = floor_rule.val_correct(ctx, ctx.run_dir / "model.onnx")
+        judged = floor_rule.judge(original, correct, floor, n_test, confidence)
         holds = judged["holds_floor"]
         tried.append({"episode": episode, **judged})
         stage(

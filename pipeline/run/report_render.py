@@ -206,19 +206,15 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
         f"by the step's factor to the power {d.get('weight', 1.0):.2f}"
         for d in runs
     ]
-    ladder = descent.get("ladder") or []
-    if ladder:
-        rungs = ", ".join(
-            f"x{r['scale']:.2f} {r['ratio']:.2f}{'' if r['kept'] else ' (skipped)'}" for r in ladder
-        )
-        lines.append(
-            f"- Descent ladder (latency over the pick's, measured untrained side by side; a "
-            f"rung not faster than every wider one is skipped): {rungs}"
-        )
+    rungs = ", ".join(
+        f"x{r['scale']:.2f} {r['ratio']:.2f}{'' if r['kept'] else ' (skipped)'}"
+        for r in descent.get("ladder") or []
+    )
+    if rungs:  # rungs not faster than every wider one were not tried
+        lines.append(f"- Descent ladder (latency over the pick's, untrained): {rungs}")
     lines += [
-        f"- Descent step {i}: keep ratios"
-        + ("" if d.get("layers", "all") == "all" else f" of {d['layers']}")
-        + f" x{d['scale']:.3f}{' (weighted)' if runs else ''} built in full, "
+        f"- Descent step {i}: keep ratios x{d['scale']:.3f}{' (weighted)' if runs else ''} "
+        "built in full, "
         f"{d['val_accuracy']:.2%} on validation, less a "
         f"margin of {d['margin']:.2%} for the test set: "
         f"{'holds' if d['holds_floor'] else 'does not hold'} the floor"
@@ -232,8 +228,7 @@ def _descent_markdown(descent: dict[str, Any] | None) -> list[str]:
 
 
 def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
-    """The pick's second measurement, and any pick it turned down; under the floor, the
-    finalists measured again side by side."""
+    """The pick's second measurement and any pick it turned down, or the floor's finalists."""
     tries = search.get("confirmation") or []
     lines = [
         f"- Episode {t['episode']} measured again: {t['confirmed_ms']:.3f} ms (search "

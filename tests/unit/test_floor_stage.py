@@ -103,7 +103,7 @@ def test_a_model_holds_the_floor_by_a_margin_for_the_test_set() -> None:
     import numpy as np
     from scipy.stats import norm
 
-    from pipeline.run.descent import judge
+    from pipeline.run.floor_rule import judge
 
     original = np.ones(1000, bool)
     step = np.ones(1000, bool)
