@@ -36,8 +36,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.core.policy import LayerAction, Policy, head_layer
 from pipeline.core.records import RunRecord
 from pipeline.run.context import RunContext, stage
@@ -199,9 +197,9 @@ def _export_untrained(
     ctx: RunContext, policies: dict[str, Policy], folder: Path
 ) -> dict[str, Path]:
     """Each policy's graph without a fine-tune (the latency is the same), by name."""
-    from pipeline.search.materialize import export_graph, layer_precisions, materialize
+    from pipeline.search.materialize import calibration, export_graph, layer_precisions, materialize
 
-    calib, graphs = _calibration(ctx), {}
+    calib, graphs = calibration(ctx.splits, ctx.profile.int8.calib_samples), {}
     for name, policy in policies.items():
         model = materialize(ctx.original, policy, ctx.profile).model
         graphs[name] = path = folder / f"{name}.onnx"
@@ -234,12 +232,6 @@ def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[d
         out.append({"layers": group, "factor": PROBE_FACTOR, "saving": saving})
     stage("descent: " + ", ".join(f"{_span(d['layers'])} saves {d['saving']:.1%}" for d in out))
     return out
-
-
-def _calibration(ctx: RunContext) -> np.ndarray:
-    from pipeline.search.materialize import calibration
-
-    return calibration(ctx.splits, ctx.profile.int8.calib_samples)
 
 
 def _weights(direction: list[dict[str, Any]]) -> dict[str, float] | None:
