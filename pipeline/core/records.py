@@ -97,7 +97,6 @@ class SearchRecord:
     budget_ms: float | None  # None under the accuracy-floor objective without a budget
     original_ms: float  # the original measured at the search's start (drift check)
     candidates: list[dict[str, Any]] = field(default_factory=list)
-    budget_derived: bool = False  # the budget is a fraction of original_ms's measurement
 
 
 @dataclass

@@ -98,11 +98,7 @@ def _gates(ctx: RunContext, record: RunRecord, summary: dict[str, Any]) -> dict[
         )
     if summary["met_budget"] is False:
         budget_miss = f"deployed latency misses the {summary['budget_ms']} ms budget"
-        now = summary.get("budget_now_ms")
-        if now is not None:  # a derived budget: no drift to explain, it is already scaled
-            failed.append(f"{budget_miss} ({now:.4g} ms scaled to the original's latency now)")
-        else:
-            failed.append(budget_miss + _drift(ctx, record))
+        failed.append(budget_miss + _drift(ctx, record))
     if summary["accuracy_drop"] > ctx.profile.max_accuracy_drop:
         whose = "the run's" if ctx.config.max_accuracy_drop is not None else "the profile's"
         failed.append(
@@ -152,27 +148,6 @@ def _budget(ctx: RunContext, record: RunRecord) -> float | None:
     return ctx.config.budget_ms or ctx.profile.budget_ms
 
 
-def _budget_check(ctx: RunContext, record: RunRecord, budget: float | None) -> dict[str, Any]:
-    """`met_budget`, and with a derived budget how it was judged (`budget_now_ms`).
-
-    A budget given in ms is compared as it is. One derived from the original measured at the
-    search's start (a fraction of its latency) is a ratio, and is judged as one, in the final
-    session: scaled by the original's latency there over its latency at the start. On a shared
-    CPU whose speed drifts by 20-30% over minutes, the absolute rule failed models that ran at
-    0.51 x the unpruned INT8 model against a budget of 0.6 x it.
-    """
-    if budget is None:
-        return {"met_budget": None}
-    stat = ctx.profile.measure.statistic
-    assert record.deployed.latency is not None and record.original.latency is not None
-    deployed = record.deployed.latency.stat(stat)
-    search = record.search
-    if search is None or not search.budget_derived or not search.original_ms:
-        return {"met_budget": deployed <= budget}
-    now = budget * record.original.latency.stat(stat) / search.original_ms
-    return {"met_budget": deployed <= now, "budget_now_ms": now}
-
-
 def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
     """The report.json document (keys are a stable contract)."""
     stat = ctx.profile.measure.statistic
@@ -190,7 +165,7 @@ def build_summary(ctx: RunContext, record: RunRecord) -> dict[str, Any]:
         "speedup": o.latency.median / d.latency.median,
         "accuracy_drop": o.accuracy - d.accuracy,
         "budget_ms": budget,
-        **_budget_check(ctx, record, budget),
+        "met_budget": None if budget is None else d.latency.stat(stat) <= budget,
         "max_accuracy_drop": ctx.profile.max_accuracy_drop,
         "validation": record.validation,
         "search": record.search.summary if record.search else _fixed_search(ctx),

@@ -55,7 +55,6 @@ def _budget(
         {
             "budget_ms": budget,
             "budget_source": source,
-            "budget_derived": budget is not None and source != "given",
             "original_latency_ms": original_ms,
             "precision_latency_ms": by_precision,
         },
@@ -112,20 +111,12 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         budget,
         base.space.original_latency_ms,
         [r for r in outcome.records if r["error"] is None],
-        budget_derived=_budget_derived(ctx),
     )
     best = _confirmed_best(ctx, record, base, outcome)
     chosen = best or (outcome.closest if sc.allow_over_budget else None)
     goal = "within the floor" if base.space.accuracy_floor is not None else "under budget"
     summary["shipped"] = f"best {goal}" if best else ("closest" if chosen else None)
     return policy_of(chosen) if chosen else None
-
-
-def _budget_derived(ctx: RunContext) -> bool:
-    """Whether the budget is a fraction of the original measured at the search's start (not
-    given in ms); a setup written before this was recorded counts as given."""
-    setup = load_json(ctx.run_dir / SETUP, "search setup", ConfigError, CONFIG_MAX_BYTES)
-    return isinstance(setup, dict) and setup.get("budget_derived") is True
 
 
 def objective_text(space: SearchSpace) -> str:

@@ -90,15 +90,6 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     assert setup["budget_ms"] == pytest.approx(0.6 * by_precision[fastest])
     assert f"in {fastest}, its fastest precision" in setup["budget_source"]
     assert report["budget_ms"] == pytest.approx(setup["budget_ms"])
-    # a derived budget is judged scaled by the original's latency in the final session
-    assert setup["budget_derived"] is True
-    now = (
-        setup["budget_ms"]
-        * report["original"]["latency_ms"]["median"]
-        / setup["original_latency_ms"]
-    )
-    assert report["budget_now_ms"] == pytest.approx(now)
-    assert report["met_budget"] is (report["deployed"]["latency_ms"]["median"] <= now)
     if search["shipped"] == "best under budget":  # measured again before it shipped
         tries = search["confirmation"]
         assert 1 <= len(tries) <= 3 and all(t["confirmed_ms"] > 0 for t in tries)

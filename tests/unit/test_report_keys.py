@@ -109,23 +109,3 @@ def test_the_paired_intervals_come_from_the_records_per_image_results(tiny_profi
     assert low - 1e-9 <= summary["accuracy_drop"] <= high + 1e-9 and summary["test_images"] == 200
     assert summary["baselines"]["uniform"]["vs_deployed"]["n"] == 200
     assert summary["gates"]["passed"], summary["gates"]
-
-
-@pytest.mark.parametrize("derived", [False, True])
-def test_a_derived_budget_is_judged_as_a_ratio_to_the_original_now(tiny_profile, derived) -> None:
-    # The original measured 2.0 ms at the search's start and 2.6 ms (1.3x) in the final
-    # session; the deployed model's 1.5 ms is over the 1.2 ms budget, but under 1.2 x 1.3.
-    record = _record(searched=True)
-    assert record.search is not None
-    record.search.budget_derived = derived
-    record.original.latency = _latency(2.6, [2.6, 2.65, 2.55])
-    record.deployed.latency = _latency(1.5, [1.5, 1.52, 1.48])
-    summary = build_summary(RunContext(tiny_profile, RunConfig(), Path()), record)
-    assert summary["met_budget"] is derived
-    if derived:
-        assert summary["budget_now_ms"] == pytest.approx(1.2 * 2.6 / 2.0)
-        assert summary["gates"]["passed"], summary["gates"]
-    else:
-        assert "budget_now_ms" not in summary
-        (reason,) = [r for r in summary["gates"]["failed"] if "budget" in r]
-        assert "1.30x slower than when the search began" in reason
