@@ -18,12 +18,8 @@ Under an accuracy floor, three additions for a search of a few dozen students:
   and a half times it): measured here, random bins in [min_keep, 1] almost never held a
   one-point floor.
 
-Under a budget alone, stage 1 likewise never evaluates a removal twice, and stage 2 shrinks the
-most accurate removal (usually none), opening with a bisection on the uniform keep ratio that
-fills the budget, then scaling that anchor per group. Measured before this: stage 2 shrank the
-best-rewarded removal, which already met the budget, with bins over [min_keep, 1]; nearly every
-shrunk student then ran far under the budget and less accurate, and on one seed the shipped
-model (at 58% of the budget) was less accurate than uniform pruning at the budget.
+Under a budget the search is N2N's as described: measured, exploring more removals there found
+one that just met the budget, on which no shrinkage could gain accuracy.
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
@@ -64,7 +60,7 @@ from pipeline.core.space import (
 
 STATE_VERSION = 1
 RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
-ANCHOR_EPISODES = 5  # the bisection's steps: a bracket of 1/32 of [min_keep, 1]
+ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
 ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
 FLOOR_ROOM = 0.5  # under a floor, shrink on a removal scoring this share of the drop above it
 
@@ -131,10 +127,8 @@ class N2NAgent(Agent):
         # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
         self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
         self.under_floor = self.space.accuracy_floor is not None
-        self.under_budget = self.space.budget_ms is not None and not self.under_floor
         precision = search_precision(self.space)
-        objective = self.under_floor or self.under_budget
-        self.anchor = Bisection(self.space, precision) if objective else None
+        self.anchor = Bisection(self.space, precision) if self.under_floor else None
 
     # ----------------------------------------------------------------------------- search loop
 
@@ -173,21 +167,12 @@ class N2NAgent(Agent):
 
     @property
     def best_removed(self) -> tuple[str, ...]:
-        """The blocks stage 2 shrinks on: the best stage-1 student's (none before any); under
-        an accuracy floor, the fastest with room above it (`roomy_removal`); under a budget
-        alone, the most accurate (`accurate_removal`)."""
-        for chosen in (self.roomy_removal(), self.accurate_removal()):
-            if chosen is not None:
-                return chosen
+        """The blocks stage 2 shrinks on: the best stage-1 student's (none before any) or,
+        under an accuracy floor, the fastest with room above it (`roomy_removal`)."""
+        roomy = self.roomy_removal()
+        if roomy is not None:
+            return roomy
         return self.best[1][1].removed if 1 in self.best else ()
-
-    def accurate_removal(self) -> tuple[str, ...] | None:
-        """Under a budget alone, the stage-1 removal with the best validation score (the faster
-        on a tie): shrinkage, not the removal, has to meet the budget, so the removal that
-        lost least is the one to shrink. None otherwise or before any removal was evaluated."""
-        if not self.under_budget or not self.removals:
-            return None
-        return max(self.removals.items(), key=lambda kv: (kv[1][1], -kv[1][0]))[0]
 
     def roomy_removal(self) -> tuple[str, ...] | None:
         """Under an accuracy floor, the fastest stage-1 removal whose score held the floor by
@@ -200,8 +185,8 @@ class N2NAgent(Agent):
         return min(roomy)[1] if roomy else None
 
     def _removal_rollouts(self, size: int) -> list[tuple[list[int], Policy]]:
-        """Up to `size` removals; under a floor or a budget, only ones not evaluated before
-        (fewer once the policy repeats itself)."""
+        """Up to `size` removals; under a floor, only ones not evaluated before (fewer once the
+        policy repeats itself)."""
         features = block_features(self.space)
         rollouts = []
         for _ in range(size):
@@ -210,7 +195,7 @@ class N2NAgent(Agent):
                 removed = tuple(
                     b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a
                 )
-                if self.anchor is None or removed not in self.seen:
+                if not self.under_floor or removed not in self.seen:
                     self.seen.add(removed)
                     rollouts.append((actions, self._policy(removed, {})))
                     break
@@ -219,7 +204,7 @@ class N2NAgent(Agent):
         return rollouts
 
     def _anchor_keep(self, episodes: int) -> float | None:
-        """The bisection's next keep ratio, or None once it ended (or without an objective).
+        """The floor bisection's next keep ratio, or None once it ended (or without a floor).
         It takes at most ANCHOR_EPISODES and leaves at least half of stage 2 to shrinkage."""
         if self.anchor is None or not shrink_groups(self.space, self.best_removed):
             return None
@@ -229,11 +214,11 @@ class N2NAgent(Agent):
         return self.anchor.next_keep(ANCHOR_EPISODES)
 
     def _run_anchor(self, keep: float, on_episode: EpisodeCallback) -> None:
-        """One bisection step: every surviving layer at `keep`, on `best_removed`."""
+        """One bisection step: every surviving layer at `keep`, on the best removal."""
         removed = self.best_removed
         layers = {x.name: keep for g in shrink_groups(self.space, removed) for x in g}
         ((result, _),) = self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
-        if self.anchor is None:  # never: only a search with an objective has an anchor
+        if self.anchor is None:  # never: only a floor search has an anchor to run
             return
         if result.ok:
             self.anchor.record(keep, result.latency_ms, result.accuracy)
@@ -243,7 +228,7 @@ class N2NAgent(Agent):
     @property
     def shrink_ratios(self) -> list[float]:
         """The keep ratio of each shrinkage bin: evenly spaced in [min_keep, 1], or around the
-        bisection's anchor once it found one."""
+        floor bisection's anchor once it found one."""
         best = self.anchor.best() if self.anchor is not None else None
         if best is None:
             return self.ratios
