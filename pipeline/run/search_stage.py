@@ -256,12 +256,23 @@ def _confirmed_best(
 ) -> dict[str, Any] | None:
     """The search's best, re-measured (`pipeline.search.confirm`); a FLOPs-driven search measures
     nothing, by design, so its pick stands as it is."""
-    from pipeline.search.confirm import confirm_pick
-
     if outcome.best is None or ctx.config.search.latency_source == "flops":
         return outcome.best
     if base.space.budget_ms is None and base.space.accuracy_floor is not None:
-        return _ranked_best(ctx, record, base, outcome)
+        best = _ranked_best(ctx, record, base, outcome)
+    else:
+        best = _budget_best(ctx, record, base, outcome)
+    if best is not None and best is not outcome.best:
+        record.search.summary["best_episode"] = best["episode"]
+    return best
+
+
+def _budget_best(
+    ctx: RunContext, record: RunRecord, base: CandidateEvaluator, outcome: SearchOutcome
+) -> dict[str, Any] | None:
+    """The best candidate whose latency, measured again, still meets the budget."""
+    from pipeline.search.confirm import confirm_pick
+
     stage(f"measuring the search's pick again ({ctx.profile.measure.rounds} rounds)")
     resolution = 1.0 / max(len(base.val_labels), 1)
     statistic = ctx.profile.measure.statistic
@@ -273,8 +284,6 @@ def _confirmed_best(
             f"{t['search_ms']:.3f} ms), {verdict} the {base.space.budget_ms:.3f} ms budget"
         )
     record.search.summary["confirmation"] = tries
-    if best is not outcome.best:
-        record.search.summary["best_episode"] = best["episode"]
     return best
 
 
@@ -294,7 +303,4 @@ def _ranked_best(
             f"(search measured {r['search_ms']:.3f} ms)"
         )
     record.search.summary["finalists"] = ranked
-    best = choose_best(outcome.records, 0.0, base.space.accuracy_floor)
-    if best is not None and best is not outcome.best:
-        record.search.summary["best_episode"] = best["episode"]
-    return best
+    return choose_best(outcome.records, 0.0, base.space.accuracy_floor)
