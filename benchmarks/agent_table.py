@@ -122,6 +122,13 @@ def compare(rows: list[dict[str, Any]], correct: dict[str, np.ndarray]) -> None:
         }
 
 
+def _widened(fill: dict[str, Any] | None) -> str:
+    """How the run's pick was scaled to the budget's aim (`pipeline.run.fill`), if it was."""
+    if fill is None:
+        return ""
+    return f", scaled x{fill['scale']:.2f}" if fill["scale"] else ", not scaled"
+
+
 def _diff(d: dict[str, Any] | None) -> str:
     if d is None:
         return ""
@@ -227,7 +234,7 @@ def main() -> None:
     rows = rows_from_runs(ok, args.budget_fraction)
     for row, run in zip(rows, ok, strict=True):
         search = json.loads((run / "report.json").read_text())["search"]
-        row["reward"] = search.get("reward", "budget")
+        row["reward"] = search.get("reward", "budget") + _widened(search.get("fill"))
     remeasure(rows, args.rounds)
     compare(rows, test_correct(ok, args.seed))
     rows += [failed_row(d) for d in run_dirs if not shipped(d)]

@@ -129,6 +129,15 @@ class SearchConfig(StrictModel):
         "save on the target (a run that saves nothing stays); 0 (default): every layer by one "
         "factor",
     )
+    budget_aim: float | None = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="under a budget alone, the pick is scaled along its own shape until its "
+        "latency, measured beside it, sits within this share of the budget: widened when the "
+        "search stopped short, narrowed when it lies in the margin left for the final "
+        "measurement, which reads it in another session; null: ship the pick as found",
+    )
     recovery_allowance: bool = Field(
         True,
         description="under an accuracy floor, lower the floor candidates' short-fine-tune "

@@ -66,8 +66,8 @@ def scaled(
     weights: dict[str, float] | None = None,
 ) -> Policy:
     """The policy with every keep ratio but the head's multiplied by `scale` (at least
-    `min_keep`), or with `weights` by `scale` to the power of the layer's weight (a layer not in
-    `weights` is left as it is); precisions and removed blocks unchanged."""
+    `min_keep`, at most 1), or with `weights` by `scale` to the power of the layer's weight (a
+    layer not in `weights` is left as it is); precisions and removed blocks unchanged."""
 
     def power(name: str) -> float:
         if name == head:
@@ -77,10 +77,16 @@ def scaled(
     layers = {
         name: action
         if power(name) == 0.0
-        else LayerAction(max(min_keep, action.keep_ratio * scale ** power(name)), action.precision)
+        else LayerAction(
+            _keep(action.keep_ratio * scale ** power(name), min_keep), action.precision
+        )
         for name, action in policy.layers.items()
     }
     return Policy(layers, policy.removed, policy.channel_scores)
+
+
+def _keep(ratio: float, min_keep: float) -> float:
+    return min(1.0, max(min_keep, ratio))
 
 
 def layer_groups(
@@ -162,7 +168,7 @@ def _ladder(
     stage(f"descent: measuring the pick scaled by {len(LADDER)} factors on the target")
     min_keep = ctx.profile.min_keep_ratio
     policies = {scale: scaled(pick, scale, head, min_keep, weights) for scale in LADDER}
-    graphs = _export_untrained(
+    graphs = export_untrained(
         ctx, {"pick": pick, **{f"x{s}": p for s, p in policies.items()}}, folder
     )
     sides = ctx.bench(graphs, rounds=PROBE_ROUNDS)
@@ -193,9 +199,7 @@ def faster_rungs(ratios: list[float]) -> list[bool]:
     return kept
 
 
-def _export_untrained(
-    ctx: RunContext, policies: dict[str, Policy], folder: Path
-) -> dict[str, Path]:
+def export_untrained(ctx: RunContext, policies: dict[str, Policy], folder: Path) -> dict[str, Path]:
     """Each policy's graph without a fine-tune (the latency is the same), by name."""
     from pipeline.search.materialize import calibration, export_graph, layer_precisions, materialize
 
@@ -224,7 +228,7 @@ def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[d
         f"run {i}": scaled(pick, PROBE_FACTOR, head, min_keep, dict.fromkeys(group, 1.0))
         for i, group in enumerate([[], *groups])
     }
-    sides = ctx.bench(_export_untrained(ctx, policies, folder), rounds=PROBE_ROUNDS)
+    sides = ctx.bench(export_untrained(ctx, policies, folder), rounds=PROBE_ROUNDS)
     base = sides["run 0"]["rounds_ms"]
     out = []
     for i, group in enumerate(groups, 1):

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pipeline.core.artifacts import atomic_write_with
 from pipeline.core.stats import PairedDifference, difference_words, interval_text
+from pipeline.run.fill import fill_markdown
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -241,6 +242,7 @@ def _confirmation_markdown(search: dict[str, Any]) -> list[str]:
         f"({r['ratio']:.3f}x the unpruned model; search {r['search_ms']:.3f} ms)"
         for r in ranked
     ]
+    lines += fill_markdown(search.get("fill"))
     return [*lines, ""] if lines else []
 
 

@@ -116,7 +116,33 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
     chosen = best or (outcome.closest if sc.allow_over_budget else None)
     goal = "within the floor" if base.space.accuracy_floor is not None else "under budget"
     summary["shipped"] = f"best {goal}" if best else ("closest" if chosen else None)
+    if best is not None and _fills(ctx, base):
+        return _filled(ctx, record, best)
     return policy_of(chosen) if chosen else None
+
+
+def _fills(ctx: RunContext, base: CandidateEvaluator) -> bool:
+    """Whether the pick is scaled to the budget's aim (`pipeline.run.fill`): under a budget
+    alone, with latency measured (a FLOPs-driven search measures nothing, by design)."""
+    sc = ctx.config.search
+    measured = sc.latency_source == "measured"
+    budget_alone = base.space.budget_ms is not None and base.space.accuracy_floor is None
+    return measured and budget_alone and sc.budget_aim is not None
+
+
+def _filled(ctx: RunContext, record: RunRecord, best: dict[str, Any]) -> Policy:
+    """The confirmed pick scaled to sit within `search.budget_aim` x the budget."""
+    from pipeline.run.fill import fill_budget
+    from pipeline.search import policy_of
+
+    summary = record.search.summary
+    confirmed = [t for t in summary.get("confirmation") or [] if t["episode"] == best["episode"]]
+    pick_ms = confirmed[-1]["confirmed_ms"] if confirmed else best["latency_ms"]
+    assert record.search.budget_ms is not None
+    policy, summary["fill"] = fill_budget(ctx, policy_of(best), pick_ms, record.search.budget_ms)
+    if summary["fill"]["scale"] is not None:
+        summary["shipped"] = f"best under budget, scaled x{summary['fill']['scale']:.2f}"
+    return policy
 
 
 def objective_text(space: SearchSpace) -> str:

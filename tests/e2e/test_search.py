@@ -90,10 +90,18 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     assert setup["budget_ms"] == pytest.approx(0.6 * by_precision[fastest])
     assert f"in {fastest}, its fastest precision" in setup["budget_source"]
     assert report["budget_ms"] == pytest.approx(setup["budget_ms"])
-    if search["shipped"] == "best under budget":  # measured again before it shipped
+    if (search["shipped"] or "").startswith("best under budget"):  # measured again first
         tries = search["confirmation"]
         assert 1 <= len(tries) <= 3 and all(t["confirmed_ms"] > 0 for t in tries)
         assert all(not t["meets_budget"] for t in tries[:-1])
+        # then scaled along its own shape to sit within 0.9 x the budget, as measured
+        fill = search["fill"]
+        assert fill["target_ms"] == pytest.approx(0.9 * report["budget_ms"])
+        assert fill["pick_ms"] in {t["confirmed_ms"] for t in tries}
+        if fill["scale"] is not None:
+            assert search["shipped"] == f"best under budget, scaled x{fill['scale']:.2f}"
+            assert fill["ms"] <= fill["target_ms"]
+            assert (fill["scale"] > 1) == (fill["pick_ms"] < fill["target_ms"])
     if agent in {"ppo", "dqn", "sac", "td3"}:  # SB3's TensorBoard logs land in the run dir
         assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
