@@ -36,10 +36,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.policy import LayerAction, Policy, head_layer
+from pipeline.core.policy import Policy, head_layer
 from pipeline.core.records import RunRecord
 from pipeline.run.context import RunContext, stage
 from pipeline.run.floor_rule import judge, val_correct
+from pipeline.run.scaling import export_untrained, scaled
 
 LADDER = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 13))  # the pick x0.95 .. x0.40
 MIN_SAVING = 0.02  # a rung must measure this much faster than the wider ones to be tried
@@ -56,37 +57,6 @@ def build(ctx: RunContext, record: RunRecord, policy: Policy) -> None:
     ctx.policy.save(ctx.run_dir / "policy.json")
     stages.compress(ctx, record)
     export_deployed(ctx, record)
-
-
-def scaled(
-    policy: Policy,
-    scale: float,
-    head: str,
-    min_keep: float,
-    weights: dict[str, float] | None = None,
-) -> Policy:
-    """The policy with every keep ratio but the head's multiplied by `scale` (at least
-    `min_keep`, at most 1), or with `weights` by `scale` to the power of the layer's weight (a
-    layer not in `weights` is left as it is); precisions and removed blocks unchanged."""
-
-    def power(name: str) -> float:
-        if name == head:
-            return 0.0
-        return 1.0 if weights is None else weights.get(name, 0.0)
-
-    layers = {
-        name: action
-        if power(name) == 0.0
-        else LayerAction(
-            _keep(action.keep_ratio * scale ** power(name), min_keep), action.precision
-        )
-        for name, action in policy.layers.items()
-    }
-    return Policy(layers, policy.removed, policy.channel_scores)
-
-
-def _keep(ratio: float, min_keep: float) -> float:
-    return min(1.0, max(min_keep, ratio))
 
 
 def layer_groups(
@@ -197,20 +167,6 @@ def faster_rungs(ratios: list[float]) -> list[bool]:
         kept.append(ratio <= best * (1 - MIN_SAVING))
         best = ratio if kept[-1] else best
     return kept
-
-
-def export_untrained(ctx: RunContext, policies: dict[str, Policy], folder: Path) -> dict[str, Path]:
-    """Each policy's graph without a fine-tune (the latency is the same), by name."""
-    from pipeline.search.materialize import calibration, export_graph, layer_precisions, materialize
-
-    calib, graphs = calibration(ctx.splits, ctx.profile.int8.calib_samples), {}
-    for name, policy in policies.items():
-        model = materialize(ctx.original, policy, ctx.profile).model
-        graphs[name] = path = folder / f"{name}.onnx"
-        export_graph(
-            model, layer_precisions(model, policy), ctx.profile, path, calib, ctx.config.opset
-        )
-    return graphs
 
 
 def _direction(ctx: RunContext, pick: Policy, head: str, folder: Path) -> list[dict[str, Any]]:

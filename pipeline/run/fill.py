@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.core.policy import Policy, head_layer
 from pipeline.run.context import RunContext, stage
-from pipeline.run.descent import export_untrained, scaled
+from pipeline.run.scaling import export_untrained, scaled
 
 WIDER = (1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.65, 1.8, 2.0, 2.25, 2.5, 3.0)
 NARROWER = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -98,17 +98,3 @@ def _ladder(
     for i, r in enumerate(out):
         r["chosen"] = i == last
     return out
-
-
-def fill_markdown(fill: dict[str, Any] | None) -> list[str]:
-    """report.md's lines on the scaling: the ladder as measured, and what shipped."""
-    if not fill or not fill.get("ladder"):
-        return []
-    rungs = ", ".join(
-        f"{r['name']} {r['ms']:.3f} ms{'' if r['within'] else ' (over)'}" for r in fill["ladder"]
-    )
-    shipped = f"the pick scaled x{fill['scale']:.2f}" if fill["scale"] else "the pick as found"
-    return [
-        f"- Scaled along its own shape towards {fill['target_ms']:.3f} ms (the pick "
-        f"{fill['pick_ms']:.3f} ms; untrained, measured beside it): {rungs}. Shipped: {shipped}"
-    ]

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from pipeline.core.artifacts import atomic_write_with
 from pipeline.core.stats import PairedDifference, difference_words, interval_text
-from pipeline.run.fill import fill_markdown
+from pipeline.run.fill_text import fill_markdown
 
 
 def _fmt(value: Any, spec: str) -> str:

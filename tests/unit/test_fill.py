@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.core.policy import LayerAction, Policy, Precision
 from pipeline.run.descent import scaled
-from pipeline.run.fill import _ladder, fill_markdown
+from pipeline.run.fill import _ladder
+from pipeline.run.fill_text import fill_markdown
 
 
 def _sides(pick: list[float], **rungs: list[float]) -> dict[str, dict[str, list[float]]]:

@@ -1,0 +1,20 @@
+"""report.md's lines on the pick scaled to the budget's aim (`pipeline.run.fill`): apart from
+it, so that the report's rendering imports none of the stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fill_markdown(fill: dict[str, Any] | None) -> list[str]:
+    """report.md's lines on the scaling: the ladder as measured, and what shipped."""
+    if not fill or not fill.get("ladder"):
+        return []
+    rungs = ", ".join(
+        f"{r['name']} {r['ms']:.3f} ms{'' if r['within'] else ' (over)'}" for r in fill["ladder"]
+    )
+    shipped = f"the pick scaled x{fill['scale']:.2f}" if fill["scale"] else "the pick as found"
+    return [
+        f"- Scaled along its own shape towards {fill['target_ms']:.3f} ms (the pick "
+        f"{fill['pick_ms']:.3f} ms; untrained, measured beside it): {rungs}. Shipped: {shipped}"
+    ]
