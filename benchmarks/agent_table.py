@@ -122,6 +122,14 @@ def compare(rows: list[dict[str, Any]], correct: dict[str, np.ndarray]) -> None:
         }
 
 
+def _label(search: dict[str, Any]) -> str:
+    """The reward column: the reward and how the pick was scaled, or a fixed policy's name."""
+    if search.get("agent") == "fixed":
+        spec = str(search.get("policy", ""))
+        return spec if spec.startswith("uniform:") else Path(spec).stem
+    return search.get("reward", "budget") + _widened(search.get("fill"))
+
+
 def _widened(fill: dict[str, Any] | None) -> str:
     """How the run's pick was scaled to the budget's aim (`pipeline.run.fill`), if it was."""
     if fill is None:
@@ -134,6 +142,13 @@ def _diff(d: dict[str, Any] | None) -> str:
         return ""
     text = f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
     return text + (", noise" if d["low"] <= 0 <= d["high"] else "")
+
+
+def _met(row: dict[str, Any]) -> str:
+    """'yes (0.414)' against the run's budget; blank for a fixed policy (`--policy`, none)."""
+    if row["budget_ms"] is None:
+        return ""
+    return f"{'yes' if row['met_budget'] else 'no'} ({row['budget_ms']:.3f})"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -170,7 +185,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {row['agent']} | {row['reward']} | {_acc(row['accuracy'], row['accuracy_ci95'])}"
             f" | {_diff(versus.get('default')) if row is not first else ''} | "
             f"{_diff(versus.get('uniform_int8'))} | {m['median_ms']:.3f} | {_speedup(m)} | "
-            f"{'yes' if row['met_budget'] else 'no'} ({row['budget_ms']:.3f}) | "
+            f"{_met(row)} | "
             f"{row['real']} / {row['predicted']} / {row['cached']} | {row['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -234,7 +249,7 @@ def main() -> None:
     rows = rows_from_runs(ok, args.budget_fraction)
     for row, run in zip(rows, ok, strict=True):
         search = json.loads((run / "report.json").read_text())["search"]
-        row["reward"] = search.get("reward", "budget") + _widened(search.get("fill"))
+        row["reward"] = _label(search)
     remeasure(rows, args.rounds)
     compare(rows, test_correct(ok, args.seed))
     rows += [failed_row(d) for d in run_dirs if not shipped(d)]

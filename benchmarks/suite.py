@@ -93,7 +93,10 @@ def run_one(arch: str, agent: str, budget: float, source: str, out: Path, args) 
 
 def episodes_to_converge(run_dir: Path) -> int | None:
     """Episodes until the best reward so far is within 5% of its final value."""
-    rewards = [json.loads(line)["reward"] for line in (run_dir / "episodes.jsonl").open()]
+    path = run_dir / "episodes.jsonl"
+    if not path.is_file():  # a fixed policy (`--policy`) searched nothing
+        return None
+    rewards = [json.loads(line)["reward"] for line in path.open()]
     if not rewards:
         return None
     best, curve = float("-inf"), []
