@@ -18,14 +18,8 @@ Under an accuracy floor, three additions for a search of a few dozen students:
   and a half times it): measured here, random bins in [min_keep, 1] almost never held a
   one-point floor.
 
-Under a budget alone, stage 2 likewise opens with a bisection on one keep ratio for every
-surviving layer of the best-rewarded removal, for the largest that meets the budget, and the
-bins then scale that anchor per group. Measured on digits-hard at 0.6 x the unpruned INT8
-model: two late blocks removed with every other layer at one keep ratio beat uniform INT8 at
-matched latency by +0.55 and +0.67 points (seeds 0 and 2), while the unanchored shrinkage, bins
-over [min_keep, 1] with every student far under the budget, tied it. Removals may repeat here:
-measured on one seed, stage 1 without repeats tried more removals but picked another one (by a
-latency reading 13% over an earlier reading of the same graph) and tied uniform INT8.
+Under a budget the search is N2N's as described: measured, exploring more removals there found
+one that just met the budget, on which no shrinkage could gain accuracy.
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
@@ -133,9 +127,8 @@ class N2NAgent(Agent):
         # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
         self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
         self.under_floor = self.space.accuracy_floor is not None
-        objective = self.under_floor or self.space.budget_ms is not None
         precision = search_precision(self.space)
-        self.anchor = Bisection(self.space, precision) if objective else None
+        self.anchor = Bisection(self.space, precision) if self.under_floor else None
 
     # ----------------------------------------------------------------------------- search loop
 
@@ -211,7 +204,7 @@ class N2NAgent(Agent):
         return rollouts
 
     def _anchor_keep(self, episodes: int) -> float | None:
-        """The bisection's next keep ratio, or None once it ended (or without an objective).
+        """The floor bisection's next keep ratio, or None once it ended (or without a floor).
         It takes at most ANCHOR_EPISODES and leaves at least half of stage 2 to shrinkage."""
         if self.anchor is None or not shrink_groups(self.space, self.best_removed):
             return None
@@ -221,11 +214,11 @@ class N2NAgent(Agent):
         return self.anchor.next_keep(ANCHOR_EPISODES)
 
     def _run_anchor(self, keep: float, on_episode: EpisodeCallback) -> None:
-        """One bisection step: every surviving layer at `keep`, on `best_removed`."""
+        """One bisection step: every surviving layer at `keep`, on the best removal."""
         removed = self.best_removed
         layers = {x.name: keep for g in shrink_groups(self.space, removed) for x in g}
         ((result, _),) = self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
-        if self.anchor is None:  # never: only a search with an objective has an anchor
+        if self.anchor is None:  # never: only a floor search has an anchor to run
             return
         if result.ok:
             self.anchor.record(keep, result.latency_ms, result.accuracy)
@@ -235,7 +228,7 @@ class N2NAgent(Agent):
     @property
     def shrink_ratios(self) -> list[float]:
         """The keep ratio of each shrinkage bin: evenly spaced in [min_keep, 1], or around the
-        bisection's anchor once it found one."""
+        floor bisection's anchor once it found one."""
         best = self.anchor.best() if self.anchor is not None else None
         if best is None:
             return self.ratios

@@ -152,7 +152,7 @@ def main() -> None:
     for keep in args.uniform:
         plan.append((f"uniform INT8 {keep}", "uniform", f"uniform:{keep}:int8", f"uniform{keep}"))
     runs = [run_fixed(spec, work / folder, args.seed) for _, _, spec, folder in plan]
-    rows = rows_from_runs(runs, None)
+    rows = rows_from_runs(runs, 0.0)  # fixed policies have no budget: one group, one session
     for row, (label, family, _, _) in zip(rows, plan, strict=True):
         row |= {"label": label, "family": family}
     remeasure(rows, args.rounds)

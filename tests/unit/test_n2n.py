@@ -11,7 +11,6 @@ from conftest import Collect
 
 from agents.n2n import N2NAgent
 from agents.n2n_policies import block_features, group_features, shrink_groups
-from agents.precisions import precision_factor, search_precision
 from agents.rewards import REWARDS
 from pipeline.core.policy import Policy
 
@@ -36,16 +35,11 @@ def test_two_stages_remove_then_shrink(tiny_evaluator):
     for policy in stage1:
         assert all(a.keep_ratio == 1.0 for a in policy.layers.values())
         assert not any(n.startswith(b + ".") for b in policy.removed for n in policy.layers)
-    # Stage 2 shrinks on top of the best removal (the tiny space has a budget): one bisection
-    # step on the uniform keep ratio, then ratios from the bins around its anchor.
-    assert agent.anchor is not None and len(agent.anchor.results) == 1
+    # Stage 2 shrinks on top of the best removal, with ratios from the bins.
     for policy in stage2:
         assert policy.removed == agent.best_removed
-        assert min(a.keep_ratio for a in policy.layers.values()) >= space.min_keep
-    prunable = {x.name for x in space.prunable}
-    keeps = {a.keep_ratio for n, a in stage2[0].layers.items() if n in prunable}
-    assert keeps == {agent.anchor.results[0][0]}
-    assert {a.keep_ratio for a in stage2[1].layers.values()} <= {1.0, *agent.shrink_ratios}
+        ratios = {a.keep_ratio for a in policy.layers.values()}
+        assert ratios <= set(agent.ratios) and min(ratios) >= space.min_keep
     assert any(a.keep_ratio < 1.0 for p in stage2 for a in p.layers.values())
     # A coupled group gets one ratio: conv1 shares its channels with layer1.0.conv2.
     if not stage2[0].removed:
@@ -150,31 +144,3 @@ def test_under_a_floor_shrinkage_builds_on_a_removal_with_room(tiny_evaluator):
     assert agent.best_removed == ("layer1.0",)
     tiny_evaluator.use_space(dataclasses.replace(space, max_accuracy_drop=None))
     assert N2NAgent(tiny_evaluator, reward, seed=0).roomy_removal() is None  # no floor
-
-
-def test_under_a_budget_shrinkage_fills_it_from_a_bisected_anchor(tiny_evaluator):
-    space = tiny_evaluator.space
-    assert space.budget_ms is not None and space.accuracy_floor is None
-    # 0.6 x the unpruned model in the search precision: that model alone cannot meet it
-    fastest = space.original_latency_ms * precision_factor(space, search_precision(space))
-    space = dataclasses.replace(space, budget_ms=0.6 * fastest)
-    tiny_evaluator.use_space(space)
-    agent = N2NAgent(tiny_evaluator, reward, seed=0, removal_prior=0.5, stage1_fraction=0.3)
-    collect = Collect()
-    agent.search(episodes=8, on_episode=collect)
-    # 2 removals, then the bisection on the best-rewarded one, then shrinkage around it
-    assert agent.anchor is not None and len(agent.anchor.results) == 3
-    prunable = {x.name for x in space.prunable}
-    for result, (keep, _, _) in zip(collect.results[2:5], agent.anchor.results, strict=True):
-        assert result.policy.removed == agent.best_removed
-        assert {a.keep_ratio for n, a in result.policy.layers.items() if n in prunable} == {keep}
-    first_keep = agent.anchor.results[0][0]
-    assert first_keep == pytest.approx(agent.anchor.estimated_keep())
-    assert first_keep < 1.0  # uniform pruning is needed to meet the budget
-    best = agent.anchor.best()
-    if best is not None:  # some keep measured under the budget: the bins scale it
-        assert max(agent.shrink_ratios) == pytest.approx(min(1.5 * best[0], 1.0))
-        assert best[1] is not None and best[1] <= space.budget_ms
-    for result in collect.results[5:]:
-        ratios = {a.keep_ratio for a in result.policy.layers.values()}
-        assert ratios <= {1.0, *agent.shrink_ratios}
