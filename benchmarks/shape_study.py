@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_table import test_correct
+from agent_table import _diff, test_correct
 from suite import PROFILE, RESULTS, ROOT, remeasure, rows_from_runs
 
 
@@ -95,12 +95,9 @@ def markdown(rows: list[dict[str, Any]], found: list[dict[str, Any]]) -> str:
     lines += ["", "| shape | uniform INT8 | latency ratio | shape minus uniform [95%] |"]
     lines.append("|---|---|---|---|")
     for pair in found:
-        d = pair["difference"]
-        noise = ", noise" if d["low"] <= 0 <= d["high"] else ""
         lines.append(
             f"| {pair['shape']} | {pair['uniform']} | {pair['latency_ratio']:.3f} | "
-            f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-            f"{noise} |"
+            f"{_diff(pair['difference'])} |"
         )
     return "\n".join(lines) + "\n"
 
