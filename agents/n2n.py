@@ -6,20 +6,23 @@ shrinkage): a unidirectional LSTM reads the coupling groups that survive the bes
 and, autoregressively (each step sees the previous action), picks a keep ratio among a few bins in
 [min_keep, 1]. Both are trained with REINFORCE and an exponential moving-average baseline.
 
-Under an accuracy floor, three additions for a search of a few dozen students:
+Under an accuracy floor or a budget, three additions for a search of a few dozen students:
 
 - Stage 1 never evaluates a removal twice: a repeat is resampled, and once the removal policy
-  only repeats itself, stage 1 ends and its remaining episodes go to shrinkage.
-- Stage 2 builds on the fastest removal that scored at least half the allowed drop above the
-  floor: the fastest removal that just holds it leaves nothing for shrinkage (measured, its
-  models lost the floor once built in full).
+  only repeats itself, stage 1 ends and its remaining episodes go to shrinkage. (Measured with
+  repeats, a search of 16 removal episodes drew the unpruned model 7 times and never tried the
+  removal that won.)
+- Stage 2 builds on a removal chosen for the objective (`agents.n2n_removal`): under a floor,
+  the fastest that scored at least half the allowed drop above it (the fastest that just holds
+  it leaves nothing for shrinkage); under a budget, the best by the run's reward at the
+  search's end, the few best measured again side by side.
 - Stage 2 opens with a bisection on one keep ratio for every surviving layer
-  (`agents.bisection`), and the shrinkage bins then scale that anchor per group (half to one
-  and a half times it): measured here, random bins in [min_keep, 1] almost never held a
-  one-point floor.
-
-Under a budget the search is N2N's as described: measured, exploring more removals there found
-one that just met the budget, on which no shrinkage could gain accuracy.
+  (`agents.bisection`): the smallest that holds the floor, or the largest that meets the
+  budget; the shrinkage bins then scale that anchor per group (half to one and a half times
+  it). Measured here, random bins in [min_keep, 1] almost never held a one-point floor, and
+  under a budget at 0.6 x the unpruned INT8 model left every student far under the budget,
+  tying uniform pruning where two late blocks removed with one keep ratio elsewhere beat it by
+  half a point.
 
 Students are trained by distillation from the original (the teacher): that is the evaluator's
 short fine-tune when the run's distillation weight is > 0 (N2N's cross-entropy plus mean L2
@@ -47,6 +50,7 @@ from agents.n2n_policies import (
     inside,
     shrink_groups,
 )
+from agents.n2n_removal import Removals, budget_removal, roomy_removal
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
@@ -62,7 +66,6 @@ STATE_VERSION = 1
 RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
 ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
 ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
-FLOOR_ROOM = 0.5  # under a floor, shrink on a removal scoring this share of the drop above it
 
 
 # --------------------------------------------------------------------------------------- agent
@@ -124,11 +127,15 @@ class N2NAgent(Agent):
         self.pending: dict[int, list[tuple[list[int], float]]] = {1: [], 2: []}
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
         self.seen: set[tuple[str, ...]] = set()  # removals drawn in stage 1
-        # stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)
-        self.removals: dict[tuple[str, ...], tuple[float, float]] = {}
-        self.under_floor = self.space.accuracy_floor is not None
+        self.removals: Removals = {}  # stage 1's, as evaluated
+        # under a budget alone, the removal chosen for stage 2 and its side-by-side session
+        self.chosen: tuple[str, ...] | None = None
+        self.removal_session: list[dict[str, Any]] = []
+        # with an objective, stage 1 draws each removal once and stage 2 opens with a bisection
+        objective = self.space.accuracy_floor is not None or self.space.budget_ms is not None
+        self.unique_removals = objective
         precision = search_precision(self.space)
-        self.anchor = Bisection(self.space, precision) if self.under_floor else None
+        self.anchor = Bisection(self.space, precision) if objective else None
 
     # ----------------------------------------------------------------------------- search loop
 
@@ -161,32 +168,35 @@ class N2NAgent(Agent):
             self._run_batch(self.stage, rollouts, on_episode)
 
     def _finish_stage1(self) -> None:
-        """Apply the removal policy's last partial batch, then freeze the removal for stage 2."""
+        """Apply the removal policy's last partial batch, then freeze the removal for stage 2:
+        under a budget alone, choose it now (`budget_removal` measures the best few again)."""
         self._update(1, flush=True)
         self.stage = 2
+        budget_only = self.space.budget_ms is not None and self.space.accuracy_floor is None
+        if budget_only and self.removals and self.chosen is None:
+            self.chosen, self.removal_session = budget_removal(
+                self.removals,
+                self.space,
+                self.reward,
+                lambda removed: self._policy(removed, {}),
+                self.evaluator,
+            )
 
     @property
     def best_removed(self) -> tuple[str, ...]:
-        """The blocks stage 2 shrinks on: the best stage-1 student's (none before any) or,
-        under an accuracy floor, the fastest with room above it (`roomy_removal`)."""
-        roomy = self.roomy_removal()
+        """The blocks stage 2 shrinks on (`agents.n2n_removal`): the removal chosen under a
+        budget, the fastest with room above an accuracy floor, else the best stage-1
+        student's (none before any)."""
+        if self.chosen is not None:
+            return self.chosen
+        roomy = roomy_removal(self.removals, self.space)
         if roomy is not None:
             return roomy
         return self.best[1][1].removed if 1 in self.best else ()
 
-    def roomy_removal(self) -> tuple[str, ...] | None:
-        """Under an accuracy floor, the fastest stage-1 removal whose score held the floor by
-        FLOOR_ROOM of the allowed drop; None without a floor or without such a removal."""
-        floor, drop = self.space.accuracy_floor, self.space.max_accuracy_drop
-        if floor is None or drop is None:
-            return None
-        need = floor + FLOOR_ROOM * drop
-        roomy = [(ms, r) for r, (ms, score) in self.removals.items() if score >= need]
-        return min(roomy)[1] if roomy else None
-
     def _removal_rollouts(self, size: int) -> list[tuple[list[int], Policy]]:
-        """Up to `size` removals; under a floor, only ones not evaluated before (fewer once the
-        policy repeats itself)."""
+        """Up to `size` removals; with an objective, only ones not evaluated before (fewer once
+        the policy repeats itself)."""
         features = block_features(self.space)
         rollouts = []
         for _ in range(size):
@@ -195,7 +205,7 @@ class N2NAgent(Agent):
                 removed = tuple(
                     b for b, a in zip(self.space.removable_blocks, actions, strict=True) if a
                 )
-                if not self.under_floor or removed not in self.seen:
+                if not self.unique_removals or removed not in self.seen:
                     self.seen.add(removed)
                     rollouts.append((actions, self._policy(removed, {})))
                     break
@@ -204,7 +214,7 @@ class N2NAgent(Agent):
         return rollouts
 
     def _anchor_keep(self, episodes: int) -> float | None:
-        """The floor bisection's next keep ratio, or None once it ended (or without a floor).
+        """The bisection's next keep ratio, or None once it ended (or without an objective).
         It takes at most ANCHOR_EPISODES and leaves at least half of stage 2 to shrinkage."""
         if self.anchor is None or not shrink_groups(self.space, self.best_removed):
             return None
@@ -218,7 +228,7 @@ class N2NAgent(Agent):
         removed = self.best_removed
         layers = {x.name: keep for g in shrink_groups(self.space, removed) for x in g}
         ((result, _),) = self._run_batch(2, [([], self._policy(removed, layers))], on_episode)
-        if self.anchor is None:  # never: only a floor search has an anchor to run
+        if self.anchor is None:  # never: only a search with an objective has an anchor
             return
         if result.ok:
             self.anchor.record(keep, result.latency_ms, result.accuracy)
@@ -228,7 +238,7 @@ class N2NAgent(Agent):
     @property
     def shrink_ratios(self) -> list[float]:
         """The keep ratio of each shrinkage bin: evenly spaced in [min_keep, 1], or around the
-        floor bisection's anchor once it found one."""
+        bisection's anchor once it found one."""
         best = self.anchor.best() if self.anchor is not None else None
         if best is None:
             return self.ratios
@@ -336,6 +346,8 @@ class N2NAgent(Agent):
             "seen": [list(r) for r in sorted(self.seen)],
             "removals": [[list(r), ms, score] for r, (ms, score) in self.removals.items()],
             "anchor": self.anchor.state() if self.anchor is not None else None,
+            "chosen": list(self.chosen) if self.chosen is not None else None,
+            "removal_session": self.removal_session,
         }
         write_json(folder / "n2n.json", meta)
 
@@ -366,5 +378,8 @@ class N2NAgent(Agent):
         }
         self.seen = {tuple(r) for r in meta.get("seen", [])}
         self.removals = {tuple(r): (ms, score) for r, ms, score in meta.get("removals", [])}
+        chosen = meta.get("chosen")
+        self.chosen = tuple(chosen) if chosen is not None else None
+        self.removal_session = list(meta.get("removal_session", []))
         if self.anchor is not None and meta.get("anchor"):
             self.anchor.restore(meta["anchor"])

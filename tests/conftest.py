@@ -10,6 +10,8 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.core.policy import Precision, uniform_policy
 from pipeline.core.space import CandidateResult
 from pipeline.core.train_spec import TrainSpec
 from pipeline.model.data import load_data
@@ -235,6 +238,23 @@ def _from_built(model, splits, profile, folder: Path, options, built):
     return CandidateEvaluator(
         model, splits, profile, space, TINY_SPEC, latency_source=source, measured=measured
     )
+
+
+def by_size_measure(evaluator) -> Callable[[Path], dict[str, Any]]:
+    """A `MeasureWorker.measure` whose latency is in proportion to the graph's size, the
+    unpruned FP32 graph at the original's: what a confirmation or a side-by-side session
+    decides then depends on the policies, never on how busy the machine is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unpruned = Path(tmp) / "unpruned.onnx"
+        evaluator.export_untrained(uniform_policy(evaluator.model, 1.0, Precision.FP32), unpruned)
+        unpruned_bytes = unpruned.stat().st_size
+    original = evaluator.space.original_latency_ms
+
+    def measure(path: Path) -> dict[str, Any]:
+        ms = original * path.stat().st_size / unpruned_bytes
+        return {"latency_ms": {"median": ms, "p90": ms}, "floor_ms": None, "noisy": False}
+
+    return measure
 
 
 @pytest.fixture

@@ -149,6 +149,19 @@ class ChannelGating(Protocol):
         ...
 
 
+@runtime_checkable
+class SideBySide(Protocol):
+    """Latencies of a few policies measured again in one interleaved session, where one reading
+    each cannot order them (on a shared 2-core CPU one graph read 0.45 and 0.51 ms minutes
+    apart)."""
+
+    def measure_side_by_side(self, policies: list[Policy]) -> list[float]:
+        """Each policy's latency in ms on the scale of the search's start: its per-round ratio
+        to the unpruned model in the fastest precision, measured beside it, times that model's
+        latency from the start (`SearchSpace.precision_latency_ms`)."""
+        ...
+
+
 def require(evaluator: object, capability: type, agent: str) -> None:
     """Fail clearly when an agent is given an evaluator without the capability it needs."""
     if not isinstance(evaluator, capability):

@@ -322,7 +322,7 @@ def _ranked_best(
     from pipeline.search.confirm import FINALIST_ROUNDS, rank_finalists
 
     stage(f"measuring the fastest candidates within the floor again ({FINALIST_ROUNDS} rounds)")
-    ranked = rank_finalists(base, outcome.records, ctx.bench)
+    ranked = rank_finalists(base, outcome.records)
     for r in sorted(ranked, key=lambda r: r["session_ms"]):
         stage(
             f"episode {r['episode']}: {r['session_ms']:.3f} ms side by side "

@@ -49,7 +49,7 @@ CANDIDATE_CALIB_SAMPLES = 64
 
 class CandidateEvaluator:
     """Evaluates policies for the search (the `pipeline.core.space.Evaluator` protocol, with
-    the `ProxyAccuracy` and `ChannelGating` capabilities)."""
+    the `ProxyAccuracy`, `ChannelGating` and `SideBySide` capabilities)."""
 
     def __init__(
         self,
@@ -225,6 +225,34 @@ class CandidateEvaluator:
     def export_untrained(self, policy: Policy, path: Path) -> None:
         """The candidate's graph without its fine-tune: the same latency, for re-measuring it."""
         self._export(self._pruned_copy(policy).model, policy, path)
+
+    def measure_side_by_side(self, policies: list[Policy], rounds: int = 10) -> list[float]:
+        """Each policy's graph measured again in one interleaved session of `rounds` beside the
+        unpruned model in the fastest precision; returned as the per-round ratio to that model
+        times its latency from the search's start, the scale every other candidate was read on
+        (the session's own medians when the space has no such latency). The `SideBySide`
+        capability; not counted as search candidates."""
+        from pipeline.core.policy import Precision, uniform_policy
+        from pipeline.core.stats import paired_ratio
+        from pipeline.measure.bench import bench_interleaved
+
+        levels = self.space.precision_latency_ms
+        keys = [f"policy{i}" for i in range(len(policies))]
+        with tempfile.TemporaryDirectory() as tmp:
+            graphs = {key: Path(tmp) / f"{key}.onnx" for key in keys}
+            for key, policy in zip(keys, policies, strict=True):
+                self.export_untrained(policy, graphs[key])
+            if levels:
+                precision, level = min(levels.items(), key=lambda kv: kv[1])
+                graphs["reference"] = Path(tmp) / "reference.onnx"
+                reference = uniform_policy(self.model, 1.0, Precision(precision))
+                self.export_untrained(reference, graphs["reference"])
+            sides = bench_interleaved(self.worker.measure, graphs, rounds)
+        if not levels:
+            statistic = self.profile.measure.statistic
+            return [float(sides[key]["latency_ms"][statistic]) for key in keys]
+        base = sides["reference"]["rounds_ms"]
+        return [paired_ratio(sides[key]["rounds_ms"], base) * level for key in keys]
 
     def measure_untrained(self, policy: Policy) -> tuple[dict[str, Any], float | None]:
         """The latency statistics of the policy's graph without its fine-tune (which does not

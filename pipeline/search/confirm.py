@@ -94,41 +94,30 @@ def finalists(records: list[dict[str, Any]], floor: float) -> list[dict[str, Any
 
 
 def rank_finalists(
-    evaluator: CandidateEvaluator, records: list[dict[str, Any]], bench: Bench
+    evaluator: CandidateEvaluator, records: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Measure the `finalists` again beside the unpruned model in the fastest precision, in one
-    session of `FINALIST_ROUNDS`; the `latency_ms` of every record of a finalist's policy
-    becomes its per-round ratio to that model times the model's latency from the search's start
-    (its reading kept as `search_ms`). Returns one entry per finalist for report.json; [] with
-    fewer than two."""
-    from pipeline.core.policy import Precision, uniform_policy
-    from pipeline.core.stats import paired_ratio
+    session of `FINALIST_ROUNDS` (`CandidateEvaluator.measure_side_by_side`); the `latency_ms`
+    of every record of a finalist's policy becomes its per-round ratio to that model times the
+    model's latency from the search's start (its reading kept as `search_ms`). Returns one
+    entry per finalist for report.json; [] with fewer than two."""
     from pipeline.search.loop import policy_of
 
     space = evaluator.space
     chosen = finalists(records, space.accuracy_floor) if space.accuracy_floor is not None else []
     if len(chosen) < 2 or not space.precision_latency_ms:
         return []
-    precision, level = min(space.precision_latency_ms.items(), key=lambda kv: kv[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        graphs = {"reference": Path(tmp) / "reference.onnx"}
-        reference = uniform_policy(evaluator.model, 1.0, Precision(precision))
-        evaluator.export_untrained(reference, graphs["reference"])
-        for r in chosen:
-            graphs[str(r["episode"])] = Path(tmp) / f"episode{r['episode']}.onnx"
-            evaluator.export_untrained(policy_of(r), graphs[str(r["episode"])])
-        sides = bench(graphs, rounds=FINALIST_ROUNDS)
-    base = sides["reference"]["rounds_ms"]
+    level = min(space.precision_latency_ms.values())
+    again = evaluator.measure_side_by_side([policy_of(r) for r in chosen], FINALIST_ROUNDS)
     out, session = [], {}
-    for r in chosen:
-        ratio = paired_ratio(sides[str(r["episode"])]["rounds_ms"], base)
-        session[str(r["policy"])] = ratio * level
+    for r, ms in zip(chosen, again, strict=True):
+        session[str(r["policy"])] = ms
         out.append(
             {
                 "episode": r["episode"],
                 "search_ms": r["latency_ms"],
-                "ratio": ratio,
-                "session_ms": ratio * level,
+                "ratio": ms / level,
+                "session_ms": ms,
             }
         )
     for r in records:  # every record of a finalist's policy: the same graph

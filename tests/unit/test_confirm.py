@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import by_size_measure
 
 from pipeline.core.choice import choose_best
 from pipeline.core.policy import Precision, uniform_policy
@@ -25,22 +25,19 @@ def _bench(evaluator):
 
 
 def _by_size_bench(evaluator):
-    """Latency in proportion to the graph's size, the unpruned graph at the original's: the
-    outcome of a confirmation then depends on the policy, never on how busy the machine is."""
-    with tempfile.TemporaryDirectory() as tmp:
-        unpruned = Path(tmp) / "unpruned.onnx"
-        evaluator.export_untrained(uniform_policy(evaluator.model, 1.0, Precision.FP32), unpruned)
-        unpruned_bytes = unpruned.stat().st_size
-    original = evaluator.space.original_latency_ms
-
-    def measure(path: Path) -> dict[str, Any]:
-        ms = original * path.stat().st_size / unpruned_bytes
-        return {"latency_ms": {"median": ms, "p90": ms}, "floor_ms": None, "noisy": False}
+    measure = by_size_measure(evaluator)
 
     def bench(artifacts: Mapping[str, Path], rounds: int = 3) -> dict[str, dict[str, Any]]:
         return bench_interleaved(measure, artifacts, rounds=rounds)
 
     return bench
+
+
+@pytest.fixture
+def by_size(tiny_evaluator, monkeypatch):
+    """The evaluator's side-by-side sessions read latency in proportion to the graph's size."""
+    monkeypatch.setattr(tiny_evaluator.worker, "measure", by_size_measure(tiny_evaluator))
+    return tiny_evaluator
 
 
 def _records(evaluator, search_ms: float) -> list[dict[str, Any]]:
@@ -116,6 +113,7 @@ def test_finalists_are_the_fastest_within_the_floor_one_per_policy(tiny_evaluato
     assert len(chosen) == FINALISTS and below not in chosen and again not in chosen
 
 
+@pytest.mark.usefixtures("by_size")
 def test_finalists_measured_side_by_side_decide_the_pick(tiny_evaluator):
     """The search read the unpruned model as the fastest; measured again beside the reference
     (latency in proportion to size here), the smallest is, and the pick follows."""
@@ -125,7 +123,7 @@ def test_finalists_measured_side_by_side_decide_the_pick(tiny_evaluator):
     tiny_evaluator.use_space(space)
     records = _floor_records(tiny_evaluator, (1.0, 0.5, 0.25))
     assert choose_best(records, 0.0, space.accuracy_floor) is records[0]
-    ranked = rank_finalists(tiny_evaluator, records, _by_size_bench(tiny_evaluator))
+    ranked = rank_finalists(tiny_evaluator, records)
     assert [r["episode"] for r in ranked] == [0, 1, 2]
     assert ranked[0]["ratio"] == pytest.approx(1.0)  # the unpruned model is the reference
     for entry, record in zip(ranked, records, strict=True):
@@ -135,10 +133,11 @@ def test_finalists_measured_side_by_side_decide_the_pick(tiny_evaluator):
     assert choose_best(records, 0.0, space.accuracy_floor) is records[2]
 
 
+@pytest.mark.usefixtures("by_size")
 def test_without_a_floor_or_with_one_finalist_nothing_is_measured(tiny_evaluator):
     records = _floor_records(tiny_evaluator, (1.0, 0.5))
-    assert rank_finalists(tiny_evaluator, records, _by_size_bench(tiny_evaluator)) == []
+    assert rank_finalists(tiny_evaluator, records) == []
     space = dataclasses.replace(tiny_evaluator.space, max_accuracy_drop=1.0)
     tiny_evaluator.use_space(space)
-    assert rank_finalists(tiny_evaluator, records[:1], _by_size_bench(tiny_evaluator)) == []
+    assert rank_finalists(tiny_evaluator, records[:1]) == []
     assert all("search_ms" not in r and r["source"] != "finalists" for r in records)

@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import Collect
+from conftest import Collect, by_size_measure
 
 from agents.n2n import N2NAgent
 from agents.n2n_policies import block_features, group_features, shrink_groups
+from agents.n2n_removal import budget_removal, roomy_removal
+from agents.precisions import precision_factor, search_precision
 from agents.rewards import REWARDS
 from pipeline.core.policy import Policy
 
@@ -35,11 +37,16 @@ def test_two_stages_remove_then_shrink(tiny_evaluator):
     for policy in stage1:
         assert all(a.keep_ratio == 1.0 for a in policy.layers.values())
         assert not any(n.startswith(b + ".") for b in policy.removed for n in policy.layers)
-    # Stage 2 shrinks on top of the best removal, with ratios from the bins.
+    # Stage 2 shrinks on top of the chosen removal (the tiny space has a budget): one bisection
+    # step on the uniform keep ratio, then ratios from the bins around its anchor.
+    assert agent.anchor is not None and len(agent.anchor.results) == 1
     for policy in stage2:
         assert policy.removed == agent.best_removed
-        ratios = {a.keep_ratio for a in policy.layers.values()}
-        assert ratios <= set(agent.ratios) and min(ratios) >= space.min_keep
+        assert min(a.keep_ratio for a in policy.layers.values()) >= space.min_keep
+    prunable = {x.name for x in space.prunable}
+    keeps = {a.keep_ratio for n, a in stage2[0].layers.items() if n in prunable}
+    assert keeps == {agent.anchor.results[0][0]}
+    assert {a.keep_ratio for a in stage2[1].layers.values()} <= {1.0, *agent.shrink_ratios}
     assert any(a.keep_ratio < 1.0 for p in stage2 for a in p.layers.values())
     # A coupled group gets one ratio: conv1 shares its channels with layer1.0.conv2.
     if not stage2[0].removed:
@@ -143,4 +150,77 @@ def test_under_a_floor_shrinkage_builds_on_a_removal_with_room(tiny_evaluator):
     agent.removals = {("layer1.0",): (1.0, floor + 0.001)}  # none with room: the best reward
     assert agent.best_removed == ("layer1.0",)
     tiny_evaluator.use_space(dataclasses.replace(space, max_accuracy_drop=None))
-    assert N2NAgent(tiny_evaluator, reward, seed=0).roomy_removal() is None  # no floor
+    assert roomy_removal(agent.removals, tiny_evaluator.space) is None  # no floor
+
+
+def _budget_space(evaluator):
+    """0.6 x the unpruned model in the search precision: that model alone cannot meet it."""
+    space = evaluator.space
+    assert space.budget_ms is not None and space.accuracy_floor is None
+    fastest = space.original_latency_ms * precision_factor(space, search_precision(space))
+    space = dataclasses.replace(space, budget_ms=0.6 * fastest)
+    evaluator.use_space(space)
+    return space
+
+
+def test_under_a_budget_shrinkage_fills_it_from_a_bisected_anchor(tiny_evaluator):
+    space = _budget_space(tiny_evaluator)
+    agent = N2NAgent(tiny_evaluator, reward, seed=0, removal_prior=0.5, stage1_fraction=0.3)
+    collect = Collect()
+    agent.search(episodes=8, on_episode=collect)
+    # both removals once each, then the bisection on the chosen one, then shrinkage around it
+    removed = [r.policy.removed for r in collect.results[:2]]
+    assert sorted(removed) == [(), ("layer1.0",)]
+    assert agent.chosen == agent.best_removed and agent.chosen in removed
+    assert len(agent.removal_session) == 2  # both measured again side by side
+    assert agent.anchor is not None and len(agent.anchor.results) == 3
+    prunable = {x.name for x in space.prunable}
+    for result, (keep, _, _) in zip(collect.results[2:5], agent.anchor.results, strict=True):
+        assert result.policy.removed == agent.best_removed
+        assert {a.keep_ratio for n, a in result.policy.layers.items() if n in prunable} == {keep}
+    first_keep = agent.anchor.results[0][0]
+    assert first_keep == pytest.approx(agent.anchor.estimated_keep())
+    assert first_keep < 1.0  # uniform pruning is needed to meet the budget
+    best = agent.anchor.best()
+    if best is not None:  # some keep measured under the budget: the bins scale it
+        assert max(agent.shrink_ratios) == pytest.approx(min(1.5 * best[0], 1.0))
+        assert best[1] is not None and best[1] <= space.budget_ms
+    for result in collect.results[5:]:
+        ratios = {a.keep_ratio for a in result.policy.layers.values()}
+        assert ratios <= {1.0, *agent.shrink_ratios}
+
+
+def test_under_a_budget_the_removal_is_chosen_on_latencies_measured_side_by_side(
+    tiny_evaluator, monkeypatch
+):
+    """The search read the removal slower than the unpruned model; measured again side by
+    side (latency in proportion to the graph's size here) it is the faster, and, scoring
+    alike, it is chosen."""
+    space = _budget_space(tiny_evaluator)
+    monkeypatch.setattr(tiny_evaluator.worker, "measure", by_size_measure(tiny_evaluator))
+    agent = N2NAgent(tiny_evaluator, reward, seed=0)
+
+    def policy_of(removed):
+        return agent._policy(removed, {})
+
+    slow = 3.0 * space.original_latency_ms
+    removals = {(): (space.original_latency_ms, 0.9), ("layer1.0",): (slow, 0.9)}
+    chosen, session = budget_removal(removals, space, reward, policy_of, object())
+    assert chosen == () and session == []  # an evaluator without SideBySide: the readings
+    chosen, session = budget_removal(removals, space, reward, policy_of, tiny_evaluator)
+    assert chosen == ("layer1.0",)
+    by_blocks = {tuple(e["removed"]): e for e in session}
+    assert by_blocks[("layer1.0",)]["session_ms"] < by_blocks[()]["session_ms"]
+    assert by_blocks[("layer1.0",)]["search_ms"] == slow
+    assert by_blocks[("layer1.0",)]["rating"] > by_blocks[()]["rating"]
+
+
+def test_the_chosen_removal_survives_a_resume(tiny_evaluator, tmp_path):
+    _budget_space(tiny_evaluator)
+    agent = N2NAgent(tiny_evaluator, reward, seed=0, removal_prior=0.5, stage1_fraction=0.5)
+    agent.search(episodes=3, on_episode=Collect())
+    assert agent.chosen is not None
+    agent.save(tmp_path / "agent")
+    again = N2NAgent(tiny_evaluator, reward, seed=5)
+    again.load(tmp_path / "agent")
+    assert again.chosen == agent.chosen and again.removal_session == agent.removal_session
