@@ -42,15 +42,19 @@ from pipeline.core.records import Latency, RunRecord
 from pipeline.core.stats import correct_of, ratio_interval
 from pipeline.model.prune import count_macs_params
 from pipeline.run.context import RunContext, stage
+from pipeline.run.scaling import LATENCY_CALIB_SAMPLES
 from pipeline.search.materialize import Recovery, calibration, export_graph, layer_precisions
 from pipeline.search.materialize import materialize as build
 
 BASELINES = "baselines"  # folder of the run directory holding the baselines' ONNX graphs
 
 
-def _export(ctx: RunContext, model: nn.Module, precision: Precision, path: Path) -> None:
+def _export(
+    ctx: RunContext, model: nn.Module, precision: Precision, path: Path, samples: int | None = None
+) -> None:
+    """The graph in `precision`, INT8 calibrated on `samples` images (default: the profile's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration(ctx.splits, ctx.profile.int8.calib_samples)
+        calib = calibration(ctx.splits, samples or ctx.profile.int8.calib_samples)
         precisions = layer_precisions(model, precision)
         fp32 = Path(tmp) / "fp32.onnx"
         export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset, fp32)
@@ -97,7 +101,7 @@ def matched_keep_ratio(
     for i in range(steps):
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
-        _export(ctx, _pruned(ctx, mid), precision, path)
+        _export(ctx, _pruned(ctx, mid), precision, path, LATENCY_CALIB_SAMPLES)
         relative = _relative_latency(ctx, path, deployed)
         tried.append((abs(relative - 1), mid, path))
         if relative <= 1:

@@ -9,6 +9,11 @@ from pathlib import Path
 from pipeline.core.policy import LayerAction, Policy
 from pipeline.run.context import RunContext
 
+# Graphs exported only to measure their latency calibrate INT8 on this many images: calibration
+# sets the quantization scales, not the graph, so the profile's full set (500 on the CPU
+# profile, the slower part of each export) would buy nothing here.
+LATENCY_CALIB_SAMPLES = 64
+
 
 def scaled(
     policy: Policy,
@@ -45,7 +50,8 @@ def export_untrained(ctx: RunContext, policies: dict[str, Policy], folder: Path)
     """Each policy's graph without a fine-tune (the latency is the same), by name."""
     from pipeline.search.materialize import calibration, export_graph, layer_precisions, materialize
 
-    calib, graphs = calibration(ctx.splits, ctx.profile.int8.calib_samples), {}
+    samples = min(ctx.profile.int8.calib_samples, LATENCY_CALIB_SAMPLES)
+    calib, graphs = calibration(ctx.splits, samples), {}
     for name, policy in policies.items():
         model = materialize(ctx.original, policy, ctx.profile).model
         graphs[name] = path = folder / f"{name}.onnx"
