@@ -50,7 +50,7 @@ from agents.n2n_policies import (
     inside,
     shrink_groups,
 )
-from agents.n2n_removal import Removals, budget_removal, roomy_removal
+from agents.n2n_removal import Removals, budget_removal, restorations, roomy_removal
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
@@ -65,6 +65,7 @@ from pipeline.core.space import (
 STATE_VERSION = 1
 RESAMPLES = 20  # draws for a removal not yet evaluated, before stage 1 counts as converged
 ANCHOR_EPISODES = 5  # the floor bisection's steps: a bracket of 1/32 of [min_keep, 1]
+RESTORATIONS = 2  # under a budget, removals with one block restored evaluated at most
 ANCHOR_SCALES = (0.5, 1.5)  # the shrinkage bins' range around the anchor keep ratio
 
 
@@ -150,7 +151,7 @@ class N2NAgent(Agent):
         split = self.stage1_episodes(episodes)
         while self.episodes_done < episodes:
             if self.stage == 1 and self.episodes_done >= split:
-                self._finish_stage1()
+                self._finish_stage1(episodes, on_episode)
             if self.stage == 2 and (keep := self._anchor_keep(episodes)) is not None:
                 self._run_anchor(keep, on_episode)
                 continue
@@ -161,26 +162,32 @@ class N2NAgent(Agent):
             if self.stage == 1:
                 rollouts = self._removal_rollouts(size)
                 if not rollouts:  # the removal policy only repeats itself: shrink instead
-                    self._finish_stage1()
+                    self._finish_stage1(episodes, on_episode)
                     continue
             else:
                 rollouts = [self._shrink_rollout() for _ in range(size)]
             self._run_batch(self.stage, rollouts, on_episode)
 
-    def _finish_stage1(self) -> None:
-        """Apply the removal policy's last partial batch, then freeze the removal for stage 2:
-        under a budget alone, choose it now (`budget_removal` measures the best few again)."""
+    def _finish_stage1(self, episodes: int, on_episode: EpisodeCallback) -> None:
+        """Apply the removal policy's last partial batch, then freeze the removal for stage 2.
+        Under a budget alone, first evaluate `restorations` while they leave room for the
+        bisection and some shrinkage, then choose it (`budget_removal`)."""
         self._update(1, flush=True)
-        self.stage = 2
         budget_only = self.space.budget_ms is not None and self.space.accuracy_floor is None
-        if budget_only and self.removals and self.chosen is None:
-            self.chosen, self.removal_session = budget_removal(
-                self.removals,
-                self.space,
-                self.reward,
-                lambda removed: self._policy(removed, {}),
-                self.evaluator,
-            )
+        if budget_only and self.chosen is None:
+            for removed in restorations(self.removals, self.space, self.seen)[:RESTORATIONS]:
+                if episodes - self.episodes_done <= ANCHOR_EPISODES + 1:
+                    break
+                self.seen.add(removed)
+                self._run_batch(1, [([], self._policy(removed, {}))], on_episode)
+            if self.removals:
+                self.chosen, self.removal_session = budget_removal(
+                    self.removals,
+                    self.space,
+                    lambda removed: self._policy(removed, {}),
+                    self.evaluator,
+                )
+        self.stage = 2
 
     @property
     def best_removed(self) -> tuple[str, ...]:

@@ -50,6 +50,9 @@ class SearchSpace:
     # The accuracy-floor objective: the most validation accuracy (a fraction) a candidate may
     # lose against the original. None: the budget objective (most accurate under the budget).
     max_accuracy_drop: float | None = None
+    # The most accuracy (a fraction) the final gate lets a deployable model lose, under either
+    # objective: the profile's max_accuracy_drop. N2N reads it to judge removals under a budget.
+    gate_drop: float | None = None
     # How much validation accuracy the deployed model's full recovery fine-tune is expected to
     # add to a candidate's short-fine-tune score (measured once, `pipeline.search.allowance`).
     # Candidates are judged on the score, so the floor they must hold is lowered by it.

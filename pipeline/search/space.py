@@ -198,6 +198,7 @@ def build_space(
         original_latency_ms=original_latency_ms,
         original_macs=sum(c["macs"] for c in costs.values()),
         removable_blocks=tuple(removable_blocks(model, shape)),
+        gate_drop=profile.max_accuracy_drop,
     )
 
 

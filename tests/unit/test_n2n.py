@@ -11,7 +11,7 @@ from conftest import Collect, by_size_measure
 
 from agents.n2n import N2NAgent
 from agents.n2n_policies import block_features, group_features, shrink_groups
-from agents.n2n_removal import budget_removal, roomy_removal
+from agents.n2n_removal import budget_removal, restorations, roomy_removal
 from agents.precisions import precision_factor, search_precision
 from agents.rewards import REWARDS
 from pipeline.core.policy import Policy
@@ -153,12 +153,12 @@ def test_under_a_floor_shrinkage_builds_on_a_removal_with_room(tiny_evaluator):
     assert roomy_removal(agent.removals, tiny_evaluator.space) is None  # no floor
 
 
-def _budget_space(evaluator):
+def _budget_space(evaluator, gate_drop=1.0):
     """0.6 x the unpruned model in the search precision: that model alone cannot meet it."""
     space = evaluator.space
     assert space.budget_ms is not None and space.accuracy_floor is None
     fastest = space.original_latency_ms * precision_factor(space, search_precision(space))
-    space = dataclasses.replace(space, budget_ms=0.6 * fastest)
+    space = dataclasses.replace(space, budget_ms=0.6 * fastest, gate_drop=gate_drop)
     evaluator.use_space(space)
     return space
 
@@ -195,8 +195,8 @@ def test_under_a_budget_the_removal_is_chosen_on_latencies_measured_side_by_side
 ):
     """The search read the removal slower than the unpruned model; measured again side by
     side (latency in proportion to the graph's size here) it is the faster, and, scoring
-    alike, it is chosen."""
-    space = _budget_space(tiny_evaluator)
+    within the gate's drop of the best, it is chosen."""
+    space = _budget_space(tiny_evaluator, gate_drop=0.015)
     monkeypatch.setattr(tiny_evaluator.worker, "measure", by_size_measure(tiny_evaluator))
     agent = N2NAgent(tiny_evaluator, reward, seed=0)
 
@@ -205,14 +205,27 @@ def test_under_a_budget_the_removal_is_chosen_on_latencies_measured_side_by_side
 
     slow = 3.0 * space.original_latency_ms
     removals = {(): (space.original_latency_ms, 0.9), ("layer1.0",): (slow, 0.9)}
-    chosen, session = budget_removal(removals, space, reward, policy_of, object())
+    chosen, session = budget_removal(removals, space, policy_of, object())
     assert chosen == () and session == []  # an evaluator without SideBySide: the readings
-    chosen, session = budget_removal(removals, space, reward, policy_of, tiny_evaluator)
+    chosen, session = budget_removal(removals, space, policy_of, tiny_evaluator)
     assert chosen == ("layer1.0",)
     by_blocks = {tuple(e["removed"]): e for e in session}
     assert by_blocks[("layer1.0",)]["session_ms"] < by_blocks[()]["session_ms"]
     assert by_blocks[("layer1.0",)]["search_ms"] == slow
-    assert by_blocks[("layer1.0",)]["rating"] > by_blocks[()]["rating"]
+    # more than the gate's drop below the best: out, however fast
+    removals[("layer1.0",)] = (0.5 * space.original_latency_ms, 0.9 - 0.02)
+    assert budget_removal(removals, space, policy_of, tiny_evaluator) == ((), [])
+
+
+def test_under_a_budget_a_fast_removal_below_the_drop_has_its_blocks_restored_one_at_a_time(
+    tiny_evaluator,
+):
+    space = _budget_space(tiny_evaluator, gate_drop=0.015)
+    removals = {("a", "b"): (1.0, 0.80), ("a",): (2.0, 0.90), (): (3.0, 0.91)}
+    seen = set(removals)
+    assert restorations(removals, space, seen) == [("b",)]  # ("a",) was seen
+    removals[("a", "b")] = (1.0, 0.90)  # within the drop: nothing to restore
+    assert restorations(removals, space, seen) == []
 
 
 def test_the_chosen_removal_survives_a_resume(tiny_evaluator, tmp_path):
