@@ -14,8 +14,9 @@ Under an accuracy floor or a budget, three additions for a search of a few dozen
   removal that won.)
 - Stage 2 builds on a removal chosen for the objective (`agents.n2n_removal`): under a floor,
   the fastest that scored at least half the allowed drop above it (the fastest that just holds
-  it leaves nothing for shrinkage); under a budget, the best by the run's reward at the
-  search's end, the few best measured again side by side.
+  it leaves nothing for shrinkage); under a budget, the fastest whose score is within the
+  final gate's allowed drop of the best, the fastest few measured again side by side (a
+  faster removal below that drop first has its blocks restored one at a time).
 - Stage 2 opens with a bisection on one keep ratio for every surviving layer
   (`agents.bisection`): the smallest that holds the floor, or the largest that meets the
   budget; the shrinkage bins then scale that anchor per group (half to one and a half times
