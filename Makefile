@@ -17,7 +17,9 @@ TRT_STUBS := tensorrt-stubs==10.8.0.43.1
 $(RUNTIME): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	# --no-compile: byte-compiling every installed module (torch's thousands) took 25 s of a 75 s
+	# install; Python compiles the few it imports on first use instead.
+	$(BIN)/python -m pip install --quiet --no-compile -e .
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME) tests/fix_tensorrt_stubs.py
