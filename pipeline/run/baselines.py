@@ -42,8 +42,13 @@ from pipeline.core.records import Latency, RunRecord
 from pipeline.core.stats import correct_of, ratio_interval
 from pipeline.model.prune import count_macs_params
 from pipeline.run.context import RunContext, stage
-from pipeline.run.scaling import LATENCY_CALIB_SAMPLES
-from pipeline.search.materialize import Recovery, calibration, export_graph, layer_precisions
+from pipeline.search.materialize import (
+    LATENCY_CALIB_SAMPLES,
+    Recovery,
+    calibration,
+    export_graph,
+    layer_precisions,
+)
 from pipeline.search.materialize import materialize as build
 
 BASELINES = "baselines"  # folder of the run directory holding the baselines' ONNX graphs

@@ -9,11 +9,6 @@ from pathlib import Path
 from pipeline.core.policy import LayerAction, Policy
 from pipeline.run.context import RunContext
 
-# Graphs exported only to measure their latency calibrate INT8 on this many images: calibration
-# sets the quantization scales, not the graph, so the profile's full set (500 on the CPU
-# profile, the slower part of each export) would buy nothing here.
-LATENCY_CALIB_SAMPLES = 64
-
 
 def scaled(
     policy: Policy,
@@ -48,10 +43,15 @@ def _keep(ratio: float, min_keep: float) -> float:
 
 def export_untrained(ctx: RunContext, policies: dict[str, Policy], folder: Path) -> dict[str, Path]:
     """Each policy's graph without a fine-tune (the latency is the same), by name."""
-    from pipeline.search.materialize import calibration, export_graph, layer_precisions, materialize
+    from pipeline.search.materialize import (
+        LATENCY_CALIB_SAMPLES,
+        calibration,
+        export_graph,
+        layer_precisions,
+        materialize,
+    )
 
-    samples = min(ctx.profile.int8.calib_samples, LATENCY_CALIB_SAMPLES)
-    calib, graphs = calibration(ctx.splits, samples), {}
+    calib, graphs = calibration(ctx.splits, LATENCY_CALIB_SAMPLES), {}
     for name, policy in policies.items():
         model = materialize(ctx.original, policy, ctx.profile).model
         graphs[name] = path = folder / f"{name}.onnx"

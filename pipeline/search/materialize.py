@@ -96,6 +96,12 @@ def export_graph(
     )
 
 
+# Graphs exported only to measure their latency calibrate INT8 on this many images: calibration
+# sets the quantization scales, not the graph, so the profile's full set (500 on the CPU
+# profile, the slower part of each export) would buy nothing there.
+LATENCY_CALIB_SAMPLES = 64
+
+
 def calibration(splits: Splits, samples: int) -> np.ndarray:
     """The first `samples` calibration images, float32 (N, C, H, W)."""
     from pipeline.model.evaluate import stack
