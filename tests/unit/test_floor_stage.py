@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.records import RunRecord, SearchRecord
-from pipeline.run.floor_stage import _next_pick
+from pipeline.run.floor_stage import _next_pick, closest_try
 
 
 def _record(candidates: list[tuple[float, float]]) -> RunRecord:
@@ -32,6 +32,20 @@ def test_a_miss_raises_the_score_the_next_try_needs_by_the_gain_it_showed() -> N
     # try needs 0.895 to reach 0.90, which skips episodes 1 and 2
     tried = [{"episode": 0, "val_accuracy": 0.885, "holds_floor": False}]
     assert _next_pick(record, tried)["episode"] == 3
+
+
+def test_when_no_try_holds_the_one_closest_to_the_floor_ships() -> None:
+    # scored less their margins: 0.9037, 0.8982, 0.9022: the first try came closest, though
+    # the last one built scored above the second
+    tried = [
+        {"episode": 25, "val_accuracy": 0.9071, "margin": 0.0034, "holds_floor": False},
+        {"episode": 18, "val_accuracy": 0.9016, "margin": 0.0034, "holds_floor": False},
+        {"episode": 39, "val_accuracy": 0.9056, "margin": 0.0034, "holds_floor": False},
+    ]
+    assert closest_try(tried) == 25
+    # a wider margin (a noisier score) can outweigh a higher accuracy
+    tried[2] |= {"val_accuracy": 0.9080, "margin": 0.0050}
+    assert closest_try(tried) == 25
 
 
 def test_before_any_miss_the_search_floor_applies() -> None:
