@@ -34,7 +34,8 @@ from suite import PROFILE, RESULTS, ROOT, remeasure, rows_from_runs
 
 AGENTS = ["ppo", "dqn", "sac", "td3", "decore", "n2n", "random"]
 REWARDS = ["budget", "amc", "accuracy"]  # the first is the default
-BASELINES = ("int8", "uniform", "uniform_int8")
+# uniform_int8_at_floor: runs of the accuracy-floor objective (`benchmarks/floor_objective.py`)
+BASELINES = ("int8", "uniform", "uniform_int8", "uniform_int8_at_floor")
 
 
 def plan(agents: list[str], rewards: list[str]) -> list[tuple[str, str]]:
@@ -127,7 +128,10 @@ def _label(search: dict[str, Any]) -> str:
     if search.get("agent") == "fixed":
         spec = str(search.get("policy", ""))
         return spec if spec.startswith("uniform:") else Path(spec).stem
-    return search.get("reward", "budget") + _widened(search.get("fill"))
+    reward = search.get("reward", "budget")
+    if search.get("objective") == "floor":
+        return f"{reward}, accuracy floor"
+    return reward + _widened(search.get("fill"))
 
 
 def _widened(fill: dict[str, Any] | None) -> str:
@@ -142,6 +146,11 @@ def _diff(d: dict[str, Any] | None) -> str:
         return ""
     text = f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
     return text + (", noise" if d["low"] <= 0 <= d["high"] else "")
+
+
+def _name(row: dict[str, Any]) -> str:
+    """The agent, and what drove it when not measured latency (`n2n (flops)`)."""
+    return row["agent"] + ("" if row["source"] == "measured" else f" ({row['source']})")
 
 
 def _met(row: dict[str, Any]) -> str:
@@ -182,7 +191,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         m, versus = row["remeasured"]["self"], row["versus"]
         lines.append(
-            f"| {row['agent']} | {row['reward']} | {_acc(row['accuracy'], row['accuracy_ci95'])}"
+            f"| {_name(row)} | {row['reward']} | {_acc(row['accuracy'], row['accuracy_ci95'])}"
             f" | {_diff(versus.get('default')) if row is not first else ''} | "
             f"{_diff(versus.get('uniform_int8'))} | {m['median_ms']:.3f} | {_speedup(m)} | "
             f"{_met(row)} | "
@@ -211,9 +220,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         m, ci = row["remeasured"]["self"], row["accuracy_ci95"]
         acc = 100 * row["accuracy"]
         err = [[acc - 100 * ci[0]], [100 * ci[1] - acc]]
-        label = f"{row['agent']} / {row['reward']}"
+        label = f"{_name(row)} / {row['reward']}"
         ax.errorbar(m["median_ms"], acc, yerr=err, fmt="o", capsize=3, label=label)
-    ax.axvline(first["budget_ms"], ls=":", c="tab:red", lw=0.8)
+    if first["budget_ms"] is not None:  # none under the accuracy-floor objective
+        ax.axvline(first["budget_ms"], ls=":", c="tab:red", lw=0.8)
     ax.legend(fontsize=7, loc="lower right")
     ax.set(xlabel="latency ms (median, one session)", ylabel="test accuracy % [95%]")
     fig.tight_layout()
