@@ -43,10 +43,10 @@ from pipeline.core.stats import correct_of, ratio_interval
 from pipeline.model.prune import count_macs_params
 from pipeline.run.context import RunContext, stage
 from pipeline.search.materialize import (
-    LATENCY_CALIB_SAMPLES,
     Recovery,
     calibration,
     export_graph,
+    latency_calibration,
     layer_precisions,
 )
 from pipeline.search.materialize import materialize as build
@@ -55,11 +55,15 @@ BASELINES = "baselines"  # folder of the run directory holding the baselines' ON
 
 
 def _export(
-    ctx: RunContext, model: nn.Module, precision: Precision, path: Path, samples: int | None = None
+    ctx: RunContext, model: nn.Module, precision: Precision, path: Path, latency_only: bool = False
 ) -> None:
-    """The graph in `precision`, INT8 calibrated on `samples` images (default: the profile's)."""
+    """The graph in `precision`; INT8 calibrated as the profile asks, or on a subset when the
+    graph is `latency_only` (measured, never scored)."""
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration(ctx.splits, samples or ctx.profile.int8.calib_samples)
+        if latency_only:
+            calib = latency_calibration(ctx.splits, ctx.profile)
+        else:
+            calib = calibration(ctx.splits, ctx.profile.int8.calib_samples)
         precisions = layer_precisions(model, precision)
         fp32 = Path(tmp) / "fp32.onnx"
         export_graph(model, precisions, ctx.profile, path, calib, ctx.config.opset, fp32)
@@ -106,7 +110,7 @@ def matched_keep_ratio(
     for i in range(steps):
         mid = (low + high) / 2
         path = tmp / f"bisect{i}.onnx"
-        _export(ctx, _pruned(ctx, mid), precision, path, LATENCY_CALIB_SAMPLES)
+        _export(ctx, _pruned(ctx, mid), precision, path, latency_only=True)
         relative = _relative_latency(ctx, path, deployed)
         tried.append((abs(relative - 1), mid, path))
         if relative <= 1:

@@ -44,14 +44,13 @@ def _keep(ratio: float, min_keep: float) -> float:
 def export_untrained(ctx: RunContext, policies: dict[str, Policy], folder: Path) -> dict[str, Path]:
     """Each policy's graph without a fine-tune (the latency is the same), by name."""
     from pipeline.search.materialize import (
-        LATENCY_CALIB_SAMPLES,
-        calibration,
         export_graph,
+        latency_calibration,
         layer_precisions,
         materialize,
     )
 
-    calib, graphs = calibration(ctx.splits, LATENCY_CALIB_SAMPLES), {}
+    calib, graphs = latency_calibration(ctx.splits, ctx.profile), {}
     for name, policy in policies.items():
         model = materialize(ctx.original, policy, ctx.profile).model
         graphs[name] = path = folder / f"{name}.onnx"

@@ -26,9 +26,9 @@ from pipeline.measure.latency_model import LatencyModel
 from pipeline.measure.measure_worker import MeasureWorker
 from pipeline.model.data import Splits
 from pipeline.model.evaluate import accuracy, stack, torch_logits
-from pipeline.search.candidate import CANDIDATE_CALIB_SAMPLES, CandidateEvaluator
+from pipeline.search.candidate import CandidateEvaluator
 from pipeline.search.latency import MeasuredLatency
-from pipeline.search.materialize import export_graph, layer_precisions
+from pipeline.search.materialize import export_graph, latency_calibration, layer_precisions
 from pipeline.search.measurements import MeasurementCache, candidate_key
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _originals_session(
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Precision, Path] = {}
         if not fp32_only:
-            calib = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
+            calib = latency_calibration(splits, profile)
             graphs = uniform_graphs(model, profile, calib, opset, Path(tmp))
         return measure_originals(worker, profile, original_onnx, graphs)
 

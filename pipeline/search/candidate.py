@@ -34,6 +34,7 @@ from pipeline.search.latency import Built, FlopsLatency, LatencySource, Measured
 from pipeline.search.materialize import (
     Recovery,
     export_graph,
+    latency_calibration,
     layer_precisions,
     materialize,
     recover,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from pipeline.search.channel_gate import ChannelGate
 
 log = logging.getLogger(__name__)
-CANDIDATE_CALIB_SAMPLES = 64
 
 
 class CandidateEvaluator:
@@ -88,7 +88,7 @@ class CandidateEvaluator:
         self.val_inputs, self.val_labels = stack(splits.val)
         # Candidates calibrate INT8 on a subset: enough to rank them, and several times faster
         # than the full calibration the deployed model gets.
-        self.calib_inputs = stack(splits.calib)[0][:CANDIDATE_CALIB_SAMPLES]
+        self.calib_inputs = latency_calibration(splits, profile)
         # (accuracy, latency) of the measured candidates within the budget: what a new one
         # must beat to become the result (see `_could_win`).
         self._within: list[tuple[float, float]] = []

@@ -96,9 +96,9 @@ def export_graph(
     )
 
 
-# Graphs exported only to measure their latency calibrate INT8 on this many images: calibration
-# sets the quantization scales, not the graph, so the profile's full set (500 on the CPU
-# profile, the slower part of each export) would buy nothing there.
+# Graphs exported to be measured or ranked calibrate INT8 on at most this many images:
+# calibration sets the quantization scales, not the graph, so the profile's full set (500 on the
+# CPU profile, the slower part of each export) would buy nothing there.
 LATENCY_CALIB_SAMPLES = 64
 
 
@@ -107,3 +107,8 @@ def calibration(splits: Splits, samples: int) -> np.ndarray:
     from pipeline.model.evaluate import stack
 
     return stack(splits.calib)[0][:samples]
+
+
+def latency_calibration(splits: Splits, profile: TargetProfile) -> np.ndarray:
+    """The calibration images of a graph exported to be measured or ranked, not shipped."""
+    return calibration(splits, min(profile.int8.calib_samples, LATENCY_CALIB_SAMPLES))
