@@ -6,7 +6,8 @@ interleaved session; graphs are exported untrained (latency does not depend on t
 - `rungs`: a run's pick (an episode of its search) scaled by the descent's factors, against the
   pick: is a descended shape faster, and by how much?
 - `keeps`: each run's deployed model against uniform INT8 at a given keep ratio (for example the
-  one a bisection on the test set chose for the same data and seed).
+  one a bisection on the test set chose for the same data and seed); results keyed by the
+  `SEED:RUN_DIR:KEEP` given.
 
     python benchmarks/floor_recheck.py rungs RUN_DIR --episode 19 --seed 0 --scales 0.925,0.8875
     python benchmarks/floor_recheck.py keeps 0:RUN_DIR:0.441 1:RUN_DIR:0.409 --rounds 20
@@ -91,18 +92,18 @@ def keeps(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from pipeline.core.policy import Precision, uniform_policy
 
     graphs, keep_of = {}, {}
-    for spec in args.runs:
+    for i, spec in enumerate(args.runs):  # one seed may come with several runs: keyed by spec
         seed, run, keep = spec.split(":")
         model, calib, profile = _baseline(int(seed))
         policy = uniform_policy(model, float(keep), Precision.INT8)
-        graphs[f"uniform {seed}"] = folder / f"uniform{seed}.onnx"
-        _export(model, policy, profile, calib, graphs[f"uniform {seed}"])
-        graphs[f"deployed {seed}"] = Path(run) / "model.onnx"
-        keep_of[seed] = float(keep)
+        graphs[f"uniform {spec}"] = folder / f"uniform{i}.onnx"
+        _export(model, policy, profile, calib, graphs[f"uniform {spec}"])
+        graphs[f"deployed {spec}"] = Path(run) / "model.onnx"
+        keep_of[spec] = float(keep)
     rounds = _session(profile, graphs, args.rounds)
     return {
-        seed: {"keep": keep, **_ratio(rounds[f"uniform {seed}"], rounds[f"deployed {seed}"])}
-        for seed, keep in keep_of.items()
+        spec: {"keep": keep, **_ratio(rounds[f"uniform {spec}"], rounds[f"deployed {spec}"])}
+        for spec, keep in keep_of.items()
     }
 
 
