@@ -55,29 +55,35 @@ def build_evaluator(
     """Measure the original (latency on the target, validation accuracy), build the search
     space around it, and return an evaluator ready for agents. `original_onnx` must exist.
 
-    With `latency_source="flops"` the search measures nothing more: it sees FLOPs scaled to
-    the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32.
+    With `latency_source="flops"` the search measures no candidate: it sees FLOPs scaled to
+    the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32. A
+    derived budget still sees the original measured in every precision, so "0.6 x the fastest"
+    means the same milliseconds as for a measured search.
     With `max_accuracy_drop` (a fraction), the search is for the fastest candidate within it.
     """
     # The evaluator keeps this worker: starting a measuring process takes seconds.
     worker = MeasureWorker(profile, timeout_s)
     try:
+        flops = latency_source == "flops"
         session = _originals_session(
-            model, splits, profile, original_onnx, worker, opset, latency_source == "flops"
+            model, splits, profile, original_onnx, worker, opset, flops and not callable(budget_ms)
         )
         fixed_budget = None if callable(budget_ms) else budget_ms
         original_ms = session[Precision.FP32]["latency_ms"][profile.measure.statistic]
         space = _space(model, splits, profile, original_onnx, original_ms, fixed_budget)
         space = dataclasses.replace(space, max_accuracy_drop=max_accuracy_drop)
-        if latency_source == "flops":
+        if flops:
             space = dataclasses.replace(space, precisions=(Precision.FP32,))
         use_model = latency_model and latency_source == "measured"
         measured = MeasuredLatency(
             profile, worker, cache or MeasurementCache(), LatencyModel(space) if use_model else None
         )
         by_precision = record_uniform_precisions(model, space, measured, session)
-        # A derived budget waits for every precision: "0.6 x the fastest" needs them all.
-        budget = budget_ms(space.original_latency_ms, by_precision) if callable(budget_ms) else None
+        # A derived budget waits for every precision: "0.6 x the fastest" needs them all,
+        # those a FLOPs-driven search leaves out included.
+        every = {p.value: r["latency_ms"][profile.measure.statistic] for p, r in session.items()}
+        every.update(by_precision)
+        budget = budget_ms(space.original_latency_ms, every) if callable(budget_ms) else None
         space = dataclasses.replace(
             space,
             precision_latency_ms=by_precision,

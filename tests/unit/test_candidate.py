@@ -139,3 +139,33 @@ def test_a_flops_driven_evaluator_measures_nothing(
         assert (evaluator.real_measurements, evaluator.cached_measurements) == (0, 0)
     finally:
         evaluator.close()
+
+
+def test_a_flops_driven_search_derives_its_budget_from_every_precision(
+    tmp_path, trained_tiny_resnet, digits_splits, tiny_profile
+):
+    """A budget of 0.6 x the fastest precision is the same milliseconds whatever drives the
+    search: the FLOPs-driven search stays in FP32, but its budget sees the original in INT8."""
+    from conftest import TEST_INPUT, TINY_SPEC
+
+    from exporters import export_onnx
+    from pipeline.search.build import build_evaluator
+
+    seen: dict[str, float] = {}
+
+    def budget(original_ms: float, by_precision: dict[str, float]) -> float:
+        seen.update(by_precision)
+        return 0.6 * min(by_precision.values())
+
+    onnx_path = export_onnx(trained_tiny_resnet, TEST_INPUT, tmp_path / "original.onnx")
+    model, splits = trained_tiny_resnet, digits_splits
+    evaluator = build_evaluator(
+        model, splits, tiny_profile, onnx_path, TINY_SPEC, budget, latency_source="flops"
+    )
+    try:
+        assert set(seen) == {"fp32", "int8"}
+        assert evaluator.space.precisions == (Precision.FP32,)
+        assert evaluator.space.budget_ms == 0.6 * min(seen.values())
+        assert seen["fp32"] == evaluator.space.original_latency_ms
+    finally:
+        evaluator.close()
