@@ -79,15 +79,10 @@ def build_evaluator(
             profile, worker, cache or MeasurementCache(), LatencyModel(space) if use_model else None
         )
         by_precision = record_uniform_precisions(model, space, measured, session)
-        # A derived budget waits for every precision: "0.6 x the fastest" needs them all,
-        # those a FLOPs-driven search leaves out included.
-        every = {p.value: r["latency_ms"][profile.measure.statistic] for p, r in session.items()}
-        every.update(by_precision)
-        budget = budget_ms(space.original_latency_ms, every) if callable(budget_ms) else None
         space = dataclasses.replace(
             space,
             precision_latency_ms=by_precision,
-            budget_ms=space.budget_ms if budget is None else budget,
+            budget_ms=_budget(budget_ms, space, session, by_precision, profile.measure.statistic),
         )
         if measured.model is not None:  # its prior knows each precision's speed from here on
             measured.model.space = space
@@ -104,6 +99,21 @@ def build_evaluator(
     except BaseException:
         worker.close(kill=True)
         raise
+
+
+def _budget(
+    budget_ms: Budget,
+    space: SearchSpace,
+    session: dict[Precision, dict[str, Any]],
+    by_precision: dict[str, float],
+    statistic: str,
+) -> float | None:
+    """The search's budget: the one given, or derived once every precision is measured ("0.6 x
+    the fastest" needs them all, those a FLOPs-driven search leaves out included)."""
+    if not callable(budget_ms):
+        return space.budget_ms
+    every = {p.value: float(r["latency_ms"][statistic]) for p, r in session.items()}
+    return budget_ms(space.original_latency_ms, {**every, **by_precision})
 
 
 def _originals_session(
