@@ -56,9 +56,8 @@ def build_evaluator(
     space around it, and return an evaluator ready for agents. `original_onnx` must exist.
 
     With `latency_source="flops"` the search measures no candidate: it sees FLOPs scaled to
-    the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32. A
-    derived budget still sees the original measured in every precision, so "0.6 x the fastest"
-    means the same milliseconds as for a measured search.
+    the original's latency, and as FLOPs know nothing of precisions, every layer stays FP32 (a
+    derived budget still sees the original measured in every precision).
     With `max_accuracy_drop` (a fraction), the search is for the fastest candidate within it.
     """
     # The evaluator keeps this worker: starting a measuring process takes seconds.
