@@ -15,8 +15,9 @@ Under an accuracy floor or a budget, three additions for a search of a few dozen
 - Stage 2 builds on a removal chosen for the objective (`agents.n2n_removal`): under a floor,
   the fastest that scored at least half the allowed drop above it (the fastest that just holds
   it leaves nothing for shrinkage); under a budget, the fastest whose score is within the
-  final gate's allowed drop of the best, the fastest few measured again side by side (a
-  faster removal below that drop first has its blocks restored one at a time).
+  final gate's allowed drop of the best (a faster removal below that drop first has its
+  blocks restored one at a time). Under either, the fastest few are measured again side by
+  side: one reading each does not order removals a few percent apart.
 - Stage 2 opens with a bisection on one keep ratio for every surviving layer
   (`agents.bisection`): the smallest that holds the floor, or the largest that meets the
   budget; the shrinkage bins then scale that anchor per group (half to one and a half times
@@ -51,7 +52,13 @@ from agents.n2n_policies import (
     inside,
     shrink_groups,
 )
-from agents.n2n_removal import Removals, budget_removal, restorations, roomy_removal
+from agents.n2n_removal import (
+    Removals,
+    budget_removal,
+    floor_removal,
+    restorations,
+    roomy_removal,
+)
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
@@ -130,7 +137,7 @@ class N2NAgent(Agent):
         self.best: dict[int, tuple[float, Policy]] = {}  # stage -> (reward, policy)
         self.seen: set[tuple[str, ...]] = set()  # removals drawn in stage 1
         self.removals: Removals = {}  # stage 1's, as evaluated
-        # under a budget alone, the removal chosen for stage 2 and its side-by-side session
+        # under an objective, the removal chosen for stage 2 and its side-by-side session
         self.chosen: tuple[str, ...] | None = None
         self.removal_session: list[dict[str, Any]] = []
         # with an objective, stage 1 draws each removal once and stage 2 opens with a bisection
@@ -172,7 +179,8 @@ class N2NAgent(Agent):
     def _finish_stage1(self, episodes: int, on_episode: EpisodeCallback) -> None:
         """Apply the removal policy's last partial batch, then freeze the removal for stage 2.
         Under a budget alone, first evaluate `restorations` while they leave room for the
-        bisection and some shrinkage, then choose it (`budget_removal`)."""
+        bisection and some shrinkage, then choose it (`budget_removal`); under a floor,
+        `floor_removal` chooses it."""
         self._update(1, flush=True)
         budget_only = self.space.budget_ms is not None and self.space.accuracy_floor is None
         if budget_only and self.chosen is None:
@@ -181,20 +189,20 @@ class N2NAgent(Agent):
                     break
                 self.seen.add(removed)
                 self._run_batch(1, [([], self._policy(removed, {}))], on_episode)
-            if self.removals:
-                self.chosen, self.removal_session = budget_removal(
-                    self.removals,
-                    self.space,
-                    lambda removed: self._policy(removed, {}),
-                    self.evaluator,
-                )
+        if self.chosen is None and self.removals:
+            choose = budget_removal if budget_only else floor_removal
+            picked = choose(
+                self.removals, self.space, lambda r: self._policy(r, {}), self.evaluator
+            )
+            if picked is not None:
+                self.chosen, self.removal_session = picked
         self.stage = 2
 
     @property
     def best_removed(self) -> tuple[str, ...]:
-        """The blocks stage 2 shrinks on (`agents.n2n_removal`): the removal chosen under a
-        budget, the fastest with room above an accuracy floor, else the best stage-1
-        student's (none before any)."""
+        """The blocks stage 2 shrinks on (`agents.n2n_removal`): the removal chosen for the
+        objective, the fastest with room above an accuracy floor by the search's readings
+        (before stage 1 ends), else the best stage-1 student's (none before any)."""
         if self.chosen is not None:
             return self.chosen
         roomy = roomy_removal(self.removals, self.space)

@@ -4,7 +4,7 @@ Stage 1 evaluates each removal once, at full width, with a short fine-tune. Whic
 shrinks decides most of the result:
 
 - Under an accuracy floor: the fastest removal whose score held the floor by FLOOR_ROOM of the
-  allowed drop (`roomy_removal`); the fastest that just holds it leaves nothing for shrinkage.
+  allowed drop (`floor_removal`); the fastest that just holds it leaves nothing for shrinkage.
 - Under a budget: the fastest removal whose score is within the final gate's allowed drop of
   the best removal's (`budget_removal`). Rated by the budget reward instead, latency decided
   alone (over the budget its penalty outweighs any score): on digits-hard at 0.6 x the
@@ -13,7 +13,10 @@ shrinks decides most of the result:
   where `layer3.1` + `layer4.1` removed (within the drop) beat it by half a point. Latency
   readings near each other decide it, and one reading each did not: on a shared 2-core CPU the
   same graph read 0.45 and 0.51 ms in two searches. So the fastest few are measured again in
-  one interleaved session (`SideBySide`). When the fastest removal of all scored below that
+  one interleaved session (`SideBySide`), under a floor as well: there, with the same scores,
+  `layer3.1` + `layer4.1` read 0.422 ms and `layer2.1` + `layer4.1` 0.454 ms in one search and
+  0.496 and 0.473 ms in another, and the second shrank the other removal and shipped a model
+  1.4x slower (seed 1 of digits-hard). When the fastest removal of all scored below that
   drop, the removals that restore one of its blocks are worth a look first
   (`restorations`): on one seed stage 1 had tried three late blocks removed but not two.
 """
@@ -31,18 +34,24 @@ Removals = dict[Removal, tuple[float, float]]
 """Stage 1's removals as evaluated: removed blocks -> (latency ms, validation score)."""
 
 FLOOR_ROOM = 0.5  # under a floor, shrink on a removal scoring this share of the drop above it
-REMOVAL_FINALISTS = 4  # under a budget, removals measured again side by side
+REMOVAL_FINALISTS = 4  # removals measured again side by side
+
+
+def _roomy(removals: Removals, space: SearchSpace) -> list[Removal]:
+    """Under an accuracy floor, the removals whose score held it by FLOOR_ROOM of the allowed
+    drop; [] without a floor."""
+    floor, drop = space.accuracy_floor, space.max_accuracy_drop
+    if floor is None or drop is None:
+        return []
+    need = floor + FLOOR_ROOM * drop
+    return [r for r, (_, score) in removals.items() if score >= need]
 
 
 def roomy_removal(removals: Removals, space: SearchSpace) -> Removal | None:
-    """Under an accuracy floor, the fastest removal whose score held the floor by FLOOR_ROOM of
-    the allowed drop; None without a floor or without such a removal."""
-    floor, drop = space.accuracy_floor, space.max_accuracy_drop
-    if floor is None or drop is None:
-        return None
-    need = floor + FLOOR_ROOM * drop
-    roomy = [(ms, r) for r, (ms, score) in removals.items() if score >= need]
-    return min(roomy)[1] if roomy else None
+    """The fastest of `_roomy` by the search's readings; None without a floor or such a
+    removal."""
+    roomy = _roomy(removals, space)
+    return min(roomy, key=lambda r: removals[r][0]) if roomy else None
 
 
 def _within_drop(removals: Removals, space: SearchSpace) -> list[Removal]:
@@ -70,16 +79,36 @@ def budget_removal(
     policy_of: Callable[[Removal], Policy],
     evaluator: object,
 ) -> tuple[Removal, list[dict[str, Any]]]:
-    """The fastest removal within the gate's drop of the best score, after the
-    REMOVAL_FINALISTS fastest of those by their search readings are measured again side by
-    side (when `evaluator` can); returns it and one entry per finalist (blocks, search and
-    session latency, score)."""
-    within = sorted(_within_drop(removals, space), key=lambda r: removals[r][0])
-    finalists = within[:REMOVAL_FINALISTS]
+    """The fastest removal within the gate's drop of the best score, by `fastest_again`."""
+    return fastest_again(_within_drop(removals, space), removals, policy_of, evaluator)
+
+
+def floor_removal(
+    removals: Removals,
+    space: SearchSpace,
+    policy_of: Callable[[Removal], Policy],
+    evaluator: object,
+) -> tuple[Removal, list[dict[str, Any]]] | None:
+    """The fastest removal that held the floor with room (`_roomy`), by `fastest_again`; None
+    without a floor or such a removal."""
+    roomy = _roomy(removals, space)
+    return fastest_again(roomy, removals, policy_of, evaluator) if roomy else None
+
+
+def fastest_again(
+    candidates: list[Removal],
+    removals: Removals,
+    policy_of: Callable[[Removal], Policy],
+    evaluator: object,
+) -> tuple[Removal, list[dict[str, Any]]]:
+    """The fastest of `candidates` (not empty) after the REMOVAL_FINALISTS fastest by their
+    search readings are measured again side by side (when `evaluator` can); returns it and
+    one entry per finalist (blocks, search and session latency, score)."""
+    finalists = sorted(candidates, key=lambda r: removals[r][0])[:REMOVAL_FINALISTS]
     if len(finalists) < 2 or not isinstance(evaluator, SideBySide):
         return finalists[0], []
     again = evaluator.measure_side_by_side([policy_of(r) for r in finalists])
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "removed": list(r),
             "search_ms": removals[r][0],

@@ -11,7 +11,7 @@ from conftest import Collect, by_size_measure
 
 from agents.n2n import N2NAgent
 from agents.n2n_policies import block_features, group_features, shrink_groups
-from agents.n2n_removal import budget_removal, restorations, roomy_removal
+from agents.n2n_removal import budget_removal, floor_removal, restorations, roomy_removal
 from agents.precisions import precision_factor, search_precision
 from agents.rewards import REWARDS
 from pipeline.core.policy import Policy
@@ -151,6 +151,34 @@ def test_under_a_floor_shrinkage_builds_on_a_removal_with_room(tiny_evaluator):
     assert agent.best_removed == ("layer1.0",)
     tiny_evaluator.use_space(dataclasses.replace(space, max_accuracy_drop=None))
     assert roomy_removal(agent.removals, tiny_evaluator.space) is None  # no floor
+
+
+def test_under_a_floor_the_removal_is_chosen_on_latencies_measured_side_by_side(
+    tiny_evaluator, monkeypatch
+):
+    """Two removals with room above the floor: the search read the removal slower than the
+    unpruned model; measured again side by side (latency in proportion to the graph's size
+    here) it is the faster, and it is chosen. One without room is never a finalist."""
+    space = dataclasses.replace(tiny_evaluator.space, max_accuracy_drop=0.04)
+    tiny_evaluator.use_space(space)
+    monkeypatch.setattr(tiny_evaluator.worker, "measure", by_size_measure(tiny_evaluator))
+    agent = N2NAgent(tiny_evaluator, reward, seed=0)
+
+    def policy_of(removed):
+        return agent._policy(removed, {})
+
+    floor, original = space.accuracy_floor, space.original_latency_ms
+    removals = {(): (original, floor + 0.03), ("layer1.0",): (3.0 * original, floor + 0.03)}
+    assert floor_removal(removals, space, policy_of, object()) == ((), [])  # the readings
+    chosen, session = floor_removal(removals, space, policy_of, tiny_evaluator)
+    assert chosen == ("layer1.0",) and len(session) == 2
+    by_blocks = {tuple(e["removed"]): e for e in session}
+    assert by_blocks[("layer1.0",)]["session_ms"] < by_blocks[()]["session_ms"]
+    removals[("layer1.0",)] = (0.5 * original, floor + 0.001)  # holds, but without room
+    assert floor_removal(removals, space, policy_of, tiny_evaluator) == ((), [])
+    assert floor_removal({("layer1.0",): removals[("layer1.0",)]}, space, policy_of, None) is None
+    no_floor = dataclasses.replace(space, max_accuracy_drop=None)
+    assert floor_removal(removals, no_floor, policy_of, tiny_evaluator) is None
 
 
 def _budget_space(evaluator, gate_drop=1.0):
