@@ -52,13 +52,7 @@ from agents.n2n_policies import (
     inside,
     shrink_groups,
 )
-from agents.n2n_removal import (
-    Removals,
-    budget_removal,
-    floor_removal,
-    restorations,
-    roomy_removal,
-)
+from agents.n2n_removal import Removals, budget_removal, floor_removal, restorations, roomy_removal
 from agents.precisions import search_precision
 from pipeline.core.artifacts import atomic_write_with, write_json
 from pipeline.core.errors import ModelError
