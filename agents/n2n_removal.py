@@ -80,8 +80,8 @@ def budget_removal(
     policy_of: Callable[[Removal], Policy],
     evaluator: object,
 ) -> tuple[Removal, list[dict[str, Any]]]:
-    """The fastest removal within the gate's drop of the best score, by `fastest_again`."""
-    return fastest_again(_within_drop(removals, space), removals, policy_of, evaluator)
+    """The fastest removal within the gate's drop of the best score, by `_fastest_again`."""
+    return _fastest_again(_within_drop(removals, space), removals, policy_of, evaluator)
 
 
 def floor_removal(
@@ -90,13 +90,13 @@ def floor_removal(
     policy_of: Callable[[Removal], Policy],
     evaluator: object,
 ) -> tuple[Removal, list[dict[str, Any]]] | None:
-    """The fastest removal that held the floor with room (`_roomy`), by `fastest_again`; None
+    """The fastest removal that held the floor with room (`_roomy`), by `_fastest_again`; None
     without a floor or such a removal."""
     roomy = _roomy(removals, space)
-    return fastest_again(roomy, removals, policy_of, evaluator) if roomy else None
+    return _fastest_again(roomy, removals, policy_of, evaluator) if roomy else None
 
 
-def fastest_again(
+def _fastest_again(
     candidates: list[Removal],
     removals: Removals,
     policy_of: Callable[[Removal], Policy],
