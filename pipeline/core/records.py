@@ -97,6 +97,9 @@ class SearchRecord:
     budget_ms: float | None  # None under the accuracy-floor objective without a budget
     original_ms: float  # the original measured at the search's start (drift check)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    # True when the budget is a fraction of the original's latency measured at the start (the
+    # default budget), not milliseconds given: the final gate then judges it as that ratio
+    budget_relative: bool = False
 
 
 @dataclass

@@ -271,9 +271,9 @@ def _checks_markdown(summary: dict[str, Any]) -> list[str]:
         f"NaN/inf: {'yes' if v['nan_or_inf'] else 'no'})",
     ]
     if summary["budget_ms"] is not None:
-        lines.append(
-            f"- Budget {summary['budget_ms']} ms: {'met' if summary['met_budget'] else 'MISSED'}"
-        )
+        gate, budget = summary.get("budget_ms_at_gate"), summary["budget_ms"]
+        drift = "" if gate in (None, budget) else f" ({gate:.4g} ms at the gate)"
+        lines.append(f"- Budget {budget} ms{drift}: {'met' if summary['met_budget'] else 'MISSED'}")
     lines += _floor_markdown(summary)
     check = summary.get("precision_check")
     if check:

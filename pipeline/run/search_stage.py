@@ -48,18 +48,27 @@ def _budget(
         return float(budget)
     budget = ctx.config.budget_ms or ctx.profile.budget_ms
     source = "given" if budget is not None else "none: the fastest within the accuracy floor"
-    if budget is None and ctx.config.max_accuracy_drop is None:
+    relative = budget is None and ctx.config.max_accuracy_drop is None
+    if relative:
         budget, source = _derived_budget(ctx, original_ms, by_precision)
     write_json(
         path,
         {
             "budget_ms": budget,
             "budget_source": source,
+            "budget_relative": relative,
             "original_latency_ms": original_ms,
             "precision_latency_ms": by_precision,
         },
     )
     return budget
+
+
+def _budget_relative(ctx: RunContext) -> bool:
+    """Whether the search's budget was derived from the original's latency (`_budget` says so
+    in the search setup; a setup from before it said so counts as milliseconds given)."""
+    setup = load_json(ctx.run_dir / SETUP, "search setup", ConfigError, CONFIG_MAX_BYTES)
+    return isinstance(setup, dict) and setup.get("budget_relative") is True
 
 
 def _derived_budget(
@@ -111,6 +120,7 @@ def search_policy(ctx: RunContext, record: RunRecord) -> Policy | None:
         budget,
         base.space.original_latency_ms,
         [r for r in outcome.records if r["error"] is None],
+        budget_relative=_budget_relative(ctx),
     )
     best = _confirmed_best(ctx, record, base, outcome)
     chosen = best or (outcome.closest if sc.allow_over_budget else None)

@@ -90,6 +90,10 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
     assert setup["budget_ms"] == pytest.approx(0.6 * by_precision[fastest])
     assert f"in {fastest}, its fastest precision" in setup["budget_source"]
     assert report["budget_ms"] == pytest.approx(setup["budget_ms"])
+    # judged as that ratio: scaled by the original's latency beside the deployed model
+    assert setup["budget_relative"] is True
+    drift = report["original"]["latency_ms"]["median"] / setup["original_latency_ms"]
+    assert report["budget_ms_at_gate"] == pytest.approx(report["budget_ms"] * drift)
     if (search["shipped"] or "").startswith("best under budget"):  # measured again first
         tries = search["confirmation"]
         assert 1 <= len(tries) <= 3 and all(t["confirmed_ms"] > 0 for t in tries)
