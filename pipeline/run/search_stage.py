@@ -148,8 +148,12 @@ def _filled(ctx: RunContext, record: RunRecord, best: dict[str, Any]) -> Policy:
     summary = record.search.summary
     confirmed = [t for t in summary.get("confirmation") or [] if t["episode"] == best["episode"]]
     pick_ms = confirmed[-1]["confirmed_ms"] if confirmed else best["latency_ms"]
-    assert record.search.budget_ms is not None
-    policy, summary["fill"] = fill_budget(ctx, policy_of(best), pick_ms, record.search.budget_ms)
+    search = record.search
+    assert search.budget_ms is not None
+    original_ms = search.original_ms if search.budget_relative else None
+    policy, summary["fill"] = fill_budget(
+        ctx, policy_of(best), pick_ms, search.budget_ms, original_ms
+    )
     if summary["fill"]["scale"] is not None:
         summary["shipped"] = f"best under budget, scaled x{summary['fill']['scale']:.2f}"
     return policy

@@ -102,6 +102,8 @@ def test_every_agent_runs_end_to_end(tmp_path, trained_tiny_resnet, agent):
         fill = search["fill"]
         assert fill["target_ms"] == pytest.approx(0.9 * report["budget_ms"])
         assert fill["pick_ms"] in {t["confirmed_ms"] for t in tries}
+        if fill["ladder"]:  # read against the original: the budget is a ratio to it
+            assert fill["anchor"] == "original" and fill["pick_session_ms"] > 0
         if fill["scale"] is not None:
             assert search["shipped"] == f"best under budget, scaled x{fill['scale']:.2f}"
             assert fill["ms"] <= fill["target_ms"]
