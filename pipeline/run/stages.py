@@ -12,6 +12,7 @@ complete (atomic) and `manifest.json` says the run did not finish.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -198,13 +199,30 @@ def measure(ctx: RunContext, record: RunRecord) -> None:
     rounds = ctx.profile.measure.rounds
     stage(f"measuring latency on {ctx.profile.name} ({ctx.profile.runtime}), {rounds} rounds")
     names = {"original": "original.onnx", "deployed": "model.onnx"}
-    sides = ctx.bench({key: ctx.run_dir / name for key, name in names.items()})
+    sides = _quiet_session(ctx, {key: ctx.run_dir / name for key, name in names.items()})
     record.original.latency = Latency.from_bench(sides["original"])
     record.deployed.latency = Latency.from_bench(sides["deployed"])
     batches = ctx.profile.measure.report_batches
     if batches:
         stage(f"measuring latency at batch {', '.join(map(str, batches))}, {rounds} rounds")
         record.batches = ctx.bench_batches({k: ctx.run_dir / n for k, n in names.items()})
+
+
+# Sessions of the final comparison measured again while one side reads noisy (cv over the
+# profile's `measure.max_cv`): on a shared 2-core CPU a demo's gate session read the deployed
+# model at cv 0.35 and 1.2x its latency in the baselines' session minutes later
+NOISY_RETRIES = 2
+
+
+def _quiet_session(ctx: RunContext, graphs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """`ctx.bench` of `graphs`, measured again (at most `NOISY_RETRIES` times) while a side
+    reads noisy; the session whose noisiest side is the least noisy is kept."""
+    sessions = [ctx.bench(graphs)]
+    while any(s["noisy"] for s in sessions[-1].values()) and len(sessions) <= NOISY_RETRIES:
+        worst = max(s["latency_ms"]["cv"] for s in sessions[-1].values())
+        stage(f"the session read noisy (cv {worst:.2f}): measuring again")
+        sessions.append(ctx.bench(graphs))
+    return min(sessions, key=lambda s: max(side["latency_ms"]["cv"] for side in s.values()))
 
 
 def validate(ctx: RunContext, record: RunRecord) -> None:
